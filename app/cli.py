@@ -1,0 +1,150 @@
+"""The `crofter` command line: the one place that wires every package together.
+
+Every command imports what it needs inside its own function, so `crofter --help`
+and `crofter ask --help` load nothing heavier than argparse.
+
+Exit codes: 0 success, 1 runtime error (one line on stderr; the traceback only
+with --debug), 2 usage error, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+class CLIError(Exception):
+    """A runtime error worth one line to the user."""
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and hardware")
+    g.add_argument("-m", "--model", help="registry name or path of a GGUF file (default: config `model`)")
+    g.add_argument("--n-ctx", type=int, metavar="N", help="context window in tokens (0: the model's own, capped at 8192)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads (0: all available)")
+    g.add_argument("--gpu-layers", type=int, metavar="N", help="layers on the GPU (-1: all if this build can offload, 0: CPU)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-t", "--temperature", type=float, metavar="T", help="0 is greedy (default: config)")
+    g.add_argument("--top-p", type=float, metavar="P")
+    g.add_argument("--top-k", type=int, metavar="K")
+    g.add_argument("--min-p", type=float, metavar="P")
+    g.add_argument("--repeat-penalty", type=float, metavar="R")
+    g.add_argument("--seed", type=int, metavar="S", help="-1 for a random seed")
+    g.add_argument("-n", "--max-tokens", type=int, metavar="N", help="most tokens in the reply")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when the reply contains TEXT (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crofter",
+        description="A local LLM workbench: chat with GGUF models, offline, on your own machine.",
+        epilog="Run `crofter COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"crofter {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ask = sub.add_parser(
+        "ask",
+        help="answer one prompt and exit (streams to stdout)",
+        description="Answer one prompt with a local model, streaming the reply to stdout.",
+        epilog='Examples:  crofter ask "What is GGUF?"   |   echo "2+2?" | crofter ask - --json',
+    )
+    ask.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    ask.add_argument("-s", "--system", help="system prompt (default: config `system_prompt`)")
+    ask.add_argument("--json", action="store_true", help="print one JSON object with text, usage and timings instead of streaming")
+    _add_load_flags(ask)
+    _add_sampling_flags(ask)
+
+    models = sub.add_parser("models", help="list, inspect, add, remove and pull models", description="The local model store.")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    ml = msub.add_parser("list", help="every registered model")
+    ml.add_argument("--json", action="store_true", help="machine-readable output")
+    mi = msub.add_parser("info", help="architecture, size, quantization, context of one model")
+    mi.add_argument("name")
+    mi.add_argument("--json", action="store_true", help="machine-readable output")
+    ma = msub.add_parser("add", help="register a GGUF file or an HF checkpoint folder (validated first)")
+    ma.add_argument("path")
+    ma.add_argument("--name", help="registry name (default: from the file name)")
+    mr = msub.add_parser("rm", help="unregister a model (files crofter downloaded are deleted)")
+    mr.add_argument("name")
+    md = msub.add_parser("default", help="set the model used when none is named")
+    md.add_argument("name")
+    mp = msub.add_parser(
+        "pull",
+        help="download from the Hugging Face Hub: REPO, REPO:QUANT or REPO:FILENAME",
+        description="Download a model from the Hugging Face Hub (HF_ENDPOINT is honoured). Only .gguf, "
+        ".safetensors, .json and tokenizer files are fetched, never pickles; each file is checked against "
+        "the Hub's checksum before it appears in the store.",
+        epilog="Examples:  crofter models pull bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M   |   "
+        "crofter models pull HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+    mp.add_argument("spec", metavar="REPO[:QUANT|:FILENAME]")
+    mp.add_argument("--name", help="registry name (default: from the repo and file)")
+    mp.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    mp.add_argument("--json", action="store_true", help="print the registered entry as JSON")
+
+    cfg = sub.add_parser("config", help="show or change settings", description="Settings live in a TOML file; flags override them.")
+    csub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    cs = csub.add_parser("show", help="every setting with its value and meaning")
+    cs.add_argument("--json", action="store_true", help="machine-readable output")
+    cset = csub.add_parser("set", help="change one setting, e.g. `config set temperature 0.2`")
+    cset.add_argument("key")
+    cset.add_argument("value")
+    csub.add_parser("path", help="print where the config file lives")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "ask":
+            from .commands.ask import run
+        elif args.command == "models":
+            from .commands.models import run
+        else:
+            from .commands.config import run
+        return run(args) or 0
+    except KeyboardInterrupt:
+        print("crofter: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # the one place that turns errors into one line
+        if args.debug:
+            raise
+        name = "" if _is_user_error(exc) else f"{type(exc).__name__}: "
+        print(f"crofter: error: {name}{exc}", file=sys.stderr)
+        if name:
+            print("crofter: run with --debug for the traceback", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Errors whose message is already written for the user."""
+    from app.budget import ContextOverflow
+    from app.config import ConfigError
+    from models.gguf_check import GGUFError
+    from models.registry import ModelError
+
+    known = (CLIError, ContextOverflow, ConfigError, GGUFError, ModelError)
+    try:
+        from app.engine import EngineError
+        from models.hub import HubError
+
+        known += (EngineError, HubError)
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, known) or isinstance(exc, (FileNotFoundError, PermissionError))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

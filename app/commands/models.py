@@ -1,0 +1,92 @@
+"""`crofter models list|info|add|rm|default|pull`."""
+from __future__ import annotations
+
+import json
+
+from models.registry import Registry
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "-"  # pragma: no cover
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def run(args) -> int:
+    from models.info import describe
+
+    from .. import config
+
+    reg = Registry()
+    action = args.models_command
+    if action == "list":
+        default = config.load().model
+        rows = [{**describe(e), "default": e.name == default} for e in reg.entries()]
+        if args.json:
+            _print_json(rows)
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        for col in ("", "NAME", "KIND", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "SOURCE"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(
+                "*" if r["default"] else "",
+                r["name"],
+                r["kind"],
+                r.get("architecture", r.get("error", "?")),
+                r.get("parameters_human", "-"),
+                r.get("quantization") or r.get("dtype") or "-",
+                str(r.get("context_length") or "-"),
+                _size(r.get("size_bytes")),
+                r["source"],
+                style="red" if "error" in r else None,
+            )
+        # Names and paths are shown literally, never read as markup.
+        Console(markup=False, highlight=False).print(table)
+        return 0
+    if action == "info":
+        facts = describe(reg.resolve(args.name))
+        if args.json:
+            _print_json(facts)
+        else:
+            width = max(map(len, facts))
+            for k, v in facts.items():
+                print(f"{k:<{width}}  {_size(v) if k == 'size_bytes' else v}")
+        return 1 if "error" in facts else 0
+    if action == "add":
+        e = reg.add(args.path, name=args.name)
+        print(f"added {e.name} ({e.kind}): {e.path}")
+        return 0
+    if action == "rm":
+        e = reg.remove(args.name)
+        print(f"removed {e.name}")
+        if config.load().model == e.name:
+            config.set_value("model", config.Settings().model)
+            print(f"default model is now {config.Settings().model}")
+        return 0
+    if action == "default":
+        e = reg.get(args.name)
+        config.set_value("model", e.name)
+        print(f"default model: {e.name}")
+        return 0
+    if action == "pull":
+        from models.hub import pull
+
+        e = pull(args.spec, revision=args.revision, name=args.name, registry=reg)
+        if args.json:
+            _print_json({"name": e.name, "path": e.path, "kind": e.kind, "source": e.source})
+        else:
+            print(f"pulled {e.name} ({e.kind}): {e.path}")
+        return 0
+    raise AssertionError(action)  # argparse only allows the actions above

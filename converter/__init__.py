@@ -1,0 +1,1 @@
+"""converter: see ../shared/DESIGN.md; built by its own issue."""

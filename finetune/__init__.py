@@ -1,0 +1,1 @@
+"""finetune: see ../shared/DESIGN.md; built by its own issue."""

@@ -1,0 +1,69 @@
+"""Outputs that appear at their final path only when complete.
+
+Every writer of a model, checkpoint, registry or config file goes through here:
+write to a temporary name in the *same* folder (so the final rename is atomic on
+POSIX), fsync, then `os.replace`. A crash or kill -9 leaves at most a
+``.NAME.*.partial`` file that the next run may delete, never a half-written file
+at the final path.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def fsync_dir(folder: Path) -> None:
+    """Persist a rename: the directory entry itself must reach the disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(final: Path) -> Path:
+    """A fresh, unique temporary path next to `final` (created empty)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def commit(temp: Path, final: Path) -> None:
+    """fsync `temp` and move it to `final` atomically."""
+    with open(temp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(temp, final)
+    fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path to write; on success it becomes `final`, on error it is removed.
+
+    >>> with atomic_path("out.gguf") as tmp:        # doctest: +SKIP
+    ...     write_model(tmp)
+    """
+    final = Path(final)
+    temp = temp_path_for(final)
+    try:
+        yield temp
+        commit(temp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+
+
+def write_text(final: str | os.PathLike, text: str) -> None:
+    """Atomically replace a small text file (registry, config)."""
+    with atomic_path(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,172 @@
+"""The registry of local models: a name for each GGUF file or HF checkpoint folder.
+
+Stored as ``models.json`` in the data dir, rewritten atomically under a file lock.
+The bundled SmolLM2 is always listed as ``smollm2-135m`` unless its package is
+missing; it cannot be removed.
+
+    >>> reg = Registry()                                  # doctest: +SKIP
+    >>> reg.add("~/Downloads/qwen2.5-0.5b-q4_k_m.gguf")   # doctest: +SKIP
+    ModelEntry(name='qwen2.5-0.5b-q4_k_m', kind='gguf', ...)
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import atomic, paths
+from .bundled import BUNDLED_NAME, bundled_gguf
+from .gguf_check import check_gguf
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class ModelError(Exception):
+    """A model could not be found, added or removed; the message says why."""
+
+
+@dataclass
+class ModelEntry:
+    """One registered model.
+
+    kind: "gguf" (a single file llama.cpp loads) or "hf" (a transformers
+    checkpoint folder with safetensors weights, for fine-tuning and conversion).
+    source: "bundled", "local" (added by path) or "hub:<repo>" (pulled).
+    """
+
+    name: str
+    path: str
+    kind: str
+    source: str = "local"
+    added: float = 0.0
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path)
+
+
+def slug(text: str) -> str:
+    """A registry name from a file or repo name: lower case, safe characters."""
+    s = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.")
+    return s[:128] or "model"
+
+
+def detect_kind(path: Path) -> str:
+    """'gguf' or 'hf', or raise ModelError saying what is wrong with `path`."""
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            check_gguf(path)
+            return "gguf"
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelError(f"{path}: pickled weights are refused (they can run code); use safetensors or GGUF")
+        raise ModelError(f"{path}: not a .gguf file or an HF checkpoint folder")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: folder has no config.json, so it is not an HF checkpoint")
+        if not any(path.glob("*.safetensors")):
+            if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+                raise ModelError(f"{path}: only pickled weights (.bin/.pt) found; crofter loads safetensors only")
+            raise ModelError(f"{path}: folder has no .safetensors weights")
+        return "hf"
+    raise ModelError(f"{path}: no such file or folder")
+
+
+class Registry:
+    """Named local models, persisted in ``<data dir>/models.json``."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root or paths.data_dir()
+        self.file = self.root / "models.json"
+        self._lock_file = self.root / ".models.lock"
+
+    # -- persistence -------------------------------------------------------
+    def _read(self) -> dict:
+        try:
+            raw = json.loads(self.file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{self.file}: unreadable registry ({exc}); move it aside to start afresh") from None
+        return raw.get("models", {})
+
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[dict]:
+        """Read-modify-write under an exclusive lock, committed atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_file, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            models = self._read()
+            yield models
+            atomic.write_text(self.file, json.dumps({"version": 1, "models": models}, indent=2) + "\n")
+
+    # -- queries -----------------------------------------------------------
+    def entries(self) -> list[ModelEntry]:
+        """Every model, the bundled one first."""
+        out = []
+        bundled = bundled_gguf()
+        if bundled is not None:
+            out.append(ModelEntry(BUNDLED_NAME, str(bundled), "gguf", "bundled"))
+        for name, rec in sorted(self._read().items()):
+            out.append(ModelEntry(name=name, **rec))
+        return out
+
+    def get(self, name: str) -> ModelEntry:
+        """The entry called `name`; a close-match suggestion when there is none."""
+        entries = {e.name: e for e in self.entries()}
+        if name in entries:
+            return entries[name]
+        hint = difflib.get_close_matches(name, list(entries), n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else " (see `crofter models list`)"
+        raise ModelError(f"no model named {name!r}{extra}")
+
+    def resolve(self, name_or_path: str) -> ModelEntry:
+        """A registered name, or a path to a GGUF file / HF folder used as is."""
+        try:
+            return self.get(name_or_path)
+        except ModelError:
+            path = Path(name_or_path).expanduser()
+            if path.exists():
+                return ModelEntry(path.stem, str(path.resolve()), detect_kind(path), "path")
+            raise
+
+    # -- changes -----------------------------------------------------------
+    def add(self, path: str | Path, name: str | None = None, source: str = "local") -> ModelEntry:
+        """Register a GGUF file or HF folder (validated first) under `name`."""
+        p = Path(path).expanduser().resolve()
+        kind = detect_kind(p)
+        name = name or slug(p.stem if kind == "gguf" else p.name)
+        if not _NAME_RE.match(name):
+            raise ModelError(f"invalid model name {name!r}: use lower-case letters, digits, '.', '_', ':' or '-'")
+        if name == BUNDLED_NAME:
+            raise ModelError(f"{name!r} is the bundled model's name; pick another with --name")
+        entry = ModelEntry(name, str(p), kind, source, time.time())
+        with self._editing() as models:
+            models[name] = {k: v for k, v in asdict(entry).items() if k != "name"}
+        return entry
+
+    def remove(self, name: str) -> ModelEntry:
+        """Unregister `name`; files that crofter itself downloaded are deleted too."""
+        if name == BUNDLED_NAME:
+            raise ModelError(f"{name!r} is bundled with crofter and cannot be removed")
+        with self._editing() as models:
+            if name not in models:
+                self.get(name)  # raises with a suggestion
+            rec = models.pop(name)
+        owned = paths.models_dir().resolve()
+        target = Path(rec["path"]).resolve()
+        if owned in target.parents:
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    target.parent.rmdir()  # only succeeds when the repo folder is now empty
+        return ModelEntry(name=name, **rec)

@@ -1,0 +1,1 @@
+"""rag: see ../shared/DESIGN.md; built by its own issue."""
