@@ -156,6 +156,17 @@ class Engine:
         template = ChatTemplate.from_metadata(llm.metadata, bos=bos, eos=eos)
         return cls(llm, entry.file, template, gpu_layers, threads)
 
+    def reset(self) -> None:
+        """Forget the KV cache: the next generation evaluates its whole prompt.
+
+        Runs on the worker, after any generation in flight. Useful to compare runs:
+        llama.cpp's logits differ in the last bits between a prompt evaluated in one
+        batch and one whose prefix came from the cache, which can flip a greedy tie.
+        """
+        done = threading.Event()
+        self._jobs.put((self.llm.reset, done))
+        done.wait()
+
     def close(self) -> None:
         """Stop the worker and free the model."""
         self._jobs.put(_STOP)
@@ -213,6 +224,13 @@ class Engine:
             job = self._jobs.get()
             if job is _STOP:
                 return
+            if len(job) == 2:  # (callable, event): maintenance on the worker thread
+                fn, finished = job
+                try:
+                    fn()
+                finally:
+                    finished.set()
+                continue
             tokens, sampling, cancel, out = job
             try:
                 self._generate(tokens, sampling, cancel, out)

