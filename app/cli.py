@@ -88,6 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     mp.add_argument("--json", action="store_true", help="print the registered entry as JSON")
 
+    chats = sub.add_parser("chats", help="list, show, search, export and delete saved chats", description="The chat history.")
+    chsub = chats.add_subparsers(dest="chats_command", metavar="ACTION", required=True)
+    cl = chsub.add_parser("list", help="every chat, most recent first")
+    cl.add_argument("--json", action="store_true", help="machine-readable output")
+    csh = chsub.add_parser("show", help="one chat's messages")
+    csh.add_argument("id", type=int)
+    csh.add_argument("--json", action="store_true", help="machine-readable output")
+    cse = chsub.add_parser("search", help="full-text search over every message")
+    cse.add_argument("query")
+    cse.add_argument("--limit", type=int, default=50)
+    cse.add_argument("--json", action="store_true", help="machine-readable output")
+    cex = chsub.add_parser("export", help="one chat as Markdown or JSON")
+    cex.add_argument("id", type=int)
+    cex.add_argument("--format", choices=("md", "json"), default="md")
+    cex.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    crm = chsub.add_parser("rm", help="delete chats")
+    crm.add_argument("ids", type=int, nargs="+", metavar="ID")
+
     cfg = sub.add_parser("config", help="show or change settings", description="Settings live in a TOML file; flags override them.")
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", help="every setting with its value and meaning")
@@ -110,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.ask import run
         elif args.command == "models":
             from .commands.models import run
+        elif args.command == "chats":
+            from .commands.chats import run
         else:
             from .commands.config import run
         return run(args) or 0
@@ -132,10 +152,11 @@ def _is_user_error(exc: Exception) -> bool:
     """Errors whose message is already written for the user."""
     from app.budget import ContextOverflow
     from app.config import ConfigError
+    from app.history import HistoryError
     from models.gguf_check import GGUFError
     from models.registry import ModelError
 
-    known = (CLIError, ContextOverflow, ConfigError, GGUFError, ModelError)
+    known = (CLIError, ContextOverflow, ConfigError, GGUFError, HistoryError, ModelError)
     try:
         from app.engine import EngineError
         from models.hub import HubError

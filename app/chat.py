@@ -1,0 +1,161 @@
+"""The chat app's logic without a screen: chats, models, sampling, history commits.
+
+`ChatController` is what the Textual app drives (and what tests drive directly):
+it ties the history store, the loaded engine and a `ChatSession` together, so
+that widgets only render and route. Commit rules: the user's message is stored
+before generation starts; the reply is stored in one transaction when it ends,
+marked ``incomplete`` if the user stopped it, and absent if the process died.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from models.registry import ModelEntry, Registry
+
+from .budget import reply_reserve
+from .config import Settings
+from .engine import Engine, Event, LoadOptions, Sampling
+from .history import Chat, HistoryStore, Message
+from .session import ChatSession
+
+TITLE_CHARS = 48
+
+
+@dataclass
+class ContextMeter:
+    """Where the context window goes, in tokens (what the status bar shows)."""
+
+    n_ctx: int
+    system: int
+    history: int
+    reserve: int
+    dropped_messages: int
+
+    @property
+    def used(self) -> int:
+        return self.system + self.history
+
+    def describe(self) -> str:
+        text = f"ctx {self.used}+{self.reserve}/{self.n_ctx}"
+        return text + (f" (dropped {self.dropped_messages} old msgs)" if self.dropped_messages else "")
+
+
+def default_loader(entry: ModelEntry, settings: Settings) -> Engine:
+    return Engine.load(entry, LoadOptions(settings.n_ctx, settings.threads, settings.gpu_layers, settings.seed))
+
+
+class ChatController:
+    """One open chat at a time, over one loaded model."""
+
+    def __init__(self, store: HistoryStore, settings: Settings, registry: Registry | None = None,
+                 loader: Callable[[ModelEntry, Settings], Engine] = default_loader):
+        self.store = store
+        self.settings = settings
+        self.registry = registry or Registry()
+        self._loader = loader
+        self.engine: Engine | None = None
+        self.model: ModelEntry | None = None
+        self.chat: Chat | None = None
+        self.session: ChatSession | None = None
+
+    # -- models ------------------------------------------------------------
+    def load_model(self, name: str) -> ModelEntry:
+        """Load `name` (registry name or path), replacing the current engine."""
+        entry = self.registry.resolve(name)
+        engine = self._loader(entry, self.settings)
+        if self.engine is not None:
+            self.engine.close()
+        self.engine, self.model = engine, entry
+        if self.chat is not None:
+            self.chat = self.store.update_chat(self.chat.id, model=entry.name)
+            self._rebuild_session()
+        return entry
+
+    def sampling(self) -> Sampling:
+        s = self.settings
+        return Sampling(s.temperature, s.top_p, s.top_k, s.min_p, s.repeat_penalty, s.seed, s.max_tokens)
+
+    def update_settings(self, **changes) -> None:
+        """Change sampling settings (validated by Settings) for the following turns."""
+        self.settings = self.settings.replace(**changes)
+        if self.session is not None:
+            self.session.sampling = self.sampling()
+
+    # -- chats -------------------------------------------------------------
+    def new_chat(self) -> Chat:
+        self.chat = self.store.new_chat(model=self.model.name if self.model else None, system_prompt=self.settings.system_prompt)
+        self._rebuild_session()
+        return self.chat
+
+    def open_chat(self, chat_id: int) -> Chat:
+        self.chat = self.store.chat(chat_id)
+        self._rebuild_session()
+        return self.chat
+
+    def set_system_prompt(self, text: str) -> None:
+        self.chat = self.store.update_chat(self.chat.id, system_prompt=text)
+        self._rebuild_session()
+
+    def messages(self) -> list[Message]:
+        return self.store.messages(self.chat.id) if self.chat else []
+
+    def _rebuild_session(self) -> None:
+        history = [{"role": m.role, "content": m.content} for m in self.store.messages(self.chat.id)]
+        self.session = ChatSession(self.engine, self.sampling(), system=self.chat.system_prompt, messages=history)
+
+    # -- turns -------------------------------------------------------------
+    def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Store the user's message, stream the reply, store the reply."""
+        if self.chat is None:
+            self.new_chat()
+        self.store.add_message(self.chat.id, "user", text)
+        if self.chat.title == "New chat":
+            title = " ".join(text.split())
+            self.chat = self.store.update_chat(self.chat.id, title=title[:TITLE_CHARS] + ("…" if len(title) > TITLE_CHARS else ""))
+        return self._stream(self.session.send(text, cancel))
+
+    def regenerate(self, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Replace the last reply with a new one."""
+        msgs = self.messages()
+        if msgs and msgs[-1].role == "assistant":
+            self.store.delete_messages_from(self.chat.id, msgs[-1].id)
+        return self._stream(self.session.regenerate(cancel))
+
+    def edit_and_resend(self, message_id: int, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Replace a user message (and drop everything after it), then answer it."""
+        target = self.store.message(message_id)
+        if target.chat_id != self.chat.id or target.role != "user":
+            raise ValueError("only a user message of the open chat can be edited")
+        self.store.delete_messages_from(self.chat.id, message_id)
+        self._rebuild_session()
+        return self.send(text, cancel)
+
+    def _stream(self, events: Iterator[Event]) -> Iterator[Event]:
+        for ev in events:
+            if ev.done is not None:
+                r = ev.done
+                self.store.add_message(
+                    self.chat.id, "assistant", r.text,
+                    model=self.model.name if self.model else None,
+                    sampling={k: v for k, v in dataclasses.asdict(self.session.sampling).items() if k != "stop"},
+                    prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                    ttft_s=r.ttft_s, tokens_per_s=r.decode_tokens_per_s,
+                    status="incomplete" if r.finish_reason == "cancelled" else "complete",
+                )
+            yield ev
+
+    def context_meter(self, draft: str = "") -> ContextMeter:
+        """Token use of the next turn (with `draft` as the user's message, if any)."""
+        msgs = list(self.session.messages)
+        if draft:
+            msgs.append({"role": "user", "content": draft})
+        eng = self.engine
+        system = [m for m in msgs[:1] if m["role"] == "system"]
+        sys_tokens = len(eng.tokenize_chat(system)) if system else 0
+        if msgs == system:
+            return ContextMeter(eng.n_ctx, sys_tokens, 0, reply_reserve(self.settings.max_tokens, eng.n_ctx), 0)
+        fit = self.session.fit(msgs)
+        return ContextMeter(eng.n_ctx, sys_tokens, len(fit.prompt_tokens) - sys_tokens, fit.reserve, len(fit.dropped))

@@ -1,0 +1,288 @@
+"""The chat history store: SQLite (WAL, synchronous=FULL), versioned migrations, FTS5 search.
+
+Durability rules: a message is written in one transaction when it is complete
+(or, for a reply the user stopped, marked ``incomplete``); a reply that was
+streaming when the process died is simply absent. With WAL and synchronous=FULL a
+committed message survives kill -9 and power loss.
+
+    >>> store = HistoryStore()                                        # doctest: +SKIP
+    >>> chat = store.new_chat(model="smollm2-135m")
+    >>> store.add_message(chat.id, "user", "What is GGUF?")
+    >>> store.search("GGUF")[0].snippet
+    'What is [GGUF]?'
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from models import paths
+
+# Ordered, named, append-only: a migration once shipped is never edited.
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "001_chats_and_messages",
+        """
+        CREATE TABLE chats (
+            id INTEGER PRIMARY KEY,
+            title TEXT NOT NULL,
+            model TEXT,
+            system_prompt TEXT NOT NULL DEFAULT '',
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        );
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+            content TEXT NOT NULL,
+            model TEXT,
+            sampling TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            ttft_s REAL,
+            tokens_per_s REAL,
+            status TEXT NOT NULL DEFAULT 'complete' CHECK (status IN ('complete', 'incomplete')),
+            created REAL NOT NULL
+        );
+        CREATE INDEX messages_by_chat ON messages(chat_id, id);
+        """,
+    ),
+    (
+        "002_fts5_search",
+        """
+        CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='id');
+        INSERT INTO messages_fts(rowid, content) SELECT id, content FROM messages;
+        CREATE TRIGGER messages_ai AFTER INSERT ON messages BEGIN
+            INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+        END;
+        CREATE TRIGGER messages_ad AFTER DELETE ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+        END;
+        CREATE TRIGGER messages_au AFTER UPDATE OF content ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+            INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+        END;
+        """,
+    ),
+]
+
+
+class HistoryError(Exception):
+    """A chat or message does not exist, or the database cannot be used."""
+
+
+@dataclass
+class Chat:
+    id: int
+    title: str
+    model: str | None
+    system_prompt: str
+    created: float
+    updated: float
+
+
+@dataclass
+class Message:
+    id: int
+    chat_id: int
+    role: str
+    content: str
+    model: str | None = None
+    sampling: dict | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None
+    status: str = "complete"
+    created: float = 0.0
+
+
+@dataclass
+class Hit:
+    chat_id: int
+    chat_title: str
+    message_id: int
+    role: str
+    snippet: str
+
+
+def fts_query(text: str) -> str:
+    """User text as an FTS5 query of quoted terms: `C++ "x"` cannot break the syntax."""
+    terms = [t.replace('"', '""') for t in text.split()]
+    return " ".join(f'"{t}"' for t in terms if t)
+
+
+class HistoryStore:
+    """All chats, in ``<data dir>/history.db``. Safe to share between threads."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or paths.data_dir() / "history.db"
+        self._lock = threading.RLock()
+        try:
+            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.migrate()
+        except sqlite3.DatabaseError as exc:
+            raise HistoryError(f"{self.path}: cannot open the history database ({exc})") from None
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations in order; returns the names applied."""
+        applied = []
+        with self._lock:
+            self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
+            done = {r[0] for r in self.db.execute("SELECT name FROM _migrations")}
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _split_sql(sql):
+                        self.db.execute(statement)
+                    self.db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                applied.append(name)
+        return applied
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def _tx(self, sql_params: list[tuple[str, tuple]]) -> list[sqlite3.Cursor]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                out = [self.db.execute(sql, params) for sql, params in sql_params]
+                self.db.execute("COMMIT")
+                return out
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    # -- chats -----------------------------------------------------------
+    def new_chat(self, title: str = "New chat", model: str | None = None, system_prompt: str = "") -> Chat:
+        now = time.time()
+        (cur,) = self._tx([("INSERT INTO chats (title, model, system_prompt, created, updated) VALUES (?, ?, ?, ?, ?)",
+                            (title, model, system_prompt, now, now))])
+        return self.chat(cur.lastrowid)
+
+    def chat(self, chat_id: int) -> Chat:
+        with self._lock:
+            row = self.db.execute("SELECT * FROM chats WHERE id = ?", (chat_id,)).fetchone()
+        if row is None:
+            raise HistoryError(f"no chat with id {chat_id} (see `crofter chats list`)")
+        return Chat(**dict(row))
+
+    def chats(self) -> list[Chat]:
+        """Every chat, most recently active first."""
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM chats ORDER BY updated DESC, id DESC").fetchall()
+        return [Chat(**dict(r)) for r in rows]
+
+    def update_chat(self, chat_id: int, **fields) -> Chat:
+        """Change title, model or system_prompt."""
+        allowed = {"title", "model", "system_prompt"}
+        bad = set(fields) - allowed
+        if bad:
+            raise HistoryError(f"cannot change {sorted(bad)}")
+        self.chat(chat_id)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._tx([(f"UPDATE chats SET {sets}, updated = ? WHERE id = ?", (*fields.values(), time.time(), chat_id))])
+        return self.chat(chat_id)
+
+    def delete_chat(self, chat_id: int) -> None:
+        self.chat(chat_id)
+        self._tx([("DELETE FROM chats WHERE id = ?", (chat_id,))])
+
+    # -- messages --------------------------------------------------------
+    def add_message(self, chat_id: int, role: str, content: str, **meta) -> Message:
+        """Append a message (one transaction); `meta` holds the Message fields after content."""
+        if "sampling" in meta and meta["sampling"] is not None:
+            meta["sampling"] = json.dumps(meta["sampling"])
+        cols = ["chat_id", "role", "content", "created", *meta]
+        now = time.time()
+        cur, _ = self._tx([
+            (f"INSERT INTO messages ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+             (chat_id, role, content, now, *meta.values())),
+            ("UPDATE chats SET updated = ? WHERE id = ?", (now, chat_id)),
+        ])
+        return self.message(cur.lastrowid)
+
+    def message(self, message_id: int) -> Message:
+        with self._lock:
+            row = self.db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise HistoryError(f"no message with id {message_id}")
+        return _message(row)
+
+    def messages(self, chat_id: int) -> list[Message]:
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM messages WHERE chat_id = ? ORDER BY id", (chat_id,)).fetchall()
+        return [_message(r) for r in rows]
+
+    def delete_messages_from(self, chat_id: int, message_id: int) -> int:
+        """Delete a message and every later one in its chat (edit-and-resend, regenerate)."""
+        (cur,) = self._tx([("DELETE FROM messages WHERE chat_id = ? AND id >= ?", (chat_id, message_id))])
+        return cur.rowcount
+
+    # -- search and export ----------------------------------------------
+    def search(self, text: str, limit: int = 50) -> list[Hit]:
+        """Full-text search over every message of every chat, best match first."""
+        q = fts_query(text)
+        if not q:
+            return []
+        with self._lock:
+            rows = self.db.execute(
+                """SELECT m.chat_id, c.title, m.id, m.role,
+                          snippet(messages_fts, 0, '[', ']', '…', 12) AS snip
+                   FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid JOIN chats c ON c.id = m.chat_id
+                   WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?""",
+                (q, limit),
+            ).fetchall()
+        return [Hit(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def export_json(self, chat_id: int) -> dict:
+        chat = self.chat(chat_id)
+        return {"chat": asdict(chat), "messages": [asdict(m) for m in self.messages(chat_id)]}
+
+    def export_markdown(self, chat_id: int) -> str:
+        chat = self.chat(chat_id)
+        lines = [f"# {chat.title}", "", f"- model: {chat.model or '-'}",
+                 f"- created: {time.strftime('%Y-%m-%d %H:%M', time.localtime(chat.created))}", ""]
+        if chat.system_prompt:
+            lines += ["## System", "", chat.system_prompt, ""]
+        for m in self.messages(chat_id):
+            head = m.role.capitalize() + (" (incomplete)" if m.status == "incomplete" else "")
+            lines += [f"## {head}", "", m.content, ""]
+        return "\n".join(lines)
+
+
+def _message(row: sqlite3.Row) -> Message:
+    d = dict(row)
+    if d.get("sampling"):
+        d["sampling"] = json.loads(d["sampling"])
+    return Message(**d)
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements; trigger bodies keep their inner semicolons."""
+    out, buf = [], []
+    for line in script.strip().splitlines():
+        buf.append(line)
+        joined = "\n".join(buf).strip()
+        if joined.endswith(";") and sqlite3.complete_statement(joined):
+            out.append(joined)
+            buf = []
+    if "\n".join(buf).strip():
+        out.append("\n".join(buf).strip())
+    return out
