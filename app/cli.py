@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    chat = sub.add_parser("chat", help="open the chat app (the default command)", description="Open the terminal chat app.")
+    chat.add_argument("-m", "--model", help="registry name or path of a GGUF file (default: config `model`)")
+    chat.add_argument("--chat", type=int, metavar="ID", help="open this saved chat (see `crofter chats list`)")
+
     ask = sub.add_parser(
         "ask",
         help="answer one prompt and exit (streams to stdout)",
@@ -120,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
+        if args.command in (None, "chat"):
+            from .tui.app import CrofterApp
+
+            CrofterApp(model=getattr(args, "model", None), chat_id=getattr(args, "chat", None)).run()
+            return 0
         if args.command == "ask":
             from .commands.ask import run
         elif args.command == "models":

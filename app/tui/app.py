@@ -1,0 +1,442 @@
+"""The crofter chat app (Textual).
+
+Layout: a sidebar of chats (search box on top), the conversation, a multi-line
+input, a status bar (model, tokens/s, context meter) and the footer. Generation
+runs in a worker thread over `ChatController`; tokens reach the screen only as
+messages, and a `MarkdownStream` batches them so long replies never lag the UI.
+
+Heavy imports (llama.cpp, numpy via gguf) happen in the loading worker after the
+first frame is drawn.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterable
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Input, ListView, Markdown
+
+from .screens import HelpScreen, ModelPicker, SettingsScreen, TextPrompt
+from .widgets import ChatItem, MessageBox, PromptInput, StatusBar
+
+
+UPDATE_INTERVAL_S = 0.05
+
+
+class ReplyPiece(Message):
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__()
+
+
+class ReplyDone(Message):
+    def __init__(self, result, meter: str, error: str | None = None) -> None:
+        self.result = result
+        self.meter = meter
+        self.error = error
+        super().__init__()
+
+
+class CrofterApp(App):
+    """Chat with local GGUF models."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "crofter"
+    # Keys the prompt's TextArea uses (ctrl+a/e/k/u/w/d/x/c/v/y/z) are left to it.
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", priority=True),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+g", "edit_last", "Edit & resend"),
+        Binding("f3", "copy_reply", "Copy reply"),
+        Binding("f4", "copy_code", "Copy code"),
+        Binding("ctrl+o", "pick_model", "Model"),
+        Binding("ctrl+t", "settings", "Sampling"),
+        Binding("ctrl+s", "system_prompt", "System prompt", show=False),
+        Binding("f2", "rename_chat", "Rename", show=False),
+        Binding("f8", "delete_chat", "Delete chat", show=False),
+        Binding("ctrl+f", "search", "Search", show=False),
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "quit", "Quit"),
+    ]
+
+    def __init__(self, model: str | None = None, chat_id: int | None = None, controller=None) -> None:
+        super().__init__()
+        self._model_name = model
+        self._chat_id = chat_id
+        self.controller = controller
+        self._cancel = threading.Event()
+        self._stream = None
+        self._reply_box: MessageBox | None = None
+        self.generating = False
+        self.ready = False
+        self.replies_done = 0  # finished replies, for tests and benchmarks to wait on
+
+    # -- layout ------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            with Vertical(id="sidebar"):
+                yield Input(placeholder="Search chats…", id="search")
+                yield ListView(id="chats")
+            with Vertical(id="main"):
+                yield VerticalScroll(id="conversation")
+                yield PromptInput(id="prompt")
+        yield StatusBar("loading model…", id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#prompt").focus()
+        self._load()
+
+    @work(thread=True, exclusive=True, group="load")
+    def _load(self) -> None:
+        """Open the store and load the model off the UI thread."""
+        try:
+            if self.controller is None:
+                from ..chat import ChatController
+                from ..config import load as load_settings
+                from ..history import HistoryStore
+
+                self.controller = ChatController(HistoryStore(), load_settings())
+            ctl = self.controller
+            if ctl.engine is None:
+                ctl.load_model(self._model_name or ctl.settings.model)
+            if self._chat_id is not None:
+                ctl.open_chat(self._chat_id)
+            elif ctl.chat is None:
+                chats = ctl.store.chats()
+                ctl.open_chat(chats[0].id) if chats and not ctl.store.messages(chats[0].id) else ctl.new_chat()
+        except Exception as exc:
+            self.call_from_thread(self._fail, exc)
+            return
+        self.call_from_thread(self._after_load)
+
+    def _fail(self, exc: Exception) -> None:
+        self.query_one(StatusBar).show("no model loaded", "", "")
+        self.notify(str(exc), title="Could not start", severity="error", timeout=30)
+
+    async def _after_load(self) -> None:
+        await self._show_chat()
+        self._refresh_sidebar()
+        self.ready = True
+        if self.controller.engine.template.warning:
+            self.notify(self.controller.engine.template.warning, severity="warning", timeout=10)
+
+    # -- rendering ---------------------------------------------------------
+    async def _show_chat(self) -> None:
+        ctl = self.controller
+        conv = self.query_one("#conversation", VerticalScroll)
+        await conv.remove_children()
+        boxes = []
+        for m in ctl.messages():
+            note = "stopped" if m.status == "incomplete" else ""
+            if m.role == "assistant" and m.tokens_per_s:
+                note = (note + " · " if note else "") + f"{m.completion_tokens} tokens, {m.tokens_per_s:.1f} tok/s"
+            boxes.append(MessageBox(m.role, m.content, m.id, note))
+        await conv.mount_all(boxes)
+        conv.scroll_end(animate=False)
+        self.sub_title = ctl.chat.title
+        self._update_status()
+
+    def _update_status(self, speed: str = "") -> None:
+        ctl = self.controller
+        if ctl is None or ctl.engine is None or ctl.session is None:
+            return
+        try:
+            meter = ctl.context_meter().describe()
+        except Exception as exc:  # e.g. the history alone no longer fits
+            meter = f"ctx: {exc}"
+        self.query_one(StatusBar).show(ctl.model.name, speed, meter)
+
+    def _refresh_sidebar(self, only: set[int] | None = None) -> None:
+        lv = self.query_one("#chats", ListView)
+        lv.clear()
+        chats = [c for c in self.controller.store.chats() if only is None or c.id in only]
+        lv.extend(ChatItem(c.id, c.title) for c in chats)
+        for i, c in enumerate(chats):
+            if c.id == self.controller.chat.id:
+                lv.index = i
+
+    # -- sending -----------------------------------------------------------
+    @on(PromptInput.Submitted)
+    async def _submitted(self, event: PromptInput.Submitted) -> None:
+        if not self.ready or self.generating:
+            self.notify("wait for the current reply (Esc stops it)" if self.generating else "the model is still loading",
+                        severity="warning")
+            return
+        await self._begin_reply(lambda cancel: self.controller.send(event.text, cancel), user_text=event.text)
+
+    async def _begin_reply(self, start, user_text: str | None = None) -> None:
+        conv = self.query_one("#conversation", VerticalScroll)
+        if user_text is not None:
+            await conv.mount(MessageBox("user", user_text))
+        self._reply_box = MessageBox("assistant", "", note="…")
+        await conv.mount(self._reply_box)
+        conv.anchor()
+        self._stream = Markdown.get_stream(self._reply_box.body)
+        self._cancel = threading.Event()
+        self.generating = True
+        self._generate(start, self._cancel)
+
+    @work(thread=True, exclusive=True, group="generate")
+    def _generate(self, start, cancel: threading.Event) -> None:
+        result, error = None, None
+        pending: list[str] = []
+        last_post = 0.0
+        try:
+            for ev in start(cancel):
+                if ev.text:
+                    pending.append(ev.text)
+                    # Coalesce tokens into at most ~20 screen updates a second: rendering
+                    # every token would steal CPU from llama.cpp's threads.
+                    now = time.monotonic()
+                    if now - last_post >= UPDATE_INTERVAL_S:
+                        self.post_message(ReplyPiece("".join(pending)))
+                        pending.clear()
+                        last_post = now
+                if ev.done is not None:
+                    result = ev.done
+            if pending:
+                self.post_message(ReplyPiece("".join(pending)))
+        except Exception as exc:  # shown as a notification; the app keeps running
+            error = str(exc)
+        meter = ""
+        try:
+            meter = self.controller.context_meter().describe()
+        except Exception as exc:
+            meter = f"ctx: {exc}"
+        self.post_message(ReplyDone(result, meter, error))
+
+    async def on_reply_piece(self, message: ReplyPiece) -> None:
+        if self._stream is not None:
+            from ..render import display_safe
+
+            await self._stream.write(display_safe(message.text))
+
+    async def on_reply_done(self, message: ReplyDone) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.generating = False
+        self.replies_done += 1
+        r = message.result
+        if message.error:
+            self.notify(message.error, title="Generation failed", severity="error", timeout=15)
+        if r is not None and self._reply_box is not None:
+            note = f"{r.completion_tokens} tokens, {r.decode_tokens_per_s:.1f} tok/s"
+            self._reply_box.set_note(("stopped · " if r.finish_reason == "cancelled" else "") + note)
+            self._reply_box.content = r.text
+            msgs = self.controller.messages()
+            self._reply_box.message_id = msgs[-1].id if msgs else None
+        fit = self.controller.session.last_fit if self.controller.session else None
+        if fit is not None and fit.dropped:
+            self.notify(fit.describe_dropped(), severity="warning")
+        speed = f"{r.decode_tokens_per_s:.1f} tok/s" if r else ""
+        self.query_one(StatusBar).show(self.controller.model.name, speed, message.meter)
+        self.sub_title = self.controller.chat.title
+        self._refresh_sidebar()
+
+    # -- actions -----------------------------------------------------------
+    def action_stop(self) -> None:
+        if self.generating:
+            self._cancel.set()
+        elif isinstance(self.screen, Screen) and len(self.screen_stack) > 1:
+            self.pop_screen()
+
+    async def action_new_chat(self) -> None:
+        if self._busy():
+            return
+        self.controller.new_chat()
+        await self._show_chat()
+        self._refresh_sidebar()
+
+    async def action_regenerate(self) -> None:
+        if self._busy():
+            return
+        if not any(m.role == "user" for m in self.controller.messages()):
+            self.notify("nothing to regenerate yet", severity="warning")
+            return
+        conv = self.query_one("#conversation", VerticalScroll)
+        boxes = list(conv.query(MessageBox))
+        if boxes and boxes[-1].role == "assistant":
+            await boxes[-1].remove()
+        await self._begin_reply(lambda cancel: self.controller.regenerate(cancel))
+
+    def action_edit_last(self) -> None:
+        if self._busy():
+            return
+        users = [m for m in self.controller.messages() if m.role == "user"]
+        if not users:
+            self.notify("no message to edit", severity="warning")
+            return
+        target = users[-1]
+
+        async def resend(text: str | None) -> None:
+            if text and text.strip():
+                self.controller.store.delete_messages_from(self.controller.chat.id, target.id)
+                self.controller.open_chat(self.controller.chat.id)
+                await self._show_chat()
+                await self._begin_reply(lambda cancel: self.controller.send(text.strip(), cancel), user_text=text.strip())
+
+        self.push_screen(TextPrompt("Edit and resend", target.content, multiline=True), resend)
+
+    def _focused_or_last_reply(self) -> MessageBox | None:
+        focused = self.focused
+        if isinstance(focused, MessageBox):
+            return focused
+        replies = [b for b in self.query(MessageBox) if b.role == "assistant" and b.content]
+        return replies[-1] if replies else None
+
+    def action_copy_reply(self) -> None:
+        box = self._focused_or_last_reply()
+        if box is None:
+            self.notify("nothing to copy yet", severity="warning")
+            return
+        self.copy_to_clipboard(box.content)
+        self.notify(f"copied {len(box.content)} characters")
+
+    def action_copy_code(self) -> None:
+        from ..render import code_blocks
+
+        box = self._focused_or_last_reply()
+        blocks = code_blocks(box.content) if box else []
+        if not blocks:
+            self.notify("no code block in that reply", severity="warning")
+            return
+        self.copy_to_clipboard(blocks[-1])
+        self.notify(f"copied code block ({len(blocks[-1].splitlines())} lines)")
+
+    def action_pick_model(self) -> None:
+        if self._busy():
+            return
+        from models.info import describe
+
+        names = []
+        for e in self.controller.registry.entries():
+            if e.kind == "gguf":
+                d = describe(e)
+                names.append((e.name, f"{d.get('parameters_human', '')} {d.get('quantization') or ''}".strip()))
+
+        def chosen(name: str | None) -> None:
+            if name and name != self.controller.model.name:
+                self.query_one(StatusBar).show(f"loading {name}…", "", "")
+                self._switch_model(name)
+
+        self.push_screen(ModelPicker(names, self.controller.model.name), chosen)
+
+    @work(thread=True, exclusive=True, group="load")
+    def _switch_model(self, name: str) -> None:
+        try:
+            self.controller.load_model(name)
+        except Exception as exc:
+            self.call_from_thread(self.notify, str(exc), title="Could not load model", severity="error")
+        self.call_from_thread(self._update_status)
+
+    def action_settings(self) -> None:
+        from dataclasses import asdict
+
+        values = asdict(self.controller.settings)
+
+        def apply(changes: dict | None) -> None:
+            if not changes:
+                return
+            try:
+                self.controller.update_settings(**changes)
+            except Exception as exc:  # ConfigError names the field
+                self.notify(str(exc), title="Setting refused", severity="error")
+                return
+            self.notify("sampling settings updated")
+            self._update_status()
+
+        self.push_screen(SettingsScreen(values), apply)
+
+    def action_system_prompt(self) -> None:
+        def apply(text: str | None) -> None:
+            if text is not None:
+                self.controller.set_system_prompt(text.strip())
+                self._update_status()
+                self.notify("system prompt set for this chat")
+
+        self.push_screen(TextPrompt("System prompt for this chat", self.controller.chat.system_prompt, multiline=True), apply)
+
+    def action_rename_chat(self) -> None:
+        def apply(title: str | None) -> None:
+            if title and title.strip():
+                self.controller.chat = self.controller.store.update_chat(self.controller.chat.id, title=title.strip())
+                self.sub_title = self.controller.chat.title
+                self._refresh_sidebar()
+
+        self.push_screen(TextPrompt("Rename chat", self.controller.chat.title), apply)
+
+    async def action_delete_chat(self) -> None:
+        if self._busy():
+            return
+        self.controller.store.delete_chat(self.controller.chat.id)
+        chats = self.controller.store.chats()
+        if chats:
+            self.controller.open_chat(chats[0].id)
+        else:
+            self.controller.new_chat()
+        await self._show_chat()
+        self._refresh_sidebar()
+        self.notify("chat deleted")
+
+    def action_search(self) -> None:
+        self.query_one("#search", Input).focus()
+
+    def action_help(self) -> None:
+        rows = [(b.key.replace(",", " / "), b.description) for b in self.BINDINGS]
+        rows += [("enter", "Send the message"), ("ctrl+j / alt+enter", "New line in the message"),
+                 ("up / down", "Recall sent messages"), ("ctrl+p", "Command palette")]
+        self.push_screen(HelpScreen(rows))
+
+    def _busy(self) -> bool:
+        if not self.ready:
+            self.notify("the model is still loading", severity="warning")
+            return True
+        if self.generating:
+            self.notify("a reply is streaming (Esc stops it)", severity="warning")
+            return True
+        return False
+
+    # -- sidebar -----------------------------------------------------------
+    @on(ListView.Selected, "#chats")
+    async def _chat_selected(self, event: ListView.Selected) -> None:
+        if not isinstance(event.item, ChatItem) or self._busy() or event.item.chat_id == self.controller.chat.id:
+            return
+        self.controller.open_chat(event.item.chat_id)
+        await self._show_chat()
+        self.query_one("#prompt").focus()
+
+    @on(Input.Changed, "#search")
+    def _search_changed(self, event: Input.Changed) -> None:
+        if not self.ready:
+            return
+        text = event.value.strip()
+        only = {h.chat_id for h in self.controller.store.search(text)} if text else None
+        self._refresh_sidebar(only)
+
+    # -- command palette ---------------------------------------------------
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for b in self.BINDINGS:
+            if b.action not in ("quit", "stop"):
+                yield SystemCommand(b.description, f"{b.description} ({b.key})", lambda a=b.action: self.run_action(a))
+
+    def on_unmount(self) -> None:
+        if self.controller is not None and self.controller.engine is not None:
+            self._cancel.set()
+
+
+def status_text(app: CrofterApp) -> str:
+    """The status bar's plain text (for tests and benchmarks)."""
+    bar = app.query_one(StatusBar)
+    content = bar.render()
+    return content.plain if isinstance(content, Text) else str(content)

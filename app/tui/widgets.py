@@ -1,0 +1,111 @@
+"""Widgets of the chat screen: they compose, render and route; the logic is in app.chat.
+
+Untrusted text reaches the screen only as `rich.text.Text` (never parsed as
+markup) or as Markdown source, after `display_safe` has neutralised control
+characters.
+"""
+from __future__ import annotations
+
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import Label, ListItem, Markdown, Static, TextArea
+
+from ..render import display_safe
+
+
+class PromptInput(TextArea):
+    """Multi-line input: Enter sends, Ctrl+J (or Alt+Enter) adds a line, Up/Down recall history."""
+
+    BINDINGS = [Binding("ctrl+j,alt+enter,shift+enter", "newline", "New line", show=False)]
+
+    class Submitted(Message):
+        def __init__(self, text: str) -> None:
+            self.text = text
+            super().__init__()
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+        self.sent: list[str] = []
+        self._recall: int | None = None
+
+    def action_newline(self) -> None:
+        self.insert("\n")
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            text = self.text.strip()
+            if text:
+                self.sent.append(text)
+                self._recall = None
+                self.clear()
+                self.post_message(self.Submitted(text))
+            return
+        if event.key in ("up", "down") and self.sent and (not self.text or self._recall is not None):
+            # Recall only from an empty box or while already browsing history.
+            row = self.cursor_location[0]
+            if (event.key == "up" and row == 0) or (event.key == "down" and row == self.document.line_count - 1):
+                event.stop()
+                event.prevent_default()
+                step = -1 if event.key == "up" else 1
+                i = (len(self.sent) if self._recall is None else self._recall) + step
+                if i >= len(self.sent):
+                    self._recall = None
+                    self.clear()
+                else:
+                    self._recall = max(0, i)
+                    self.load_text(self.sent[self._recall])
+                return
+        await super()._on_key(event)
+
+
+class MessageBox(Vertical, can_focus=True):
+    """One message: a role header and its body (Markdown for replies, literal text for users)."""
+
+    def __init__(self, role: str, content: str, message_id: int | None = None, note: str = "") -> None:
+        super().__init__(classes=f"message {role}")
+        self.role = role
+        self.content = content
+        self.message_id = message_id
+        self.note = note
+
+    def compose(self) -> ComposeResult:
+        head = Text(self.role.capitalize(), style="bold")
+        if self.note:
+            head.append(f"  {self.note}", style="dim")
+        yield Label(head, classes="role")
+        if self.role == "assistant":
+            yield Markdown(display_safe(self.content), classes="body")
+        else:
+            yield Static(Text(display_safe(self.content)), classes="body")
+
+    @property
+    def body(self) -> Markdown | Static:
+        return self.query_one(".body")
+
+    def set_note(self, note: str) -> None:
+        self.note = note
+        head = Text(self.role.capitalize(), style="bold")
+        if note:
+            head.append(f"  {note}", style="dim")
+        self.query_one(".role", Label).update(head)
+
+
+class ChatItem(ListItem):
+    """A chat in the sidebar; the title is shown literally."""
+
+    def __init__(self, chat_id: int, title: str) -> None:
+        super().__init__(Label(Text(display_safe(title), no_wrap=True, overflow="ellipsis")))
+        self.chat_id = chat_id
+
+
+class StatusBar(Static):
+    """Model, speed and the context meter, as plain text."""
+
+    def show(self, model: str, speed: str, meter: str) -> None:
+        self.update(Text("  ·  ".join(x for x in (model, speed, meter) if x)))
