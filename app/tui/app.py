@@ -3,7 +3,8 @@
 Layout: a sidebar of chats (search box on top), the conversation, a multi-line
 input, a status bar (model, tokens/s, context meter) and the footer. Generation
 runs in a worker thread over `ChatController`; tokens reach the screen only as
-messages, and a `MarkdownStream` batches them so long replies never lag the UI.
+messages, batched at a pace set by the measured cost of rendering, so long replies
+neither lag the UI nor slow the model down.
 
 Heavy imports (llama.cpp, numpy via gguf) happen in the loading worker after the
 first frame is drawn.
@@ -21,13 +22,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Input, ListView, Markdown
+from textual.widgets import Footer, Input, ListView
 
 from .screens import HelpScreen, ModelPicker, SettingsScreen, TextPrompt
 from .widgets import ChatItem, MessageBox, PromptInput, StatusBar
 
 
-UPDATE_INTERVAL_S = 0.05
+# Screen updates of a streaming reply are paced so that the UI thread (Markdown
+# parsing, layout, painting) uses about UI_CPU_SHARE of one core: on a 2-core
+# machine every millisecond it spends is taken from llama.cpp's threads and the GIL.
+MIN_UPDATE_INTERVAL_S = 0.05
+MAX_UPDATE_INTERVAL_S = 0.5
+UI_CPU_SHARE = 0.03
 
 
 class ReplyPiece(Message):
@@ -73,8 +79,9 @@ class CrofterApp(App):
         self._chat_id = chat_id
         self.controller = controller
         self._cancel = threading.Event()
-        self._stream = None
         self._reply_box: MessageBox | None = None
+        self.update_interval = MIN_UPDATE_INTERVAL_S  # read by the generation thread
+        self._ui_clock: tuple[float, float] | None = None  # (thread CPU time, wall time)
         self.generating = False
         self.ready = False
         self.replies_done = 0  # finished replies, for tests and benchmarks to wait on
@@ -93,7 +100,8 @@ class CrofterApp(App):
 
     def on_mount(self) -> None:
         self.query_one("#prompt").focus()
-        self._load()
+        # Paint the first frame before the loader's heavy imports compete for the GIL.
+        self.call_after_refresh(self._load)
 
     @work(thread=True, exclusive=True, group="load")
     def _load(self) -> None:
@@ -180,8 +188,8 @@ class CrofterApp(App):
         self._reply_box = MessageBox("assistant", "", note="…")
         await conv.mount(self._reply_box)
         conv.anchor()
-        self._stream = Markdown.get_stream(self._reply_box.body)
         self._cancel = threading.Event()
+        self._ui_clock = None
         self.generating = True
         self._generate(start, self._cancel)
 
@@ -194,10 +202,9 @@ class CrofterApp(App):
             for ev in start(cancel):
                 if ev.text:
                     pending.append(ev.text)
-                    # Coalesce tokens into at most ~20 screen updates a second: rendering
-                    # every token would steal CPU from llama.cpp's threads.
+                    # Coalesce tokens: one screen update per interval (see UI_CPU_SHARE).
                     now = time.monotonic()
-                    if now - last_post >= UPDATE_INTERVAL_S:
+                    if now - last_post >= self.update_interval:
                         self.post_message(ReplyPiece("".join(pending)))
                         pending.clear()
                         last_post = now
@@ -215,15 +222,24 @@ class CrofterApp(App):
         self.post_message(ReplyDone(result, meter, error))
 
     async def on_reply_piece(self, message: ReplyPiece) -> None:
-        if self._stream is not None:
-            from ..render import display_safe
+        from ..render import display_safe
 
-            await self._stream.write(display_safe(message.text))
+        if self._reply_box is not None:
+            await self._reply_box.body.append(display_safe(message.text))
+        self._pace()
+
+    def _pace(self) -> None:
+        """Adapt update_interval to the UI thread's measured CPU share since the last update."""
+        now = (time.thread_time(), time.perf_counter())
+        if self._ui_clock is not None:
+            cpu, wall = now[0] - self._ui_clock[0], now[1] - self._ui_clock[1]
+            if wall > 0:
+                wanted = self.update_interval * (cpu / wall) / UI_CPU_SHARE
+                smoothed = 0.5 * self.update_interval + 0.5 * wanted
+                self.update_interval = min(MAX_UPDATE_INTERVAL_S, max(MIN_UPDATE_INTERVAL_S, smoothed))
+        self._ui_clock = now
 
     async def on_reply_done(self, message: ReplyDone) -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
         self.generating = False
         self.replies_done += 1
         r = message.result

@@ -28,7 +28,8 @@ class PromptInput(TextArea):
             super().__init__()
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus",
+                         placeholder="Message  (Enter sends · Ctrl+J new line · Up recalls · F1 help)", **kwargs)
         self.sent: list[str] = []
         self._recall: int | None = None
 
@@ -74,11 +75,14 @@ class MessageBox(Vertical, can_focus=True):
         self.message_id = message_id
         self.note = note
 
-    def compose(self) -> ComposeResult:
+    def _head(self) -> Text:
         head = Text(self.role.capitalize(), style="bold")
         if self.note:
-            head.append(f"  {self.note}", style="dim")
-        yield Label(head, classes="role")
+            head.append(" · " + self.note, style="dim")
+        return head
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._head(), classes="role")
         if self.role == "assistant":
             yield Markdown(display_safe(self.content), classes="body")
         else:
@@ -90,10 +94,7 @@ class MessageBox(Vertical, can_focus=True):
 
     def set_note(self, note: str) -> None:
         self.note = note
-        head = Text(self.role.capitalize(), style="bold")
-        if note:
-            head.append(f"  {note}", style="dim")
-        self.query_one(".role", Label).update(head)
+        self.query_one(".role", Label).update(self._head())
 
 
 class ChatItem(ListItem):
