@@ -1,7 +1,7 @@
 """The chat app under load: first frame, keypress latency while streaming, decode speed.
 
-1. First frame: a fresh process imports the app, mounts it headless and exits at
-   once (auto-pilot); its wall time bounds the time to the first frame (goal <= 1.0 s).
+1. First frame: a fresh process imports the app, runs it headless and reports the
+   time from launch to the end of the first screen refresh (goal <= 1.0 s).
 2. While a long reply streams at full speed, keys are typed into the prompt;
    latency = press -> the key's character is in the input (goal p95 <= 50 ms).
 3. Decode tokens/s of a reply in the app (no typing) vs the same greedy generation
@@ -26,13 +26,17 @@ from textual import events
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
 FIRST_FRAME = (
-    "import os, time\n"
-    "from app.tui.app import CrofterApp\n"
-    "async def leave(pilot):\n"
-    "    await pilot.pause()\n"
-    "    print(time.time() - float(os.environ['T0']), flush=True)\n"
-    "    os._exit(0)\n"
-    "CrofterApp().run(headless=True, auto_pilot=leave)\n"
+    "import os, pathlib, time\n"
+    "import app.tui.app as m\n"
+    "class Timed(m.CrofterApp):\n"
+    "    CSS_PATH = str(pathlib.Path(m.__file__).parent / 'app.tcss')\n"
+    "    def on_mount(self):\n"
+    "        super().on_mount()\n"
+    "        self.call_after_refresh(self.first_frame)\n"
+    "    def first_frame(self):\n"
+    "        print(time.time() - float(os.environ['T0']), flush=True)\n"
+    "        os._exit(0)\n"
+    "Timed().run(headless=True)\n"
 )
 
 
@@ -103,7 +107,7 @@ def main() -> None:
               f"app while typing {typed_tps:.1f} tok/s ({len(l)} keypresses)")
     lat.sort()
     p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
-    print(f"first frame (process start to mounted, headless): median {statistics.median(frames):.3f} s (goal <= 1.0)")
+    print(f"first frame (launch to first refresh, headless): median {statistics.median(frames):.3f} s (goal <= 1.0)")
     print(f"keypress latency while streaming: p50 {statistics.median(lat) * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms over {len(lat)} keys (goal p95 <= 50)")
     a, b = statistics.median(in_app), statistics.median(via_ask)
     print(f"decode: app {a:.1f} tok/s vs crofter ask {b:.1f} tok/s, ratio {a / b:.3f} (goal >= 0.95)")
