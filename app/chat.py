@@ -39,8 +39,10 @@ class ContextMeter:
         return self.system + self.history
 
     def describe(self) -> str:
-        text = f"ctx {self.used}+{self.reserve}/{self.n_ctx}"
-        return text + (f" (dropped {self.dropped_messages} old msgs)" if self.dropped_messages else "")
+        """E.g. 'ctx sys 12 + hist 380 + reply 512 / 4096 (88% free)'."""
+        free = max(0, self.n_ctx - self.used - self.reserve)
+        text = f"ctx sys {self.system} + hist {self.history} + reply {self.reserve} / {self.n_ctx} ({100 * free // self.n_ctx}% free)"
+        return text + (f" · dropped {self.dropped_messages} old msgs" if self.dropped_messages else "")
 
 
 def default_loader(entry: ModelEntry, settings: Settings) -> Engine:

@@ -249,8 +249,7 @@ class CrofterApp(App):
             note = f"{r.completion_tokens} tokens, {r.decode_tokens_per_s:.1f} tok/s"
             self._reply_box.set_note(("stopped · " if r.finish_reason == "cancelled" else "") + note)
             self._reply_box.content = r.text
-            msgs = self.controller.messages()
-            self._reply_box.message_id = msgs[-1].id if msgs else None
+        self._attach_ids()
         fit = self.controller.session.last_fit if self.controller.session else None
         if fit is not None and fit.dropped:
             self.notify(fit.describe_dropped(), severity="warning")
@@ -258,6 +257,14 @@ class CrofterApp(App):
         self.query_one(StatusBar).show(self.controller.model.name, speed, message.meter)
         self.sub_title = self.controller.chat.title
         self._refresh_sidebar()
+
+    def _attach_ids(self) -> None:
+        """Give boxes mounted during streaming the ids their messages got in the store."""
+        boxes = list(self.query(MessageBox))
+        stored = self.controller.messages()
+        if len(boxes) == len(stored):
+            for box, m in zip(boxes, stored):
+                box.message_id = m.id
 
     # -- actions -----------------------------------------------------------
     def action_stop(self) -> None:
@@ -289,10 +296,12 @@ class CrofterApp(App):
         if self._busy():
             return
         users = [m for m in self.controller.messages() if m.role == "user"]
+        focused = self.focused
+        picked = [m for m in users if isinstance(focused, MessageBox) and m.id == focused.message_id]
         if not users:
             self.notify("no message to edit", severity="warning")
             return
-        target = users[-1]
+        target = picked[0] if picked else users[-1]  # the focused message of yours, else your last
 
         async def resend(text: str | None) -> None:
             if text and text.strip():

@@ -241,3 +241,35 @@ def test_prompt_history_recall_and_newline():
         return box.sent
 
     assert asyncio.run(run()) == ["first", "second"]
+
+
+async def test_edit_an_earlier_focused_message(engine):
+    ctl = controller(engine, max_tokens=8)
+    app = CrofterApp(controller=ctl)
+    async with app.run_test(size=SIZE) as pilot:
+        await start(pilot)
+        await say(pilot, "Name a colour.")
+        await say(pilot, "Name a number.")
+        first_user = app.query(MessageBox).first()
+        assert first_user.message_id == ctl.store.messages(ctl.chat.id)[0].id
+        first_user.focus()
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: len(app.screen_stack) > 1)
+        assert app.screen.query_one("#value").text == "Name a colour."
+        app.screen.query_one("#value").load_text("Name a planet.")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: app.replies_done == 3)
+        stored = ctl.store.messages(ctl.chat.id)
+        assert [m.role for m in stored] == ["user", "assistant"]
+        assert stored[0].content == "Name a planet."
+
+
+def test_context_meter_parts(engine):
+    ctl = controller(engine, system_prompt="You are brief.", max_tokens=100)
+    ctl.load_model("smollm2-135m")
+    ctl.new_chat()
+    empty = ctl.context_meter()
+    assert empty.system > 0 and empty.history == 0 and empty.reserve == 100 and empty.n_ctx == 2048
+    drafted = ctl.context_meter("What is the capital of France?")
+    assert drafted.history > 0 and drafted.system == empty.system
+    assert "sys" in drafted.describe() and "/ 2048" in drafted.describe()
