@@ -46,7 +46,7 @@ class ContextMeter:
 
 
 def default_loader(entry: ModelEntry, settings: Settings) -> Engine:
-    return Engine.load(entry, LoadOptions(settings.n_ctx, settings.threads, settings.gpu_layers, settings.seed))
+    return Engine.load(entry, LoadOptions.from_settings(settings))
 
 
 class ChatController:
@@ -77,8 +77,7 @@ class ChatController:
         return entry
 
     def sampling(self) -> Sampling:
-        s = self.settings
-        return Sampling(s.temperature, s.top_p, s.top_k, s.min_p, s.repeat_penalty, s.seed, s.max_tokens)
+        return Sampling.from_settings(self.settings)
 
     def update_settings(self, **changes) -> None:
         """Change sampling settings (validated by Settings) for the following turns."""

@@ -50,6 +50,12 @@ class Sampling:
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_settings(cls, settings, stop: list[str] | tuple = ()) -> "Sampling":
+        """The sampling fields of a `config.Settings` (plus stop sequences)."""
+        names = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens")
+        return cls(**{n: getattr(settings, n) for n in names}, stop=list(stop))
+
 
 @dataclass
 class Result:
@@ -81,6 +87,10 @@ class LoadOptions:
     threads: int = 0
     gpu_layers: int = -1
     seed: int = -1
+
+    @classmethod
+    def from_settings(cls, settings) -> "LoadOptions":
+        return cls(settings.n_ctx, settings.threads, settings.gpu_layers, settings.seed)
 
 
 def auto_threads() -> int:

@@ -26,42 +26,22 @@ def settings_from_args(args):
     )
 
 
-def load_engine(settings):
-    """Resolve the configured model in the store and load it."""
-    from models.registry import Registry
-
-    from ..engine import Engine, LoadOptions
-
-    entry = Registry().resolve(settings.model)
-    options = LoadOptions(n_ctx=settings.n_ctx, threads=settings.threads, gpu_layers=settings.gpu_layers, seed=settings.seed)
-    return entry, Engine.load(entry, options)
-
-
-def sampling_from(settings, stop: list[str]):
-    from ..engine import Sampling
-
-    return Sampling(
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        min_p=settings.min_p,
-        repeat_penalty=settings.repeat_penalty,
-        seed=settings.seed,
-        max_tokens=settings.max_tokens,
-        stop=list(stop),
-    )
-
-
 def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise CLIError("the prompt is empty")
     settings = settings_from_args(args)
-    entry, engine = load_engine(settings)
+    from models.registry import Registry
+
+    from ..chat import default_loader
+    from ..engine import Sampling
     from ..session import ChatSession
 
+    entry = Registry().resolve(settings.model)
+    engine = default_loader(entry, settings)
+
     system = settings.system_prompt if args.system is None else args.system
-    session = ChatSession(engine, sampling_from(settings, args.stop), system=system)
+    session = ChatSession(engine, Sampling.from_settings(settings, args.stop), system=system)
     if engine.template.warning:
         print(f"crofter: warning: {engine.template.warning}", file=sys.stderr)
     out = sys.stdout
