@@ -141,7 +141,8 @@ class ChatController:
                 self.store.add_message(
                     self.chat.id, "assistant", r.text,
                     model=self.model.name if self.model else None,
-                    sampling={k: v for k, v in dataclasses.asdict(self.session.sampling).items() if k != "stop"},
+                    sampling={f.name: getattr(self.session.sampling, f.name) for f in dataclasses.fields(Sampling)
+                              if f.name not in ("stop", "grammar")},
                     prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                     ttft_s=r.ttft_s, tokens_per_s=r.decode_tokens_per_s,
                     status="incomplete" if r.finish_reason == "cancelled" else "complete",

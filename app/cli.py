@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt", help="the prompt, or - to read it from stdin")
     ask.add_argument("-s", "--system", help="system prompt (default: config `system_prompt`)")
     ask.add_argument("--json", action="store_true", help="print one JSON object with text, usage and timings instead of streaming")
+    tg = ask.add_argument_group("tools")
+    tg.add_argument("--tools", action="store_true", help="let the model call tools (calculator, current_time, and read_file/list_dir inside config `tool_roots`)")
+    tg.add_argument("--allow-tool", action="append", default=[], metavar="NAME", help="run NAME without asking (repeatable)")
+    tg.add_argument("--yes", action="store_true", help="approve every tool call that would otherwise be asked about")
     _add_load_flags(ask)
     _add_sampling_flags(ask)
 

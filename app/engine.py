@@ -49,6 +49,7 @@ class Sampling:
     seed: int = -1
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)
+    grammar: object = None  # a llama_cpp.LlamaGrammar that constrains the output (tool calls)
 
     @classmethod
     def from_settings(cls, settings, stop: list[str] | tuple = ()) -> "Sampling":
@@ -287,6 +288,7 @@ class Engine:
             min_p=s.min_p,
             temp=s.temperature,
             repeat_penalty=s.repeat_penalty,
+            grammar=s.grammar,
         )
         try:
             for tok in gen:

@@ -45,6 +45,8 @@ def run(args) -> int:
     if engine.template.warning:
         print(f"crofter: warning: {engine.template.warning}", file=sys.stderr)
     out = sys.stdout
+    if args.tools:
+        return _run_with_tools(args, settings, session, entry, engine, prompt)
     for ev in session.send(prompt):
         if ev.text and not args.json:
             out.write(ev.text)
@@ -54,23 +56,66 @@ def run(args) -> int:
         print(f"crofter: {dropped}", file=sys.stderr)
     r = session.last_result
     if args.json:
-        json.dump(
-            {
-                "model": entry.name,
-                "text": r.text,
-                "finish_reason": r.finish_reason,
-                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
-                "timings": {
-                    "prompt_tokens_evaluated": r.prompt_tokens_evaluated,
-                    "ttft_s": round(r.ttft_s, 4),
-                    "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
-                },
-            },
-            out,
-            ensure_ascii=False,
-        )
-        out.write("\n")
+        _print_json(entry, r.text, r.finish_reason, r)
     elif not r.text.endswith("\n"):
         out.write("\n")
+    engine.close()
+    return 0
+
+
+def _print_json(entry, text: str, finish_reason: str, r, **extra) -> None:
+    """The `ask --json` object (usage and timings are those of the last generation)."""
+    obj = {
+        "model": entry.name,
+        "text": text,
+        "finish_reason": finish_reason,
+        "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
+        "timings": {
+            "prompt_tokens_evaluated": r.prompt_tokens_evaluated,
+            "ttft_s": round(r.ttft_s, 4),
+            "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
+        },
+        **extra,
+    }
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+def _approver(args):
+    """Asks on the terminal (stderr + stdin) unless --yes; with no terminal, refuses."""
+
+    def approve(tool, arguments) -> bool:
+        call = f"{tool.name}({json.dumps(arguments, ensure_ascii=False)})"
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            print(f"crofter: denied {call}: no terminal to ask (use --yes or --allow-tool {tool.name})", file=sys.stderr)
+            return False
+        print(f"crofter: run {call}? [y/N] ", end="", file=sys.stderr, flush=True)
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+    return approve
+
+
+def _run_with_tools(args, settings, session, entry, engine, prompt) -> int:
+    from models import paths
+
+    from ..tools.calling import ToolLoop
+    from ..tools.policy import Policy
+    from ..tools.registry import ToolContext, ToolRegistry
+
+    registry = ToolRegistry.discover(ToolContext(roots=settings.tool_roots), paths.data_dir() / "tools")
+    for problem in registry.problems:
+        print(f"crofter: warning: tool {problem}", file=sys.stderr)
+    unknown = [n for n in args.allow_tool if n not in registry.tools]
+    if unknown:
+        raise CLIError(f"--allow-tool {unknown[0]}: no such tool (have: {', '.join(registry.tools)})")
+    policy = Policy({name: "allow" for name in args.allow_tool})
+    turn = ToolLoop(session, registry, policy, _approver(args)).run(prompt)
+    if not args.json:
+        for c in turn.calls:  # the transcript of calls goes to stderr, the answer to stdout
+            print(f"crofter: tool {c.name}({json.dumps(c.arguments, ensure_ascii=False)}) -> {c.status}: {c.result[:200]}", file=sys.stderr)
+        print(turn.answer)
+    else:
+        _print_json(entry, turn.answer, turn.finish_reason, session.last_result, tool_calls=turn.calls_json())
     engine.close()
     return 0

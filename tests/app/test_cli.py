@@ -116,3 +116,18 @@ def test_invalid_config_values_name_the_key(settings):
     (key, value), = settings.items()
     r = crofter("config", "set", key, value)
     assert r.returncode == 1 and key in r.stderr
+
+
+def test_ask_with_tools_json_lists_calls():
+    r = crofter("ask", "What is 12 * 7? Use the calculator.", "--tools", "-t", "0", "-n", "48", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert isinstance(out["tool_calls"], list)
+    for call in out["tool_calls"]:
+        assert set(call) == {"name", "arguments", "status", "result"}
+        assert call["name"] in ("calculator", "current_time")  # no roots: no file tools offered
+
+
+def test_allow_tool_must_name_a_tool():
+    r = crofter("ask", "hi", "--tools", "--allow-tool", "rm_rf")
+    assert r.returncode == 1 and "--allow-tool rm_rf: no such tool" in r.stderr

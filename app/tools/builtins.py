@@ -1,0 +1,59 @@
+"""The built-in tools. They register through the `crofter.tools` entry point like any
+third-party package's tools do (see pyproject.toml and registry.ToolRegistry)."""
+from __future__ import annotations
+
+import datetime
+from typing import Optional
+
+from . import calc, files
+from .registry import ToolContext
+from .schema import Tool, tool
+
+
+def provide(ctx: ToolContext) -> list[Tool]:
+    """Built-ins for this context; the file tools only when roots are configured."""
+
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression exactly, e.g. "12.5 * (3 + 4) / 2" or "sqrt(2) ** 3".
+
+        Args:
+            expression: numbers, + - * / // % **, parentheses, and sqrt log log10 exp sin cos tan abs round floor ceil min max pi e
+        """
+        return str(calc.calculate(expression))
+
+    def current_time(timezone: Optional[str] = None) -> str:
+        """The current date and time, in ISO 8601.
+
+        Args:
+            timezone: an IANA zone such as "Europe/Paris"; the machine's local time when omitted
+        """
+        if timezone:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                zone = ZoneInfo(timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown timezone {timezone!r}") from None
+            return datetime.datetime.now(zone).isoformat(timespec="seconds")
+        return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+    def read_file(path: str) -> str:
+        """Read a text file from the folders the user allowed.
+
+        Args:
+            path: a path inside an allowed folder (relative paths start at the first one)
+        """
+        return files.read_text(ctx.roots, path)
+
+    def list_dir(path: str = ".") -> str:
+        """List a folder inside the folders the user allowed (sub-folders end with /).
+
+        Args:
+            path: a folder inside an allowed folder (relative paths start at the first one)
+        """
+        return "\n".join(files.list_entries(ctx.roots, path)) or "(empty)"
+
+    out = [tool(calculator, side_effects=False), tool(current_time, side_effects=False)]
+    if ctx.roots:
+        out += [tool(read_file, side_effects=False), tool(list_dir, side_effects=False)]
+    return out

@@ -1,0 +1,189 @@
+"""The tool loop: constrained output, validated arguments, policy, a call cap, loop detection.
+
+With tools on, every model turn is constrained by a llama.cpp grammar built from
+the tools' JSON schemas, so the output is always one JSON object, either
+
+    {"tool": "calculator", "arguments": {"expression": "17 * 23"}}    a call of a real tool
+    {"answer": "17 times 23 is 391."}                                  the final answer
+
+Small models therefore cannot write calls as prose or invent tool names. Arguments
+are validated again (jsonschema) before anything runs; errors go back to the model
+as the tool's result. A turn stops calling after `max_calls`, and a repeated
+identical call is not run twice: the model is then made to answer.
+
+The generic format is used for every model: it is explained in a system message
+and tool results come back as user-role messages, which every chat template
+renders. (Models whose GGUF template has native tool markup still get this format;
+see the issue notes.)
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+from ..session import ChatSession
+from .policy import Policy
+from .registry import ToolRegistry
+from .schema import Tool
+
+RESULT_CHARS = 4000
+
+
+@dataclass
+class ToolCall:
+    """One requested call and what became of it."""
+
+    name: str
+    arguments: dict
+    status: str  # "ok", "error", "denied" (policy or user), "repeated"
+    result: str = ""
+
+
+@dataclass
+class ToolTurn:
+    """The outcome of one user message with tools on."""
+
+    answer: str
+    calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"
+
+    def calls_json(self) -> list[dict]:
+        return [asdict(c) for c in self.calls]
+
+
+def instructions(tools: list[Tool]) -> str:
+    lines = [
+        "You can use tools. Reply with exactly one JSON object.",
+        'To call a tool: {"tool": "<name>", "arguments": {...}}. To answer the user: {"answer": "<text>"}.',
+        "Call a tool when it helps (arithmetic, dates, files); after a tool result, answer using it.",
+        "Tools:",
+    ]
+    for t in tools:
+        params = ", ".join(f"{k}: {v.get('type', 'enum')}" for k, v in t.parameters["properties"].items())
+        lines.append(f"- {t.name}({params}): {t.description}")
+    # One worked exchange: small models follow an example far better than a rule.
+    lines += [
+        "Example:",
+        "User: What is 12 * 7?",
+        'You: {"tool": "calculator", "arguments": {"expression": "12 * 7"}}',
+        "User: Tool result (calculator, ok):\n84",
+        'You: {"answer": "12 * 7 = 84."}',
+    ]
+    return "\n".join(lines)
+
+
+def output_schema(tools: list[Tool], allow_calls: bool = True) -> dict:
+    answer = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    if not allow_calls or not tools:
+        return answer
+    calls = [
+        {"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters}, "required": ["tool", "arguments"]}
+        for t in tools
+    ]
+    return {"oneOf": [*calls, answer]}
+
+
+def _partial_answer(raw: str) -> str:
+    """The text of an answer object cut off by max_tokens (or the raw output if it was a call)."""
+    m = re.match(r'\s*\{\s*"answer"\s*:\s*"(.*)', raw, re.S)
+    if not m:
+        return raw
+    body = m.group(1)
+    for end in range(len(body), max(len(body) - 6, -1), -1):  # drop a half-written escape
+        try:
+            return json.loads('"' + body[:end] + '"')
+        except json.JSONDecodeError:
+            continue
+    return body
+
+
+class ToolLoop:
+    """Runs one user message through model -> tool -> model ... -> answer."""
+
+    def __init__(self, session: ChatSession, registry: ToolRegistry, policy: Policy,
+                 approve: Callable[[Tool, dict], bool], max_calls: int = 4):
+        from llama_cpp import LlamaGrammar
+
+        self.session = session
+        self.registry = registry
+        self.policy = policy
+        self.approve = approve
+        self.max_calls = max_calls
+        tools = list(registry.tools.values())
+        self._grammar = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools)), verbose=False)
+        self._answer_only = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools, False)), verbose=False)
+        text = instructions(tools)
+        msgs = session.messages
+        if msgs and msgs[0]["role"] == "system":
+            msgs[0] = {"role": "system", "content": (msgs[0]["content"] + "\n\n" + text).strip()}
+        else:
+            msgs.insert(0, {"role": "system", "content": text})
+
+    def _step(self, grammar) -> tuple[dict | None, str]:
+        """One constrained generation: (the parsed object, or None if cut off; the raw text)."""
+        s = self.session
+        fit = s.fit()
+        s.last_fit = fit
+        result = s.engine.complete(fit.prompt_tokens, replace(s.sampling, grammar=grammar))
+        s.last_result = result
+        try:
+            obj = json.loads(result.text)
+        except json.JSONDecodeError:
+            obj = None  # cut off by max_tokens before the object closed
+        return obj, result.text
+
+    def run(self, text: str) -> ToolTurn:
+        s = self.session
+        s.messages.append({"role": "user", "content": text})
+        turn = ToolTurn(answer="")
+        seen: dict[str, str] = {}
+        tainted = False
+        grammar = self._grammar
+        while True:
+            obj, raw = self._step(grammar)
+            if obj is None:
+                turn.answer, turn.finish_reason = _partial_answer(raw), "length"
+                break
+            if "answer" in obj:
+                turn.answer = obj["answer"]
+                break
+            name, args = obj["tool"], obj.get("arguments", {})
+            s.messages.append({"role": "assistant", "content": raw})
+            call = self._call(name, args, tainted, seen)
+            turn.calls.append(call)
+            tainted = True  # what comes back is data, and may carry injected instructions
+            note = ""
+            if call.status == "repeated" or len(turn.calls) >= self.max_calls:
+                grammar = self._answer_only
+                note = "\nNo more tool calls this turn: answer now."
+            s.messages.append({"role": "user", "content": f"Tool result ({name}, {call.status}):\n{call.result}{note}"})
+        s.messages.append({"role": "assistant", "content": turn.answer})
+        return turn
+
+    def _call(self, name: str, args: dict, tainted: bool, seen: dict[str, str]) -> ToolCall:
+        key = json.dumps([name, args], sort_keys=True)
+        if key in seen:
+            return ToolCall(name, args, "repeated", f"Already called with these arguments; the result was: {seen[key]}")
+        t = self.registry.get(name)
+        if t is None:  # the grammar makes this unreachable, but never trust output
+            return ToolCall(name, args, "error", f"there is no tool named {name!r}")
+        import jsonschema
+
+        try:
+            jsonschema.validate(args, t.parameters)
+        except jsonschema.ValidationError as exc:
+            return ToolCall(name, args, "error", f"invalid arguments: {exc.message}")
+        decision = self.policy.decide(t, tainted)
+        if decision == "deny" or (decision == "ask" and not self.approve(t, args)):
+            return ToolCall(name, args, "denied", "The user did not allow this call.")
+        try:
+            result = str(t.fn(**args))
+            status = "ok"
+        except Exception as exc:  # the model sees the error and can recover
+            result, status = f"{type(exc).__name__}: {exc}", "error"
+        if len(result) > RESULT_CHARS:
+            result = result[:RESULT_CHARS] + f"\n[... cut at {RESULT_CHARS} characters]"
+        seen[key] = result
+        return ToolCall(name, args, status, result)

@@ -1,0 +1,62 @@
+"""File access confined to the roots the user configured (`tool_roots`).
+
+A path is resolved (symlinks followed) and must then lie inside a resolved
+root; only regular files and folders are served, never devices, FIFOs or sockets,
+and files over a size cap are refused. No root configured means no file access.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+MAX_READ_BYTES = 256 * 1024
+MAX_LIST_ENTRIES = 500
+
+
+class FileAccessError(PermissionError):
+    """A path outside the roots, of a refused kind, or too large."""
+
+
+def confine(roots: list[str], path: str) -> Path:
+    """The real path of `path` (relative paths are taken from the first root) if it is inside a root."""
+    if not roots:
+        raise FileAccessError("file access is off: no tool_roots configured (crofter config set tool_roots DIR)")
+    real_roots = [Path(r).expanduser().resolve() for r in roots]
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = real_roots[0] / candidate
+    real = Path(os.path.realpath(candidate))
+    if not any(real == r or r in real.parents for r in real_roots):
+        raise FileAccessError(f"{path}: outside the allowed folders")
+    return real
+
+
+def read_text(roots: list[str], path: str) -> str:
+    real = confine(roots, path)
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        raise FileAccessError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FileAccessError(f"{path}: not a regular file")
+    if st.st_size > MAX_READ_BYTES:
+        raise FileAccessError(f"{path}: {st.st_size} bytes is over the {MAX_READ_BYTES}-byte limit")
+    # O_NOFOLLOW|O_NONBLOCK: the file cannot be swapped for a link or a FIFO between check and open.
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise FileAccessError(f"{path}: not a regular file")
+        data = fh.read(MAX_READ_BYTES + 1)
+    return data[:MAX_READ_BYTES].decode("utf-8", errors="replace")
+
+
+def list_entries(roots: list[str], path: str) -> list[str]:
+    real = confine(roots, path)
+    if not real.is_dir():
+        raise FileAccessError(f"{path}: not a folder")
+    out = []
+    for entry in sorted(os.scandir(real), key=lambda e: e.name)[:MAX_LIST_ENTRIES]:
+        kind = "dir" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file(follow_symlinks=False) else "other"
+        out.append(f"{entry.name}/" if kind == "dir" else entry.name if kind == "file" else f"{entry.name} ({kind})")
+    return out
