@@ -4,7 +4,7 @@ With tools on, every model turn is constrained by a llama.cpp grammar built from
 the tools' JSON schemas, so the output is always one JSON object, either
 
     {"tool": "calculator", "arguments": {"expression": "17 * 23"}}    a call of a real tool
-    {"answer": "17 times 23 is 391."}                                  the final answer
+    {"tool": "none", "answer": "17 times 23 is 391."}                 the final answer
 
 Small models therefore cannot write calls as prose or invent tool names. Arguments
 are validated again (jsonschema) before anything runs; errors go back to the model
@@ -29,6 +29,7 @@ from .registry import ToolRegistry
 from .schema import Tool
 
 RESULT_CHARS = 4000
+NO_TOOL = "none"
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ToolTurn:
 def instructions(tools: list[Tool]) -> str:
     lines = [
         "You can use tools. Reply with exactly one JSON object.",
-        'To call a tool: {"tool": "<name>", "arguments": {...}}. To answer the user: {"answer": "<text>"}.',
+        f'To call a tool: {{"tool": "<name>", "arguments": {{...}}}}. To answer the user: {{"tool": "{NO_TOOL}", "answer": "<text>"}}.',
         "Call a tool when it helps (arithmetic, dates, files); after a tool result, answer using it.",
         "Tools:",
     ]
@@ -69,13 +70,17 @@ def instructions(tools: list[Tool]) -> str:
         "User: What is 12 * 7?",
         'You: {"tool": "calculator", "arguments": {"expression": "12 * 7"}}',
         "User: Tool result (calculator, ok):\n84",
-        'You: {"answer": "12 * 7 = 84."}',
+        f'You: {{"tool": "{NO_TOOL}", "answer": "12 * 7 = 84."}}',
     ]
     return "\n".join(lines)
 
 
 def output_schema(tools: list[Tool], allow_calls: bool = True) -> dict:
-    answer = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    # Every object starts with "tool", so the model's first choice is a tool name
+    # (or "none" to answer): small models pick among names far better than they
+    # decide between differently shaped objects.
+    answer = {"type": "object", "properties": {"tool": {"const": NO_TOOL}, "answer": {"type": "string"}},
+              "required": ["tool", "answer"]}
     if not allow_calls or not tools:
         return answer
     calls = [
@@ -87,7 +92,7 @@ def output_schema(tools: list[Tool], allow_calls: bool = True) -> dict:
 
 def _partial_answer(raw: str) -> str:
     """The text of an answer object cut off by max_tokens (or the raw output if it was a call)."""
-    m = re.match(r'\s*\{\s*"answer"\s*:\s*"(.*)', raw, re.S)
+    m = re.match(r'\s*\{\s*"tool"\s*:\s*"none"\s*,\s*"answer"\s*:\s*"(.*)', raw, re.S)
     if not m:
         return raw
     body = m.group(1)
@@ -103,7 +108,9 @@ class ToolLoop:
     """Runs one user message through model -> tool -> model ... -> answer."""
 
     def __init__(self, session: ChatSession, registry: ToolRegistry, policy: Policy,
-                 approve: Callable[[Tool, dict], bool], max_calls: int = 4):
+                 approve: Callable[[Tool, dict], bool], max_calls: int = 4, constrained: bool = True):
+        """constrained=False drops the grammar (the instructions alone): only for the benchmark
+        that shows what the grammar buys."""
         from llama_cpp import LlamaGrammar
 
         self.session = session
@@ -112,8 +119,10 @@ class ToolLoop:
         self.approve = approve
         self.max_calls = max_calls
         tools = list(registry.tools.values())
-        self._grammar = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools)), verbose=False)
-        self._answer_only = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools, False)), verbose=False)
+        self._grammar = self._answer_only = None
+        if constrained:
+            self._grammar = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools)), verbose=False)
+            self._answer_only = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools, False)), verbose=False)
         text = instructions(tools)
         msgs = session.messages
         if msgs and msgs[0]["role"] == "system":
@@ -131,7 +140,9 @@ class ToolLoop:
         try:
             obj = json.loads(result.text)
         except json.JSONDecodeError:
-            obj = None  # cut off by max_tokens before the object closed
+            obj = None  # cut off by max_tokens before the object closed (or, unconstrained, not JSON)
+        if not isinstance(obj, dict) or "tool" not in obj:
+            obj = None
         return obj, result.text
 
     def run(self, text: str) -> ToolTurn:
@@ -146,10 +157,11 @@ class ToolLoop:
             if obj is None:
                 turn.answer, turn.finish_reason = _partial_answer(raw), "length"
                 break
-            if "answer" in obj:
-                turn.answer = obj["answer"]
+            if obj["tool"] == NO_TOOL:
+                turn.answer = str(obj.get("answer", ""))
                 break
-            name, args = obj["tool"], obj.get("arguments", {})
+            name, args = str(obj["tool"]), obj.get("arguments", {})
+            args = args if isinstance(args, dict) else {"_": args}
             s.messages.append({"role": "assistant", "content": raw})
             call = self._call(name, args, tainted, seen)
             turn.calls.append(call)

@@ -37,6 +37,9 @@ class ToolRegistry:
         self.problems: list[str] = []
 
     def register(self, t: Tool, origin: str = "") -> None:
+        if t.name == "none":  # reserved: {"tool": "none"} is how the model answers
+            self.problems.append(f"{origin or t.name}: the tool name 'none' is reserved; skipped")
+            return
         if t.name in self.tools:
             self.problems.append(f"{origin or t.name}: a tool named {t.name!r} is already registered; skipped")
             return

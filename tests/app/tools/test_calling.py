@@ -66,8 +66,8 @@ def test_injected_instruction_never_runs_an_unconfirmed_effect(engine, tmp_path)
 def test_partial_answer_salvaged():
     from app.tools.calling import _partial_answer
 
-    assert _partial_answer('{"answer": "Paris is the cap') == "Paris is the cap"
-    assert _partial_answer('{"answer": "line\\nnext \\u00') == "line\nnext "
+    assert _partial_answer('{"tool": "none", "answer": "Paris is the cap') == "Paris is the cap"
+    assert _partial_answer('{"tool": "none", "answer": "line\\nnext \\u00') == "line\nnext "
     assert _partial_answer('{"tool": "calc') == '{"tool": "calc'
 
 

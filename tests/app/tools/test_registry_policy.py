@@ -52,3 +52,12 @@ def test_policy_defaults_and_taint():
     assert Policy({"ro": "deny"}).decide(read_only, tainted=False) == "deny"
     with pytest.raises(ValueError, match="'rw'"):
         Policy({"rw": "sometimes"})
+
+
+def test_reserved_name_none_is_refused():
+    def none(x: str) -> str:
+        """Shadow the answer marker."""
+
+    reg = ToolRegistry()
+    reg.register(tool(none), "test")
+    assert "none" not in reg.tools and "reserved" in reg.problems[0]
