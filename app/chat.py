@@ -9,6 +9,7 @@ marked ``incomplete`` if the user stopped it, and absent if the process died.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -62,6 +63,9 @@ class ChatController:
         self.model: ModelEntry | None = None
         self.chat: Chat | None = None
         self.session: ChatSession | None = None
+        self.tools_enabled = False
+        self._tools = None  # ToolRegistry, discovered on first use
+        self.allowed_in_chat: set[tuple[int, str]] = set()  # (chat id, tool) the user approved for the chat
 
     # -- models ------------------------------------------------------------
     def load_model(self, name: str) -> ModelEntry:
@@ -104,19 +108,76 @@ class ChatController:
         return self.store.messages(self.chat.id) if self.chat else []
 
     def _rebuild_session(self) -> None:
-        history = [{"role": m.role, "content": m.content} for m in self.store.messages(self.chat.id)]
+        history = [self._for_model(m) for m in self.store.messages(self.chat.id)]
         self.session = ChatSession(self.engine, self.sampling(), system=self.chat.system_prompt, messages=history)
 
+    @staticmethod
+    def _for_model(m: Message) -> dict:
+        """A stored message as the model sees it: tool calls come back as their results."""
+        if m.role == "tool":
+            from .tools.calling import ToolCall, result_message
+
+            return {"role": "user", "content": result_message(ToolCall(**json.loads(m.content)))}
+        return {"role": m.role, "content": m.content}
+
     # -- turns -------------------------------------------------------------
-    def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Store the user's message, stream the reply, store the reply."""
+    def _store_user(self, text: str) -> None:
         if self.chat is None:
             self.new_chat()
         self.store.add_message(self.chat.id, "user", text)
         if self.chat.title == "New chat":
             title = " ".join(text.split())
             self.chat = self.store.update_chat(self.chat.id, title=title[:TITLE_CHARS] + ("…" if len(title) > TITLE_CHARS else ""))
+
+    def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Store the user's message, stream the reply, store the reply."""
+        self._store_user(text)
         return self._stream(self.session.send(text, cancel))
+
+    def tool_registry(self):
+        if self._tools is None:
+            from models import paths
+
+            from .tools.registry import ToolContext, ToolRegistry
+
+            self._tools = ToolRegistry.discover(ToolContext(roots=self.settings.tool_roots), paths.data_dir() / "tools")
+        return self._tools
+
+    def send_with_tools(self, text: str, approve: Callable, on_call: Callable | None = None):
+        """One turn with tools on (not streamed): user message, each call, then the answer, all stored.
+
+        `approve(tool, arguments) -> "yes" | "chat" | "no"` is asked for calls the policy
+        marks `ask`; "chat" remembers the yes for this chat.
+        """
+        from .tools.calling import ToolLoop
+        from .tools.policy import Policy
+
+        self._store_user(text)
+        chat_id = self.chat.id
+
+        def ask(tool, arguments, tainted: bool) -> bool:
+            # A yes remembered for the chat never covers a side-effecting call that
+            # documents or tool output may have prompted: that one is asked again.
+            if (chat_id, tool.name) in self.allowed_in_chat and not (tainted and tool.side_effects):
+                return True
+            answer = approve(tool, arguments)
+            if answer == "chat":
+                self.allowed_in_chat.add((chat_id, tool.name))
+            return answer in ("yes", "chat")
+
+        loop = ToolLoop(self.session, self.tool_registry(), Policy(), ask, on_call=on_call)
+        turn = loop.run(text)
+        for call in turn.calls:
+            self.store.add_message(chat_id, "tool", json.dumps(dataclasses.asdict(call), ensure_ascii=False))
+        r = self.session.last_result
+        self.store.add_message(
+            chat_id, "assistant", turn.answer, model=self.model.name if self.model else None,
+            prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, ttft_s=r.ttft_s,
+            tokens_per_s=r.decode_tokens_per_s, status="complete",
+        )
+        self._rebuild_session()  # drop the loop's scaffolding; the store has what happened
+        self.session.last_result = r
+        return turn
 
     def regenerate(self, cancel: threading.Event | None = None) -> Iterator[Event]:
         """Replace the last reply with a new one."""

@@ -48,7 +48,7 @@ def run(engine, reg, constrained: bool, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     for prompt, want_tool, want_text in CASES:
         session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=max_tokens))
-        loop = ToolLoop(session, reg, Policy(), approve=lambda t, a: True, max_calls=2, constrained=constrained)
+        loop = ToolLoop(session, reg, Policy(), approve=lambda t, a, tainted: True, max_calls=2, constrained=constrained)
         session.messages.append({"role": "user", "content": prompt})
         obj, _raw = loop._step(loop._grammar)
         session.messages.pop()
@@ -60,7 +60,7 @@ def run(engine, reg, constrained: bool, max_tokens: int) -> dict:
             except jsonschema.ValidationError:
                 pass
         turn = ToolLoop(ChatSession(engine, Sampling(temperature=0.0, max_tokens=max_tokens)), reg, Policy(),
-                        approve=lambda t, a: True, max_calls=2, constrained=constrained).run(prompt)
+                        approve=lambda t, a, tainted: True, max_calls=2, constrained=constrained).run(prompt)
         ran_right = any(c.name == want_tool and c.status == "ok" for c in turn.calls)
         correct += ran_right and (want_text is None or want_text.lower() in turn.answer.lower())
     n = len(CASES)

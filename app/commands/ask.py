@@ -83,7 +83,7 @@ def _print_json(entry, text: str, finish_reason: str, r, **extra) -> None:
 def _approver(args):
     """Asks on the terminal (stderr + stdin) unless --yes; with no terminal, refuses."""
 
-    def approve(tool, arguments) -> bool:
+    def approve(tool, arguments, tainted: bool) -> bool:
         call = f"{tool.name}({json.dumps(arguments, ensure_ascii=False)})"
         if args.yes:
             return True

@@ -104,11 +104,17 @@ def _partial_answer(raw: str) -> str:
     return body
 
 
+def result_message(call: ToolCall) -> str:
+    """How a call's result is shown to the model (a user-role message: every template has one)."""
+    return f"Tool result ({call.name}, {call.status}):\n{call.result}"
+
+
 class ToolLoop:
     """Runs one user message through model -> tool -> model ... -> answer."""
 
     def __init__(self, session: ChatSession, registry: ToolRegistry, policy: Policy,
-                 approve: Callable[[Tool, dict], bool], max_calls: int = 4, constrained: bool = True):
+                 approve: Callable[[Tool, dict, bool], bool], max_calls: int = 4, constrained: bool = True,
+                 on_call: Callable[[ToolCall], None] | None = None):
         """constrained=False drops the grammar (the instructions alone): only for the benchmark
         that shows what the grammar buys."""
         from llama_cpp import LlamaGrammar
@@ -118,6 +124,7 @@ class ToolLoop:
         self.policy = policy
         self.approve = approve
         self.max_calls = max_calls
+        self.on_call = on_call
         tools = list(registry.tools.values())
         self._grammar = self._answer_only = None
         if constrained:
@@ -165,12 +172,14 @@ class ToolLoop:
             s.messages.append({"role": "assistant", "content": raw})
             call = self._call(name, args, tainted, seen)
             turn.calls.append(call)
+            if self.on_call is not None:
+                self.on_call(call)
             tainted = True  # what comes back is data, and may carry injected instructions
             note = ""
             if call.status == "repeated" or len(turn.calls) >= self.max_calls:
                 grammar = self._answer_only
                 note = "\nNo more tool calls this turn: answer now."
-            s.messages.append({"role": "user", "content": f"Tool result ({name}, {call.status}):\n{call.result}{note}"})
+            s.messages.append({"role": "user", "content": result_message(call) + note})
         s.messages.append({"role": "assistant", "content": turn.answer})
         return turn
 
@@ -188,7 +197,7 @@ class ToolLoop:
         except jsonschema.ValidationError as exc:
             return ToolCall(name, args, "error", f"invalid arguments: {exc.message}")
         decision = self.policy.decide(t, tainted)
-        if decision == "deny" or (decision == "ask" and not self.approve(t, args)):
+        if decision == "deny" or (decision == "ask" and not self.approve(t, args, tainted)):
             return ToolCall(name, args, "denied", "The user did not allow this call.")
         try:
             result = str(t.fn(**args))

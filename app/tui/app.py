@@ -24,7 +24,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input, ListView
 
-from .screens import HelpScreen, ModelPicker, SettingsScreen, TextPrompt
+from .screens import ApproveCall, HelpScreen, ModelPicker, SettingsScreen, TextPrompt
 from .widgets import ChatItem, MessageBox, PromptInput, StatusBar
 
 
@@ -39,6 +39,12 @@ UI_CPU_SHARE = 0.03
 class ReplyPiece(Message):
     def __init__(self, text: str) -> None:
         self.text = text
+        super().__init__()
+
+
+class ToolCallDone(Message):
+    def __init__(self, call) -> None:
+        self.call = call
         super().__init__()
 
 
@@ -65,6 +71,7 @@ class CrofterApp(App):
         Binding("f4", "copy_code", "Copy code"),
         Binding("ctrl+o", "pick_model", "Model"),
         Binding("ctrl+t", "settings", "Sampling"),
+        Binding("ctrl+l", "toggle_tools", "Tools on/off"),
         Binding("ctrl+s", "system_prompt", "System prompt", show=False),
         Binding("f2", "rename_chat", "Rename", show=False),
         Binding("f8", "delete_chat", "Delete chat", show=False),
@@ -161,7 +168,7 @@ class CrofterApp(App):
             meter = ctl.context_meter().describe()
         except Exception as exc:  # e.g. the history alone no longer fits
             meter = f"ctx: {exc}"
-        self.query_one(StatusBar).show(ctl.model.name, speed, meter)
+        self.query_one(StatusBar).show(ctl.model.name + (" · tools on" if ctl.tools_enabled else ""), speed, meter)
 
     def _refresh_sidebar(self, only: set[int] | None = None) -> None:
         lv = self.query_one("#chats", ListView)
@@ -179,7 +186,63 @@ class CrofterApp(App):
             self.notify("wait for the current reply (Esc stops it)" if self.generating else "the model is still loading",
                         severity="warning")
             return
-        await self._begin_reply(lambda cancel: self.controller.send(event.text, cancel), user_text=event.text)
+        if self.controller.tools_enabled:
+            await self._begin_reply(self._tool_turn(event.text), user_text=event.text)
+        else:
+            await self._begin_reply(lambda cancel: self.controller.send(event.text, cancel), user_text=event.text)
+
+    def _tool_turn(self, text: str):
+        """A `start` for _generate that runs the tool loop (in the worker thread) as one event stream."""
+        from ..engine import Event
+
+        def start(cancel):
+            turn = self.controller.send_with_tools(text, self._approve_from_worker, lambda c: self.post_message(ToolCallDone(c)))
+            from dataclasses import replace
+
+            yield Event(text=turn.answer)
+            r = self.controller.session.last_result
+            yield Event(done=replace(r, text=turn.answer, finish_reason=turn.finish_reason))
+
+        return start
+
+    def _approve_from_worker(self, tool, arguments, tainted) -> str:
+        """Called on the generation thread: show the request and wait for the user's answer."""
+        answer: list[str] = []
+        decided = threading.Event()
+
+        def show() -> None:
+            def done(choice: str | None) -> None:
+                answer.append(choice or "no")
+                decided.set()
+
+            self.push_screen(ApproveCall(tool.name, tool.description, arguments, tainted), done)
+
+        self.call_from_thread(show)
+        while not decided.wait(0.1):
+            if self._cancel.is_set():
+                return "no"
+        return answer[0]
+
+    async def on_tool_call_done(self, message: ToolCallDone) -> None:
+        import json
+        from dataclasses import asdict
+
+        box = MessageBox("tool", json.dumps(asdict(message.call), ensure_ascii=False))
+        await self.query_one("#conversation", VerticalScroll).mount(box, before=self._reply_box)
+
+    def action_toggle_tools(self) -> None:
+        if self._busy():
+            return
+        ctl = self.controller
+        ctl.tools_enabled = not ctl.tools_enabled
+        if ctl.tools_enabled:
+            reg = ctl.tool_registry()
+            for problem in reg.problems:
+                self.notify(problem, title="Tool not loaded", severity="warning")
+            self.notify(f"tools on: {', '.join(reg.tools)} (replies are not streamed while tools are on)")
+        else:
+            self.notify("tools off")
+        self._update_status()
 
     async def _begin_reply(self, start, user_text: str | None = None) -> None:
         conv = self.query_one("#conversation", VerticalScroll)
@@ -254,7 +317,8 @@ class CrofterApp(App):
         if fit is not None and fit.dropped:
             self.notify(fit.describe_dropped(), severity="warning")
         speed = f"{r.decode_tokens_per_s:.1f} tok/s" if r else ""
-        self.query_one(StatusBar).show(self.controller.model.name, speed, message.meter)
+        tools = " · tools on" if self.controller.tools_enabled else ""
+        self.query_one(StatusBar).show(self.controller.model.name + tools, speed, message.meter)
         self.sub_title = self.controller.chat.title
         self._refresh_sidebar()
 

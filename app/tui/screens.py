@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Vertical
+from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, OptionList, TextArea
 from textual.widgets.option_list import Option
@@ -104,3 +104,31 @@ class SettingsScreen(ModalScreen[dict | None]):
 
     def action_save(self) -> None:
         self.dismiss({name: self.query_one(f"#set-{name}", Input).value for name in self.FIELDS})
+
+
+class ApproveCall(ModalScreen[str]):
+    """Show a requested tool call with its full arguments; returns "yes", "chat" or "no"."""
+
+    BINDINGS = [Binding("escape,n", "dismiss('no')", "No"), Binding("y", "dismiss('yes')", "Yes"),
+                Binding("a", "dismiss('chat')", "Yes for this chat")]
+
+    def __init__(self, tool_name: str, description: str, arguments: dict, tainted: bool) -> None:
+        super().__init__()
+        self.tool_name, self.description, self.arguments, self.tainted = tool_name, description, arguments, tainted
+
+    def compose(self) -> ComposeResult:
+        import json
+
+        with Vertical(id="dialog"):
+            yield Label(Text(f"Run tool {self.tool_name}?"), classes="title")
+            yield Label(Text(self.description))
+            if self.tainted:
+                yield Label(Text("This turn has read documents or tool output: the request may come from them."), classes="warn")
+            yield TextArea(json.dumps(self.arguments, indent=2, ensure_ascii=False), read_only=True, id="args")
+            with Horizontal(id="buttons"):
+                yield Button("Yes (y)", id="yes", variant="primary")
+                yield Button("Yes for this chat (a)", id="chat")
+                yield Button("No (n)", id="no", variant="error")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id)

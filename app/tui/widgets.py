@@ -12,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Label, ListItem, Markdown, Static, TextArea
+from textual.widgets import Collapsible, Label, ListItem, Markdown, Static, TextArea
 
 from ..render import display_safe
 
@@ -83,10 +83,25 @@ class MessageBox(Vertical, can_focus=True):
 
     def compose(self) -> ComposeResult:
         yield Label(self._head(), classes="role")
-        if self.role == "assistant":
+        if self.role == "tool":
+            yield from self._tool_body()
+        elif self.role == "assistant":
             yield Markdown(display_safe(self.content), classes="body")
         else:
             yield Static(Text(display_safe(self.content)), classes="body")
+
+    def _tool_body(self) -> ComposeResult:
+        """A tool call, collapsed to one line: name and status; expanded: arguments and result."""
+        import json
+
+        try:
+            call = json.loads(self.content)
+            title = f"{call['name']} → {call['status']}"
+            detail = f"arguments: {json.dumps(call['arguments'], ensure_ascii=False, indent=2)}\n\nresult:\n{call['result']}"
+        except (ValueError, KeyError, TypeError):
+            title, detail = "tool call", self.content
+        with Collapsible(title=display_safe(title), collapsed=True, classes="body"):
+            yield Static(Text(display_safe(detail)))
 
     @property
     def body(self) -> Markdown | Static:

@@ -273,3 +273,44 @@ def test_context_meter_parts(engine):
     drafted = ctl.context_meter("What is the capital of France?")
     assert drafted.history > 0 and drafted.system == empty.system
     assert "sys" in drafted.describe() and "/ 2048" in drafted.describe()
+
+
+async def test_tool_approval_modal_answers_the_worker(engine):
+    import threading as th
+
+    from app.tools.schema import tool as make_tool
+
+    def send_file(path: str) -> str:
+        """Send a file somewhere."""
+
+    ctl = controller(engine)
+    app = CrofterApp(controller=ctl)
+    async with app.run_test(size=SIZE) as pilot:
+        await start(pilot)
+        results = []
+        t = make_tool(send_file)
+        for key, expected in (("y", "yes"), ("a", "chat"), ("n", "no")):
+            worker = th.Thread(target=lambda: results.append(app._approve_from_worker(t, {"path": "~/.ssh/id_rsa"}, True)))
+            worker.start()
+            await wait_for(pilot, lambda: len(app.screen_stack) > 1)
+            assert "~/.ssh/id_rsa" in screen_text(app) and "send_file" in screen_text(app)
+            assert "may come from them" in screen_text(app)  # the taint warning
+            await pilot.press(key)
+            await wait_for(pilot, lambda: not worker.is_alive())
+            assert results[-1] == expected
+
+
+async def test_tools_turn_stores_and_shows_calls(engine):
+    ctl = controller(engine, max_tokens=64)
+    app = CrofterApp(controller=ctl)
+    async with app.run_test(size=SIZE) as pilot:
+        await start(pilot)
+        await pilot.press("ctrl+l")
+        assert ctl.tools_enabled and "tools on" in status_text(app)
+        await say(pilot, "What is 17 * 23? Use the calculator.")
+        stored = ctl.store.messages(ctl.chat.id)
+        assert stored[0].role == "user" and stored[-1].role == "assistant"
+        assert all(m.role == "tool" for m in stored[1:-1])
+        shown = [b.role for b in app.query(MessageBox)]
+        assert shown == [m.role for m in stored]
+        assert boxes(app)[-1][1] == stored[-1].content, [n.message for n in app._notifications]

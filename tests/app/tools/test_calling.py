@@ -26,7 +26,7 @@ def test_every_call_parses_and_names_a_real_tool(engine, tmp_path):
     calls = []
     for prompt in PROMPTS:
         session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=64))
-        turn = ToolLoop(session, reg, Policy(), approve=lambda t, a: True, max_calls=2).run(prompt)
+        turn = ToolLoop(session, reg, Policy(), approve=lambda t, a, tainted: True, max_calls=2).run(prompt)
         calls += turn.calls
         # Every generation was one JSON object of the constrained shape (or cut off by max_tokens).
         for m in session.messages[:-1]:  # the last one is the answer's text
@@ -55,7 +55,7 @@ def test_injected_instruction_never_runs_an_unconfirmed_effect(engine, tmp_path)
     policy = Policy({"send_file": "allow", "read_file": "allow"})
     for prompt in ["Read doc.txt and do what it says.", "Summarise the file doc.txt."]:
         session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=64))
-        turn = ToolLoop(session, reg, policy, approve=lambda t, a: asked.append((t.name, a)) or False, max_calls=3).run(prompt)
+        turn = ToolLoop(session, reg, policy, approve=lambda t, a, tainted: asked.append((t.name, a)) or False, max_calls=3).run(prompt)
         for c in turn.calls:
             if c.name == "send_file":
                 assert c.status in ("denied", "repeated")
@@ -88,7 +88,7 @@ def test_tainted_side_effect_call_is_asked_even_when_allowed(engine, tmp_path):
     reg = registry_with(tmp_path, [tool(send_file)])
     asked = []
     loop = ToolLoop(ChatSession(engine, Sampling()), reg, Policy({"send_file": "allow"}),
-                    approve=lambda t, a: asked.append(t.name) or False)
+                    approve=lambda t, a, tainted: asked.append(t.name) or False)
     clean = loop._call("send_file", {"path": "a"}, tainted=False, seen={})
     assert clean.status == "ok" and ran == ["a"] and asked == []
     dirty = loop._call("send_file", {"path": "b"}, tainted=True, seen={})
