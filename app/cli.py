@@ -159,22 +159,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    """Errors whose message is already written for the user."""
+    """Errors whose message is already written for the user (no exception name needed)."""
     from app.budget import ContextOverflow
     from app.config import ConfigError
+    from app.engine import EngineError
     from app.history import HistoryError
     from models.gguf_check import GGUFError
+    from models.hub import HubError
     from models.registry import ModelError
 
-    known = (CLIError, ContextOverflow, ConfigError, GGUFError, HistoryError, ModelError)
-    try:
-        from app.engine import EngineError
-        from models.hub import HubError
-
-        known += (EngineError, HubError)
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, known) or isinstance(exc, (FileNotFoundError, PermissionError))
+    known = (CLIError, ContextOverflow, ConfigError, EngineError, GGUFError, HistoryError, HubError, ModelError,
+             FileNotFoundError, PermissionError)
+    return isinstance(exc, known)
 
 
 if __name__ == "__main__":  # pragma: no cover
