@@ -20,40 +20,13 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Input, ListView
+from textual.widgets import Footer, Input
 
-from .screens import ApproveCall, HelpScreen, ModelPicker, SettingsScreen, TextPrompt
-from .widgets import ChatItem, MessageBox, PromptInput, StatusBar
-
-
-# Screen updates of a streaming reply are paced so that the UI thread (Markdown
-# parsing, layout, painting) uses about UI_CPU_SHARE of one core: on a 2-core
-# machine every millisecond it spends is taken from llama.cpp's threads and the GIL.
-MIN_UPDATE_INTERVAL_S = 0.05
-MAX_UPDATE_INTERVAL_S = 0.5
-UI_CPU_SHARE = 0.03
-
-
-class ReplyPiece(Message):
-    def __init__(self, text: str) -> None:
-        self.text = text
-        super().__init__()
-
-
-class ToolCallDone(Message):
-    def __init__(self, call) -> None:
-        self.call = call
-        super().__init__()
-
-
-class ReplyDone(Message):
-    def __init__(self, result, meter: str, error: str | None = None) -> None:
-        self.result = result
-        self.meter = meter
-        self.error = error
-        super().__init__()
+from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone
+from .tool_turn import tool_turn
+from .screens import HelpScreen, ModelPicker, SettingsScreen, TextPrompt
+from .widgets import ChatSidebar, MessageBox, PromptInput, StatusBar
 
 
 class CrofterApp(App):
@@ -87,8 +60,7 @@ class CrofterApp(App):
         self.controller = controller
         self._cancel = threading.Event()
         self._reply_box: MessageBox | None = None
-        self.update_interval = MIN_UPDATE_INTERVAL_S  # read by the generation thread
-        self._ui_clock: tuple[float, float] | None = None  # (thread CPU time, wall time)
+        self.pacer = Pacer()
         self.generating = False
         self.ready = False
         self.replies_done = 0  # finished replies, for tests and benchmarks to wait on
@@ -96,9 +68,7 @@ class CrofterApp(App):
     # -- layout ------------------------------------------------------------
     def compose(self) -> ComposeResult:
         with Horizontal():
-            with Vertical(id="sidebar"):
-                yield Input(placeholder="Search chats…", id="search")
-                yield ListView(id="chats")
+            yield ChatSidebar(id="sidebar")
             with Vertical(id="main"):
                 yield VerticalScroll(id="conversation")
                 yield PromptInput(id="prompt")
@@ -171,13 +141,8 @@ class CrofterApp(App):
         self.query_one(StatusBar).show(ctl.model.name + (" · tools on" if ctl.tools_enabled else ""), speed, meter)
 
     def _refresh_sidebar(self, only: set[int] | None = None) -> None:
-        lv = self.query_one("#chats", ListView)
-        lv.clear()
         chats = [c for c in self.controller.store.chats() if only is None or c.id in only]
-        lv.extend(ChatItem(c.id, c.title) for c in chats)
-        for i, c in enumerate(chats):
-            if c.id == self.controller.chat.id:
-                lv.index = i
+        self.query_one(ChatSidebar).show(chats, self.controller.chat.id)
 
     # -- sending -----------------------------------------------------------
     @on(PromptInput.Submitted)
@@ -187,41 +152,9 @@ class CrofterApp(App):
                         severity="warning")
             return
         if self.controller.tools_enabled:
-            await self._begin_reply(self._tool_turn(event.text), user_text=event.text)
+            await self._begin_reply(tool_turn(self, event.text), user_text=event.text)
         else:
             await self._begin_reply(lambda cancel: self.controller.send(event.text, cancel), user_text=event.text)
-
-    def _tool_turn(self, text: str):
-        """A `start` for _generate that runs the tool loop (in the worker thread) as one event stream."""
-        from ..engine import Event
-
-        def start(cancel):
-            turn = self.controller.send_with_tools(text, self._approve_from_worker, lambda c: self.post_message(ToolCallDone(c)))
-            from dataclasses import replace
-
-            yield Event(text=turn.answer)
-            r = self.controller.session.last_result
-            yield Event(done=replace(r, text=turn.answer, finish_reason=turn.finish_reason))
-
-        return start
-
-    def _approve_from_worker(self, tool, arguments, tainted) -> str:
-        """Called on the generation thread: show the request and wait for the user's answer."""
-        answer: list[str] = []
-        decided = threading.Event()
-
-        def show() -> None:
-            def done(choice: str | None) -> None:
-                answer.append(choice or "no")
-                decided.set()
-
-            self.push_screen(ApproveCall(tool.name, tool.description, arguments, tainted), done)
-
-        self.call_from_thread(show)
-        while not decided.wait(0.1):
-            if self._cancel.is_set():
-                return "no"
-        return answer[0]
 
     async def on_tool_call_done(self, message: ToolCallDone) -> None:
         import json
@@ -252,7 +185,7 @@ class CrofterApp(App):
         await conv.mount(self._reply_box)
         conv.anchor()
         self._cancel = threading.Event()
-        self._ui_clock = None
+        self.pacer.restart()
         self.generating = True
         self._generate(start, self._cancel)
 
@@ -265,9 +198,9 @@ class CrofterApp(App):
             for ev in start(cancel):
                 if ev.text:
                     pending.append(ev.text)
-                    # Coalesce tokens: one screen update per interval (see UI_CPU_SHARE).
+                    # Coalesce tokens: one screen update per interval (see messages.Pacer).
                     now = time.monotonic()
-                    if now - last_post >= self.update_interval:
+                    if now - last_post >= self.pacer.interval:
                         self.post_message(ReplyPiece("".join(pending)))
                         pending.clear()
                         last_post = now
@@ -289,18 +222,7 @@ class CrofterApp(App):
 
         if self._reply_box is not None:
             await self._reply_box.body.append(display_safe(message.text))
-        self._pace()
-
-    def _pace(self) -> None:
-        """Adapt update_interval to the UI thread's measured CPU share since the last update."""
-        now = (time.thread_time(), time.perf_counter())
-        if self._ui_clock is not None:
-            cpu, wall = now[0] - self._ui_clock[0], now[1] - self._ui_clock[1]
-            if wall > 0:
-                wanted = self.update_interval * (cpu / wall) / UI_CPU_SHARE
-                smoothed = 0.5 * self.update_interval + 0.5 * wanted
-                self.update_interval = min(MAX_UPDATE_INTERVAL_S, max(MIN_UPDATE_INTERVAL_S, smoothed))
-        self._ui_clock = now
+        self.pacer.update()
 
     async def on_reply_done(self, message: ReplyDone) -> None:
         self.generating = False
@@ -496,21 +418,16 @@ class CrofterApp(App):
         return False
 
     # -- sidebar -----------------------------------------------------------
-    @on(ListView.Selected, "#chats")
-    async def _chat_selected(self, event: ListView.Selected) -> None:
-        if not isinstance(event.item, ChatItem) or self._busy() or event.item.chat_id == self.controller.chat.id:
+    async def on_chat_sidebar_chosen(self, event: ChatSidebar.Chosen) -> None:
+        if self._busy() or event.chat_id == self.controller.chat.id:
             return
-        self.controller.open_chat(event.item.chat_id)
+        self.controller.open_chat(event.chat_id)
         await self._show_chat()
         self.query_one("#prompt").focus()
 
-    @on(Input.Changed, "#search")
-    def _search_changed(self, event: Input.Changed) -> None:
-        if not self.ready:
-            return
-        text = event.value.strip()
-        only = {h.chat_id for h in self.controller.store.search(text)} if text else None
-        self._refresh_sidebar(only)
+    def on_chat_sidebar_searched(self, event: ChatSidebar.Searched) -> None:
+        if self.ready:
+            self._refresh_sidebar({h.chat_id for h in self.controller.store.search(event.text)} if event.text else None)
 
     # -- command palette ---------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

@@ -12,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Collapsible, Label, ListItem, Markdown, Static, TextArea
+from textual.widgets import Collapsible, Input, Label, ListItem, ListView, Markdown, Static, TextArea
 
 from ..render import display_safe
 
@@ -118,6 +118,42 @@ class ChatItem(ListItem):
     def __init__(self, chat_id: int, title: str) -> None:
         super().__init__(Label(Text(display_safe(title), no_wrap=True, overflow="ellipsis")))
         self.chat_id = chat_id
+
+
+class ChatSidebar(Vertical):
+    """A search box over the list of chats; routes the user's choices up as messages."""
+
+    class Chosen(Message):
+        def __init__(self, chat_id: int) -> None:
+            self.chat_id = chat_id
+            super().__init__()
+
+    class Searched(Message):
+        def __init__(self, text: str) -> None:
+            self.text = text
+            super().__init__()
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="Search chats…", id="search")
+        yield ListView(id="chats")
+
+    def show(self, chats: list, current_id: int | None) -> None:
+        """List `chats` (objects with .id and .title), highlighting the open one."""
+        lv = self.query_one(ListView)
+        lv.clear()
+        lv.extend(ChatItem(c.id, c.title) for c in chats)
+        for i, c in enumerate(chats):
+            if c.id == current_id:
+                lv.index = i
+
+    def on_list_view_selected(self, event: ListView.Selected) -> None:
+        event.stop()
+        if isinstance(event.item, ChatItem):
+            self.post_message(self.Chosen(event.item.chat_id))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self.post_message(self.Searched(event.value.strip()))
 
 
 class StatusBar(Static):

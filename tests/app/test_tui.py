@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from app.chat import ChatController
 from app.config import Settings
 from app.history import HistoryStore
 from app.tui.app import CrofterApp, status_text
+from app.tui.tool_turn import approve_on_screen
 from app.tui.widgets import ChatItem, MessageBox
 
 SIZE = (120, 36)
@@ -290,7 +290,7 @@ async def test_tool_approval_modal_answers_the_worker(engine):
         results = []
         t = make_tool(send_file)
         for key, expected in (("y", "yes"), ("a", "chat"), ("n", "no")):
-            worker = th.Thread(target=lambda: results.append(app._approve_from_worker(t, {"path": "~/.ssh/id_rsa"}, True)))
+            worker = th.Thread(target=lambda: results.append(approve_on_screen(app, t, {"path": "~/.ssh/id_rsa"}, True)))
             worker.start()
             await wait_for(pilot, lambda: len(app.screen_stack) > 1)
             assert "~/.ssh/id_rsa" in screen_text(app) and "send_file" in screen_text(app)
