@@ -25,7 +25,8 @@ from textual.widgets import Footer, Input
 
 from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone
 from .tool_turn import tool_turn
-from .screens import HelpScreen, ModelPicker, SettingsScreen, TextPrompt
+from . import dialogs
+from .screens import HelpScreen
 from .widgets import ChatSidebar, MessageBox, PromptInput, StatusBar
 
 
@@ -109,7 +110,7 @@ class CrofterApp(App):
 
     async def _after_load(self) -> None:
         await self._show_chat()
-        self._refresh_sidebar()
+        self.refresh_sidebar()
         self.ready = True
         if self.controller.engine.template.warning:
             self.notify(self.controller.engine.template.warning, severity="warning", timeout=10)
@@ -128,9 +129,9 @@ class CrofterApp(App):
         await conv.mount_all(boxes)
         conv.scroll_end(animate=False)
         self.sub_title = ctl.chat.title
-        self._update_status()
+        self.update_status()
 
-    def _update_status(self, speed: str = "") -> None:
+    def update_status(self, speed: str = "") -> None:
         ctl = self.controller
         if ctl is None or ctl.engine is None or ctl.session is None:
             return
@@ -140,7 +141,7 @@ class CrofterApp(App):
             meter = f"ctx: {exc}"
         self.query_one(StatusBar).show(ctl.model.name + (" · tools on" if ctl.tools_enabled else ""), speed, meter)
 
-    def _refresh_sidebar(self, only: set[int] | None = None) -> None:
+    def refresh_sidebar(self, only: set[int] | None = None) -> None:
         chats = [c for c in self.controller.store.chats() if only is None or c.id in only]
         self.query_one(ChatSidebar).show(chats, self.controller.chat.id)
 
@@ -152,9 +153,9 @@ class CrofterApp(App):
                         severity="warning")
             return
         if self.controller.tools_enabled:
-            await self._begin_reply(tool_turn(self, event.text), user_text=event.text)
+            await self.begin_reply(tool_turn(self, event.text), user_text=event.text)
         else:
-            await self._begin_reply(lambda cancel: self.controller.send(event.text, cancel), user_text=event.text)
+            await self.begin_reply(lambda cancel: self.controller.send(event.text, cancel), user_text=event.text)
 
     async def on_tool_call_done(self, message: ToolCallDone) -> None:
         import json
@@ -175,9 +176,9 @@ class CrofterApp(App):
             self.notify(f"tools on: {', '.join(reg.tools)} (replies are not streamed while tools are on)")
         else:
             self.notify("tools off")
-        self._update_status()
+        self.update_status()
 
-    async def _begin_reply(self, start, user_text: str | None = None) -> None:
+    async def begin_reply(self, start, user_text: str | None = None) -> None:
         conv = self.query_one("#conversation", VerticalScroll)
         if user_text is not None:
             await conv.mount(MessageBox("user", user_text))
@@ -242,7 +243,7 @@ class CrofterApp(App):
         tools = " · tools on" if self.controller.tools_enabled else ""
         self.query_one(StatusBar).show(self.controller.model.name + tools, speed, message.meter)
         self.sub_title = self.controller.chat.title
-        self._refresh_sidebar()
+        self.refresh_sidebar()
 
     def _attach_ids(self) -> None:
         """Give boxes mounted during streaming the ids their messages got in the store."""
@@ -264,7 +265,7 @@ class CrofterApp(App):
             return
         self.controller.new_chat()
         await self._show_chat()
-        self._refresh_sidebar()
+        self.refresh_sidebar()
 
     async def action_regenerate(self) -> None:
         if self._busy():
@@ -276,27 +277,11 @@ class CrofterApp(App):
         boxes = list(conv.query(MessageBox))
         if boxes and boxes[-1].role == "assistant":
             await boxes[-1].remove()
-        await self._begin_reply(lambda cancel: self.controller.regenerate(cancel))
+        await self.begin_reply(lambda cancel: self.controller.regenerate(cancel))
 
     def action_edit_last(self) -> None:
-        if self._busy():
-            return
-        users = [m for m in self.controller.messages() if m.role == "user"]
-        focused = self.focused
-        picked = [m for m in users if isinstance(focused, MessageBox) and m.id == focused.message_id]
-        if not users:
-            self.notify("no message to edit", severity="warning")
-            return
-        target = picked[0] if picked else users[-1]  # the focused message of yours, else your last
-
-        async def resend(text: str | None) -> None:
-            if text and text.strip():
-                self.controller.store.delete_messages_from(self.controller.chat.id, target.id)
-                self.controller.open_chat(self.controller.chat.id)
-                await self._show_chat()
-                await self._begin_reply(lambda cancel: self.controller.send(text.strip(), cancel), user_text=text.strip())
-
-        self.push_screen(TextPrompt("Edit and resend", target.content, multiline=True), resend)
+        if not self._busy():
+            dialogs.edit_and_resend(self)
 
     def _focused_or_last_reply(self) -> MessageBox | None:
         focused = self.focused
@@ -325,66 +310,27 @@ class CrofterApp(App):
         self.notify(f"copied code block ({len(blocks[-1].splitlines())} lines)")
 
     def action_pick_model(self) -> None:
-        if self._busy():
-            return
-        from models.info import describe
-
-        names = []
-        for e in self.controller.registry.entries():
-            if e.kind == "gguf":
-                d = describe(e)
-                names.append((e.name, f"{d.get('parameters_human', '')} {d.get('quantization') or ''}".strip()))
-
-        def chosen(name: str | None) -> None:
-            if name and name != self.controller.model.name:
-                self.query_one(StatusBar).show(f"loading {name}…", "", "")
-                self._switch_model(name)
-
-        self.push_screen(ModelPicker(names, self.controller.model.name), chosen)
+        if not self._busy():
+            dialogs.pick_model(self)
 
     @work(thread=True, exclusive=True, group="load")
-    def _switch_model(self, name: str) -> None:
+    def switch_model(self, name: str) -> None:
+        """Load another model off the UI thread."""
+        self.call_from_thread(self.query_one(StatusBar).show, f"loading {name}…", "", "")
         try:
             self.controller.load_model(name)
         except Exception as exc:
             self.call_from_thread(self.notify, str(exc), title="Could not load model", severity="error")
-        self.call_from_thread(self._update_status)
+        self.call_from_thread(self.update_status)
 
     def action_settings(self) -> None:
-        from dataclasses import asdict
-
-        values = asdict(self.controller.settings)
-
-        def apply(changes: dict | None) -> None:
-            if not changes:
-                return
-            try:
-                self.controller.update_settings(**changes)
-            except Exception as exc:  # ConfigError names the field
-                self.notify(str(exc), title="Setting refused", severity="error")
-                return
-            self.notify("sampling settings updated")
-            self._update_status()
-
-        self.push_screen(SettingsScreen(values), apply)
+        dialogs.sampling_settings(self)
 
     def action_system_prompt(self) -> None:
-        def apply(text: str | None) -> None:
-            if text is not None:
-                self.controller.set_system_prompt(text.strip())
-                self._update_status()
-                self.notify("system prompt set for this chat")
-
-        self.push_screen(TextPrompt("System prompt for this chat", self.controller.chat.system_prompt, multiline=True), apply)
+        dialogs.system_prompt(self)
 
     def action_rename_chat(self) -> None:
-        def apply(title: str | None) -> None:
-            if title and title.strip():
-                self.controller.chat = self.controller.store.update_chat(self.controller.chat.id, title=title.strip())
-                self.sub_title = self.controller.chat.title
-                self._refresh_sidebar()
-
-        self.push_screen(TextPrompt("Rename chat", self.controller.chat.title), apply)
+        dialogs.rename_chat(self)
 
     async def action_delete_chat(self) -> None:
         if self._busy():
@@ -396,7 +342,7 @@ class CrofterApp(App):
         else:
             self.controller.new_chat()
         await self._show_chat()
-        self._refresh_sidebar()
+        self.refresh_sidebar()
         self.notify("chat deleted")
 
     def action_search(self) -> None:
@@ -427,7 +373,7 @@ class CrofterApp(App):
 
     def on_chat_sidebar_searched(self, event: ChatSidebar.Searched) -> None:
         if self.ready:
-            self._refresh_sidebar({h.chat_id for h in self.controller.store.search(event.text)} if event.text else None)
+            self.refresh_sidebar({h.chat_id for h in self.controller.store.search(event.text)} if event.text else None)
 
     # -- command palette ---------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
