@@ -20,7 +20,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input
 
 from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone
@@ -255,10 +255,11 @@ class CrofterApp(App):
 
     # -- actions -----------------------------------------------------------
     def action_stop(self) -> None:
-        if self.generating:
+        """Esc: close the open dialog (its callback gets None, i.e. "cancel"/"no"), else stop the reply."""
+        if isinstance(self.screen, ModalScreen):
+            self.screen.dismiss(None)
+        elif self.generating:
             self._cancel.set()
-        elif isinstance(self.screen, Screen) and len(self.screen_stack) > 1:
-            self.pop_screen()
 
     async def action_new_chat(self) -> None:
         if self._busy():

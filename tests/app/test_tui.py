@@ -289,7 +289,7 @@ async def test_tool_approval_modal_answers_the_worker(engine):
         await start(pilot)
         results = []
         t = make_tool(send_file)
-        for key, expected in (("y", "yes"), ("a", "chat"), ("n", "no")):
+        for key, expected in (("y", "yes"), ("a", "chat"), ("n", "no"), ("escape", "no")):
             worker = th.Thread(target=lambda: results.append(approve_on_screen(app, t, {"path": "~/.ssh/id_rsa"}, True)))
             worker.start()
             await wait_for(pilot, lambda: len(app.screen_stack) > 1)
@@ -298,6 +298,7 @@ async def test_tool_approval_modal_answers_the_worker(engine):
             await pilot.press(key)
             await wait_for(pilot, lambda: not worker.is_alive())
             assert results[-1] == expected
+            await wait_for(pilot, lambda: len(app.screen_stack) == 1)  # the dialog closed
 
 
 async def test_tools_turn_stores_and_shows_calls(engine):
