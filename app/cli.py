@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt", help="the prompt, or - to read it from stdin")
     ask.add_argument("-s", "--system", help="system prompt (default: config `system_prompt`)")
     ask.add_argument("--json", action="store_true", help="print one JSON object with text, usage and timings instead of streaming")
+    dg = ask.add_argument_group("documents")
+    dg.add_argument("-c", "--collection", action="append", default=[], metavar="NAME",
+                    help="answer from this document collection, with cited sources (repeatable)")
+    dg.add_argument("-k", type=int, metavar="N", help="passages to retrieve (default: config `rag_top_k`)")
+    dg.add_argument("--chroma-url", metavar="URL", help="Chroma server (http://HOST:PORT)")
     tg = ask.add_argument_group("tools")
     tg.add_argument("--tools", action="store_true", help="let the model call tools (calculator, current_time, and read_file/list_dir inside config `tool_roots`)")
     tg.add_argument("--allow-tool", action="append", default=[], metavar="NAME", help="run NAME without asking (repeatable)")
@@ -114,6 +119,47 @@ def build_parser() -> argparse.ArgumentParser:
     crm = chsub.add_parser("rm", help="delete chats")
     crm.add_argument("ids", type=int, nargs="+", metavar="ID")
 
+    ing = sub.add_parser(
+        "ingest",
+        help="add files and folders to a document collection",
+        description="Extract, chunk and embed documents (.txt .md .rst .html .pdf .docx and source code) into a "
+        "collection. Unchanged files are skipped, changed files replaced, files gone from an ingested folder "
+        "removed; unreadable files are reported as failed and the rest goes on.",
+        epilog="Examples:  crofter ingest ~/notes --collection notes   |   crofter ingest paper.pdf -c papers --watch",
+    )
+    ing.add_argument("paths", nargs="+", metavar="PATH")
+    ing.add_argument("-c", "--collection", default="default", help="collection name (default: default)")
+    ing.add_argument("--watch", action="store_true", help="keep running and re-ingest when files change")
+    ing.add_argument("--interval", type=float, default=2.0, metavar="S", help="--watch polling interval (default 2 s)")
+    ing.add_argument("--embedder", metavar="NAME|DIR", help="embedding model for a new collection (default: config `embedder`)")
+    ing.add_argument("--chunk-size", type=int, metavar="TOKENS", help="chunk size in embedder tokens for a new collection (default 200)")
+    ing.add_argument("--chunk-overlap", type=int, metavar="TOKENS", help="overlap between chunks (default 32)")
+    ing.add_argument("--chroma-url", metavar="URL", help="use a Chroma server (http://HOST:PORT) instead of the embedded store")
+    ing.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+
+    col = sub.add_parser("collections", help="list, inspect and remove document collections",
+                         description="Document collections made by `crofter ingest`.")
+    colsub = col.add_subparsers(dest="collections_command", metavar="ACTION", required=True)
+    cll = colsub.add_parser("list", help="every collection with file and chunk counts")
+    cll.add_argument("--json", action="store_true", help="machine-readable output")
+    cli_ = colsub.add_parser("info", help="one collection's settings and files (failed ones with the reason)")
+    cli_.add_argument("name")
+    cli_.add_argument("--json", action="store_true", help="machine-readable output")
+    clr = colsub.add_parser("rm", help="delete a collection's index (your files are not touched)")
+    clr.add_argument("name")
+    for p in (cll, cli_, clr):
+        p.add_argument("--chroma-url", metavar="URL", help="Chroma server (http://HOST:PORT)")
+
+    se = sub.add_parser("search", help="find passages in a collection",
+                        description="Hybrid search (dense vectors + BM25 keywords, fused by reciprocal rank).")
+    se.add_argument("query")
+    se.add_argument("-c", "--collection", default="default", help="collection name (default: default)")
+    se.add_argument("-k", type=int, default=5, metavar="N", help="number of passages (default 5)")
+    se.add_argument("--mode", choices=("hybrid", "dense", "keyword"), default="hybrid", help="retrieval mode (default hybrid)")
+    se.add_argument("--chroma-url", metavar="URL", help="Chroma server (http://HOST:PORT)")
+    se.add_argument("--json", action="store_true",
+                    help='print a list of {"source", "page", "heading", "start", "end", "text", "score"}')
+
     cfg = sub.add_parser("config", help="show or change settings", description="Settings live in a TOML file; flags override them.")
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", help="every setting with its value and meaning")
@@ -140,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.models import run
         elif args.command == "chats":
             from .commands.chats import run
+        elif args.command == "ingest":
+            from .commands.docs import run_ingest as run
+        elif args.command == "collections":
+            from .commands.docs import run_collections as run
+        elif args.command == "search":
+            from .commands.docs import run_search as run
         else:
             from .commands.config import run
         return run(args) or 0
@@ -167,9 +219,11 @@ def _is_user_error(exc: Exception) -> bool:
     from models.gguf_check import GGUFError
     from models.hub import HubError
     from models.registry import ModelError
+    from rag.embed import EmbedError  # both light: heavy imports happen inside their functions
+    from rag.store import RagError
 
     known = (CLIError, ContextOverflow, ConfigError, EngineError, GGUFError, HistoryError, HubError, ModelError,
-             FileNotFoundError, PermissionError)
+             RagError, EmbedError, FileNotFoundError, PermissionError)
     return isinstance(exc, known)
 
 

@@ -47,6 +47,12 @@ class Settings:
     seed: int = _doc("Random seed (-1: a new one each time).", default=-1)
     max_tokens: int = _doc("Most tokens one reply may have; also reserved in the context budget.", default=512)
     tool_roots: list = _doc("Folders the file tools may read (none: no file access).", default_factory=list)
+    embedder: str = _doc("Embedding model for new document collections: all-MiniLM-L6-v2 (bundled) or a "
+                         "sentence-transformers folder.", default="all-MiniLM-L6-v2")
+    reranker: str = _doc("Cross-encoder folder that reorders retrieved passages (empty: none).", default="")
+    rag_top_k: int = _doc("Passages retrieved per question over documents.", default=5)
+    chroma_url: str = _doc("Chroma server (http://HOST:PORT) for document vectors; empty: embedded in the data dir.",
+                           default="")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -62,6 +68,7 @@ class Settings:
         _check_range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)
         _check_range("seed", self.seed, -1, 2**32 - 1)
         _check_range("max_tokens", self.max_tokens, 1, 1 << 20)
+        _check_range("rag_top_k", self.rag_top_k, 1, 100)
         if not self.model:
             raise ConfigError("model: must not be empty")
 

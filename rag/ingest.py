@@ -1,0 +1,239 @@
+"""Ingest files and folders into a collection: hash, extract, chunk, embed, store.
+
+Unchanged files (same SHA-256 as the catalogue) are skipped without loading the
+embedder; changed files replace their chunks; files that disappeared from an ingested
+folder lose theirs; unreadable files are recorded as ``failed: <reason>`` and the batch
+goes on. Chunks of several files are embedded together in batches (the embedder is
+the expensive part), and a group of files is committed as soon as its vectors exist.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .chunking import DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker
+from .loaders import MAX_FILE_BYTES, LoadError, extract, supported
+from .store import FileRecord, RagError, Store
+
+# Files are committed in groups once this many chunks are waiting (one encode call).
+GROUP_CHUNKS = 256
+
+
+@dataclass
+class Progress:
+    files_total: int = 0
+    files_done: int = 0
+    chunks: int = 0
+    started: float = field(default_factory=time.monotonic)
+    current: str = ""
+
+    @property
+    def chunks_per_s(self) -> float:
+        dt = time.monotonic() - self.started
+        return self.chunks / dt if dt > 0 else 0.0
+
+
+@dataclass
+class Summary:
+    collection: str
+    ingested: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    chunks: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "collection": self.collection,
+            "ingested": self.ingested,
+            "unchanged": self.unchanged,
+            "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "removed": self.removed,
+            "chunks": self.chunks,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def walk(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
+    """(files to consider, folders walked, named paths that do not exist).
+
+    Folders are walked without following symlinked folders; hidden entries (``.git``)
+    and unsupported suffixes are skipped. A file named explicitly is always tried."""
+    files: list[Path] = []
+    roots: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for raw in paths:
+        p = Path(raw).expanduser().absolute()
+        if p.is_dir():
+            roots.append(p)
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    f = Path(dirpath) / name
+                    if supported(f):
+                        files.append(f)
+        elif p.exists() or p.is_symlink():
+            files.append(p)
+        else:
+            missing.append((str(p), "no such file or folder"))
+    return list(dict.fromkeys(files)), roots, missing
+
+
+class Ingestor:
+    """>>> Ingestor(store, embedder_factory).run(["docs/"], "docs")   # doctest: +SKIP"""
+
+    def __init__(self, store: Store, embedder_factory: Callable[[], object], *, embedder_name: str,
+                 chunk_size: int = DEFAULT_SIZE, chunk_overlap: int = DEFAULT_OVERLAP, max_bytes: int = MAX_FILE_BYTES):
+        self.store = store
+        self._factory = embedder_factory
+        self._embedder = None
+        self.embedder_name = embedder_name
+        self.chunk_size = chunk_size
+        self.chunk_overlap = chunk_overlap
+        self.max_bytes = max_bytes
+        self._chunker = None
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            self._embedder = self._factory()
+        return self._embedder
+
+    def _ensure_collection(self, name: str):
+        info = self.store.collection(name)
+        if info is None:
+            emb = self.embedder
+            return self.store.create_collection(name, self.embedder_name, emb.dimension, self.chunk_size,
+                                                self.chunk_overlap)
+        if info.embedder != self.embedder_name:
+            raise RagError(f"collection {name!r} was built with embedder {info.embedder}; "
+                           f"use the same one or a new collection (got {self.embedder_name})")
+        # The collection's own chunking settings win, so a re-ingest stays comparable.
+        self.chunk_size, self.chunk_overlap = info.chunk_size, info.chunk_overlap
+        return info
+
+    def run(self, paths: Iterable[str | os.PathLike], collection: str,
+            on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Summary:
+        t0 = time.monotonic()
+        files, roots, missing = walk(paths)
+        summary = Summary(collection)
+        summary.failed.extend(missing)
+        info = self.store.collection(collection)
+        if info is not None:
+            self._ensure_collection(collection)
+        prog = Progress(files_total=len(files))
+        pending: list[tuple[FileRecord, list]] = []
+        pending_chunks = 0
+
+        def tick() -> None:
+            if on_progress:
+                on_progress(prog)
+
+        tick()
+        for f in files:
+            if should_stop and should_stop():
+                break
+            key = str(f)
+            prog.current = key
+            old = self.store.file(collection, key) if info is not None else None
+            try:
+                st = f.stat()
+                # Same size and nanosecond mtime as last time: unchanged without reading it
+                # (what rsync and make trust); otherwise the content hash decides.
+                if old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    digest = old.sha256
+                elif f.is_file() and st.st_size <= self.max_bytes:
+                    digest = sha256_file(f)
+                else:
+                    digest = ""  # not hashed: extract() refuses it below (FIFO, device, over the cap)
+            except OSError as exc:
+                summary.failed.append((key, f"cannot read: {exc.strerror or exc}"))
+                prog.files_done += 1
+                tick()
+                continue
+            if old is not None and old.sha256 == digest and digest:
+                if old.status == "failed":
+                    summary.failed.append((key, old.reason or "failed"))
+                else:
+                    summary.unchanged.append(key)
+                if old.mtime_ns != st.st_mtime_ns:
+                    self.store.touch_file(collection, key, st.st_mtime_ns)
+                prog.files_done += 1
+                tick()
+                continue
+            if info is None:
+                info = self._ensure_collection(collection)
+            try:
+                doc = extract(f, self.max_bytes)
+                chunks = self.chunker.split(doc)
+                if not chunks:
+                    raise LoadError("no text in the file")
+            except LoadError as exc:
+                rec = FileRecord(key, digest, st.st_size, st.st_mtime_ns, "failed", str(exc), 0)
+                pending.append((rec, []))
+                summary.failed.append((key, str(exc)))
+                prog.files_done += 1
+                tick()
+                continue
+            rec = FileRecord(key, digest, st.st_size, st.st_mtime_ns, "ok", None, len(chunks))
+            pending.append((rec, chunks))
+            pending_chunks += len(chunks)
+            if pending_chunks >= GROUP_CHUNKS:
+                self._flush(collection, pending, summary, prog)
+                pending, pending_chunks = [], 0
+            prog.files_done += 1
+            tick()
+        self._flush(collection, pending, summary, prog)
+        if roots and info is not None and not (should_stop and should_stop()):
+            seen = {str(f) for f in files}
+            gone = [r.path for r in self.store.files(collection)
+                    if r.path not in seen and any(_under(r.path, root) for root in roots) and not Path(r.path).exists()]
+            self.store.remove_files(collection, gone)
+            summary.removed.extend(gone)
+        tick()
+        summary.seconds = time.monotonic() - t0
+        return summary
+
+    @property
+    def chunker(self) -> Chunker:
+        if self._chunker is None:
+            self._chunker = Chunker(self.embedder.tokenizer, self.chunk_size, self.chunk_overlap)
+        return self._chunker
+
+    def _flush(self, collection: str, pending: list[tuple[FileRecord, list]], summary: Summary, prog: Progress) -> None:
+        if not pending:
+            return
+        texts = [c.embedding_text() for _, chunks in pending for c in chunks]
+        vectors = self.embedder.encode(texts) if texts else []
+        batch = []
+        i = 0
+        for rec, chunks in pending:
+            batch.append((rec, chunks, vectors[i:i + len(chunks)] if chunks else None))
+            i += len(chunks)
+        self.store.write_files(collection, batch)
+        for rec, chunks in pending:
+            if rec.status == "ok":
+                summary.ingested.append(rec.path)
+                summary.chunks += len(chunks)
+        prog.chunks += len(texts)
+
+
+def _under(path: str, root: Path) -> bool:
+    try:
+        Path(path).relative_to(root)
+        return True
+    except ValueError:
+        return False

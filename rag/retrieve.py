@@ -1,0 +1,95 @@
+"""Hybrid retrieval: dense (Chroma) and keyword (SQLite FTS5 BM25) fused by reciprocal rank.
+
+RRF (Cormack, Clarke & Buettcher, SIGIR 2009): score(d) = sum over rankings r of
+1 / (K + rank_r(d)), K = 60. It needs no score calibration between BM25 and cosine,
+which is why an exact rare term that the dense model blurs still surfaces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .store import Store
+
+RRF_K = 60
+MODES = ("hybrid", "dense", "keyword")
+
+
+@dataclass(frozen=True)
+class Hit:
+    source: str
+    page: int | None
+    heading: str
+    start: int
+    end: int
+    text: str
+    score: float
+    id: str = ""
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "page": self.page, "heading": self.heading, "start": self.start,
+                "end": self.end, "text": self.text, "score": round(self.score, 6)}
+
+    def where(self) -> str:
+        """"notes.md > Install, chars 120-480" / "paper.pdf p. 3, chars ..." for listings."""
+        loc = self.source
+        if self.page is not None:
+            loc += f" p. {self.page}"
+        if self.heading:
+            loc += f" > {self.heading}"
+        return f"{loc}, chars {self.start}-{self.end}"
+
+
+def rrf(rankings: list[list[str]], k: int = RRF_K) -> dict[str, float]:
+    """>>> rrf([["a", "b"], ["b", "c"]])["b"] == 1/62 + 1/61
+    True"""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, cid in enumerate(ranking, 1):
+            scores[cid] = scores.get(cid, 0.0) + 1.0 / (k + rank)
+    return scores
+
+
+class Retriever:
+    """>>> Retriever(store, embedder).search("docs", "how to install", k=5)   # doctest: +SKIP"""
+
+    def __init__(self, store: Store, embedder, reranker=None, candidates: int = 50):
+        self.store = store
+        self.embedder = embedder
+        self.reranker = reranker
+        self.candidates = candidates
+
+    def search(self, collection: str, query: str, k: int = 5, mode: str = "hybrid") -> list[Hit]:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        self.store.require(collection)
+        n = max(self.candidates, k)
+        rankings: list[list[str]] = []
+        raw: dict[str, float] = {}
+        if mode in ("hybrid", "dense"):
+            vec = self.embedder.encode([query])[0]
+            dense = self.store.dense(collection, vec, n)
+            rankings.append([cid for cid, _ in dense])
+            raw.update(dense)
+        if mode in ("hybrid", "keyword"):
+            kw = self.store.keyword(collection, query, n)
+            rankings.append([cid for cid, _ in kw])
+            if mode == "keyword":
+                raw.update(kw)
+        if mode == "hybrid":
+            scores = rrf(rankings)
+        else:
+            scores = raw
+        ranked = sorted(scores, key=lambda c: scores[c], reverse=True)
+        # Ids Chroma knows but the catalogue does not (an ingest killed before its commit)
+        # are dropped here: the catalogue is the source of truth.
+        pool = ranked[: max(k * 4, 20)] if self.reranker else ranked[: k * 2]
+        rows = self.store.chunks(collection, pool)
+        hits = [Hit(r.path, r.page, r.heading, r.start, r.end, r.text, scores[cid], cid)
+                for cid in pool if (r := rows.get(cid)) is not None]
+        if self.reranker and hits:
+            new = self.reranker.scores(query, [h.text for h in hits])
+            hits = [Hit(h.source, h.page, h.heading, h.start, h.end, h.text, s, h.id)
+                    for s, h in sorted(zip(new, hits), key=lambda p: p[0], reverse=True)]
+        return hits[:k]
