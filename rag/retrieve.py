@@ -79,9 +79,13 @@ class Retriever:
                 raw.update(kw)
         if mode == "hybrid":
             scores = rrf(rankings)
+            # Equal fused scores happen whenever each ranker has a different #1; the lexical
+            # match wins the tie, since an exact term is the thing dense search blurs.
+            lexical = {cid: i for i, cid in enumerate(rankings[1])}
+            ranked = sorted(scores, key=lambda c: (-scores[c], lexical.get(c, len(lexical))))
         else:
             scores = raw
-        ranked = sorted(scores, key=lambda c: scores[c], reverse=True)
+            ranked = sorted(scores, key=lambda c: scores[c], reverse=True)
         # Ids Chroma knows but the catalogue does not (an ingest killed before its commit)
         # are dropped here: the catalogue is the source of truth.
         pool = ranked[: max(k * 4, 20)] if self.reranker else ranked[: k * 2]
