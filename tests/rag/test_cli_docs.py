@@ -1,0 +1,65 @@
+"""`crofter ingest | search | collections | ask --collection` as a user runs them."""
+from __future__ import annotations
+
+import json
+import shutil
+
+from rag.loaders import extract
+
+from ..app.test_cli import crofter
+from .conftest import LICENSES
+
+
+def test_ingest_search_collections_and_grounded_ask(tmp_path, crofter_home):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("BSD", "MPL-2.0"):
+        shutil.copy(LICENSES / name, docs / name)
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.5 nonsense")
+
+    r = crofter("ingest", str(docs), "-c", "lic", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert sorted(p.rsplit("/", 1)[1] for p in s["ingested"]) == ["BSD", "MPL-2.0"]
+    assert s["failed"][0]["path"].endswith("broken.pdf") and "PDF" in s["failed"][0]["reason"]
+    assert s["chunks"] > 0
+
+    r = crofter("ingest", str(docs), "-c", "lic")
+    assert r.returncode == 0 and "ingested 0 files" in r.stderr and "2 unchanged" in r.stderr
+
+    r = crofter("search", "Mozilla Public License", "-c", "lic", "-k", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    hits = json.loads(r.stdout)
+    assert len(hits) == 3
+    for h in hits:
+        assert set(h) == {"source", "page", "heading", "start", "end", "text", "score"}
+        assert extract(h["source"]).text[h["start"]:h["end"]] == h["text"]
+    assert hits[0]["source"].endswith("MPL-2.0")
+
+    r = crofter("collections", "info", "lic", "--json")
+    info = json.loads(r.stdout)
+    assert info["files"] == 2 and info["failed"] == 1 and info["embedder"] == "all-MiniLM-L6-v2"
+
+    r = crofter("ask", "-c", "lic", "Which license mentions Mozilla?", "-t", "0", "-n", "60", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "sources" in out and isinstance(out["sources"], list)
+    for src in out["sources"]:  # only cited sources, each checkable
+        assert f"[{src['n']}]" in out["text"]
+        assert extract(src["source"]).text[src["start"]:src["end"]] == src["text"]
+    assert out["usage"]["prompt_tokens"] > 300, "the passages must be in the prompt"
+
+    r = crofter("search", "x", "-c", "nope")
+    assert r.returncode == 1 and "no collection named 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = crofter("collections", "rm", "lic")
+    assert r.returncode == 0
+    assert json.loads(crofter("collections", "list", "--json").stdout) == []
+
+
+def test_second_process_on_the_same_store_is_told_clearly(crofter_home):
+    from rag.store import Store
+
+    with Store(crofter_home / "rag"):
+        r = crofter("collections", "list")
+    assert r.returncode == 1
+    assert "in use by another crofter process" in r.stderr and "Traceback" not in r.stderr
