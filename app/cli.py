@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--watch", action="store_true", help="keep running and re-ingest when files change")
     ing.add_argument("--interval", type=float, default=2.0, metavar="S", help="--watch polling interval (default 2 s)")
     ing.add_argument("--embedder", metavar="NAME|DIR", help="embedding model for a new collection (default: config `embedder`)")
-    ing.add_argument("--chunk-size", type=int, metavar="TOKENS", help="chunk size in embedder tokens for a new collection (default 200)")
-    ing.add_argument("--chunk-overlap", type=int, metavar="TOKENS", help="overlap between chunks (default 32)")
+    ing.add_argument("--chunk-size", type=int, metavar="TOKENS", help="chunk size in embedder tokens for a new collection (default 128)")
+    ing.add_argument("--chunk-overlap", type=int, metavar="TOKENS", help="overlap between chunks (default 24)")
     ing.add_argument("--chroma-url", metavar="URL", help="use a Chroma server (http://HOST:PORT) instead of the embedded store")
     ing.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
 

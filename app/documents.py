@@ -50,6 +50,17 @@ def retriever(store, settings, collection: str):
     return Retriever(store, embedder(info.embedder), reranker=rer)
 
 
+def collection_search(store, settings, collections: list[str]):
+    """`search(query, k)` over several collections: the best k hits by score."""
+    retrievers = {c: retriever(store, settings, c) for c in collections}
+
+    def search(query: str, k: int):
+        hits = [h for c, r in retrievers.items() for h in r.search(c, query, k=k)]
+        return sorted(hits, key=lambda h: h.score, reverse=True)[:k]
+
+    return search
+
+
 @dataclass
 class GroundedTurn:
     """What a question over documents produced: the prompt sent, all retrieved sources and the cited ones."""
@@ -65,16 +76,11 @@ class GroundedTurn:
         self.cited = cited_sources(reply, self.sources)
 
 
-def grounded_prompt(search, collections: list[str], question: str, k: int, max_chars: int) -> GroundedTurn:
-    """Retrieve over every attached collection with `search(collection, question, k)`,
-    keep the best k by score and number them."""
+def grounded_prompt(search, question: str, k: int, max_chars: int) -> GroundedTurn:
+    """Retrieve with `search(question, k)` (see collection_search) and number the passages."""
     from rag.cite import build_prompt
 
-    hits = []
-    for c in collections:
-        hits.extend(search(c, question, k))
-    hits.sort(key=lambda h: h.score, reverse=True)
-    prompt, sources = build_prompt(question, hits[:k], max_chars=max_chars)
+    prompt, sources = build_prompt(question, search(question, k), max_chars=max_chars)
     return GroundedTurn(question, prompt, sources)
 
 

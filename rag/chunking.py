@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from .loaders import Extracted
 
-DEFAULT_SIZE = 200  # tokens; all-MiniLM-L6-v2 reads at most 256, the heading prefix needs room
-DEFAULT_OVERLAP = 32
+DEFAULT_SIZE = 128  # tokens: all-MiniLM-L6-v2 was trained on 128-token inputs (it reads up to 256)
+DEFAULT_OVERLAP = 24
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,6 @@ def run(args) -> int:
         print(f"crofter: warning: {engine.template.warning}", file=sys.stderr)
     out = sys.stdout
     if args.tools:
-        if args.collection:
-            raise CLIError("--tools and --collection cannot be combined yet; use the search_documents tool")
         return _run_with_tools(args, settings, session, entry, engine, prompt)
     grounded = None
     if args.collection:
@@ -85,12 +83,9 @@ def _grounded(args, settings, question: str):
     if args.chroma_url:
         settings = settings.replace(chroma_url=args.chroma_url)
     with documents.open_store(settings) as store:
-        for c in args.collection:
-            store.require(c)
-        retrievers = {c: documents.retriever(store, settings, c) for c in args.collection}
+        search = documents.collection_search(store, settings, args.collection)
         budget = documents.source_budget_chars(settings.n_ctx or 4096, settings.max_tokens)
-        return documents.grounded_prompt(lambda c, q, k: retrievers[c].search(c, q, k=k), args.collection,
-                                         question, args.k or settings.rag_top_k, budget)
+        return documents.grounded_prompt(search, question, args.k or settings.rag_top_k, budget)
 
 
 def _print_sources(grounded) -> None:
@@ -143,13 +138,27 @@ def _approver(args):
 
 
 def _run_with_tools(args, settings, session, entry, engine, prompt) -> int:
+    search, store = None, None
+    if args.collection:  # the model searches the collections itself through search_documents
+        from .. import documents
+
+        store = documents.open_store(settings.replace(chroma_url=args.chroma_url) if args.chroma_url else settings)
+        search = documents.collection_search(store, settings, args.collection)
+    try:
+        return _tool_turn(args, settings, session, entry, engine, prompt, search)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _tool_turn(args, settings, session, entry, engine, prompt, search) -> int:
     from models import paths
 
     from ..tools.calling import ToolLoop
     from ..tools.policy import Policy
     from ..tools.registry import ToolContext, ToolRegistry
 
-    registry = ToolRegistry.discover(ToolContext(roots=settings.tool_roots), paths.data_dir() / "tools")
+    registry = ToolRegistry.discover(ToolContext(roots=settings.tool_roots, search=search), paths.data_dir() / "tools")
     for problem in registry.problems:
         print(f"crofter: warning: tool {problem}", file=sys.stderr)
     unknown = [n for n in args.allow_tool if n not in registry.tools]

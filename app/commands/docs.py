@@ -24,8 +24,6 @@ def _console():
 
 
 def run_ingest(args) -> int:
-    from rag.ingest import Ingestor  # noqa: F401  (fail early, before the store is locked)
-
     from .. import documents
 
     settings = _settings(args)

@@ -53,7 +53,21 @@ def provide(ctx: ToolContext) -> list[Tool]:
         """
         return "\n".join(files.list_entries(ctx.roots, path)) or "(empty)"
 
+    def search_documents(query: str, k: int = 5) -> str:
+        """Search the user's document collections attached to this chat; returns numbered passages with their source.
+
+        Args:
+            query: what to look for, in words that would appear in the passage
+            k: how many passages (1-10)
+        """
+        hits = ctx.search(query, max(1, min(int(k), 10)))
+        if not hits:
+            return "No passage matched."
+        return "\n\n".join(f"[{i}] {h.where()}\n{h.text.strip()}" for i, h in enumerate(hits, 1))
+
     out = [tool(calculator, side_effects=False), tool(current_time, side_effects=False)]
     if ctx.roots:
-        out += [tool(read_file, side_effects=False), tool(list_dir, side_effects=False)]
+        out += [tool(read_file, side_effects=False, private=True), tool(list_dir, side_effects=False, private=True)]
+    if ctx.search is not None:
+        out.append(tool(search_documents, side_effects=False))
     return out

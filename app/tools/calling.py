@@ -152,12 +152,12 @@ class ToolLoop:
             obj = None
         return obj, result.text
 
-    def run(self, text: str) -> ToolTurn:
+    def run(self, text: str, tainted: bool = False) -> ToolTurn:
+        """One user turn with tools. `tainted`: `text` itself carries document passages."""
         s = self.session
         s.messages.append({"role": "user", "content": text})
         turn = ToolTurn(answer="")
         seen: dict[str, str] = {}
-        tainted = False
         grammar = self._grammar
         while True:
             obj, raw = self._step(grammar)

@@ -2,7 +2,9 @@
 
 Defaults: read-only tools `allow`, everything else `ask`. Once a turn has seen
 text from documents or tool results ("tainted"), a side-effecting tool is never
-past `ask`, whatever its rule says: injected instructions cannot run it unseen.
+past `ask`, whatever its rule says, and a tool reading the user's files (`private`)
+is asked about unless the user allowed it by name: injected instructions cannot run
+either unseen.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ class Policy:
                 raise ValueError(f"tool {name!r}: policy must be one of {', '.join(DECISIONS)}, not {rule!r}")
 
     def decide(self, t: Tool, tainted: bool) -> str:
-        rule = self.rules.get(t.name, "ask" if t.side_effects else "allow")
-        if rule == "allow" and t.side_effects and tainted:
+        explicit = self.rules.get(t.name)
+        rule = explicit or ("ask" if t.side_effects else "allow")
+        if rule == "allow" and tainted and (t.side_effects or (t.private and explicit is None)):
             return "ask"
         return rule

@@ -16,6 +16,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Callable
 
 from .schema import Tool
 
@@ -24,9 +25,11 @@ GROUP = "crofter.tools"
 
 @dataclass
 class ToolContext:
-    """What providers may use: the folders file tools may read."""
+    """What providers may use: the folders file tools may read, and (when document
+    collections are attached) `search(query, k) -> list[rag.retrieve.Hit]`."""
 
     roots: list[str] = field(default_factory=list)
+    search: Callable[[str, int], list] | None = None
 
 
 class ToolRegistry:

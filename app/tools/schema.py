@@ -37,6 +37,9 @@ class Tool:
     side_effects: False for read-only tools (they may default to `allow`);
     True for anything that changes the world (always at least `ask` when the
     request could have been injected by documents or tool output).
+    private: a read-only tool that reads the user's own files: allowed by default,
+    but asked about once the turn has seen documents or tool output, so an
+    injected "read ~/.ssh/id_rsa" never runs unseen (an explicit allow rule still wins).
     """
 
     name: str
@@ -45,6 +48,7 @@ class Tool:
     fn: Callable[..., Any]
     side_effects: bool = True
     meta: dict = field(default_factory=dict)
+    private: bool = False
 
     def spec(self) -> dict:
         """OpenAI-style function spec, as chat templates with tool support expect."""
@@ -80,7 +84,7 @@ def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
     return " ".join(head.split()), descriptions
 
 
-def tool(fn: Callable, name: str | None = None, side_effects: bool = True) -> Tool:
+def tool(fn: Callable, name: str | None = None, side_effects: bool = True, private: bool = False) -> Tool:
     """Describe `fn` as a Tool; every parameter needs a supported annotation."""
     name = name or fn.__name__
     if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]{0,63}", name):
@@ -102,4 +106,4 @@ def tool(fn: Callable, name: str | None = None, side_effects: bool = True) -> To
         if param.default is inspect.Parameter.empty and not optional:
             required.append(pname)
     parameters = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
-    return Tool(name, description, parameters, fn, side_effects)
+    return Tool(name, description, parameters, fn, side_effects, private=private)
