@@ -65,6 +65,9 @@ class ChatController:
         self.session: ChatSession | None = None
         self.tools_enabled = False
         self._tools = None  # ToolRegistry, discovered on first use
+        self._tools_key: tuple = ()  # the attached collections the registry's search_documents covers
+        self._docs = None  # documents.DocsService, created on first use
+        self.last_grounded = None  # documents.GroundedTurn of the last reply over documents
         self.allowed_in_chat: set[tuple[int, str]] = set()  # (chat id, tool) the user approved for the chat
 
     # -- models ------------------------------------------------------------
@@ -130,17 +133,65 @@ class ChatController:
             self.chat = self.store.update_chat(self.chat.id, title=title[:TITLE_CHARS] + ("…" if len(title) > TITLE_CHARS else ""))
 
     def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Store the user's message, stream the reply, store the reply."""
+        """Store the user's message, stream the reply, store the reply.
+
+        With collections attached to the chat, the question goes to the model with
+        retrieved passages as numbered sources, and the reply is stored with the
+        sources it cites. Later turns see only the question, not the passages."""
         self._store_user(text)
+        self.last_grounded = None
+        if self.chat.collections:
+            return self._grounded(text, cancel)
         return self._stream(self.session.send(text, cancel))
 
+    def _grounded(self, text: str, cancel) -> Iterator[Event]:
+        g = self.documents().ground(self.chat.collections, text, self.engine.n_ctx, self.settings.max_tokens)
+        self.last_grounded = g
+        for ev in self._stream(self.session.send(g.prompt, cancel), g):
+            yield ev
+        for m in reversed(self.session.messages):
+            if m["role"] == "user" and m["content"] == g.prompt:
+                m["content"] = text
+                break
+
+    # -- documents ---------------------------------------------------------
+    def documents(self):
+        if self._docs is None:
+            from .documents import DocsService
+
+            self._docs = DocsService(self.settings)
+        return self._docs
+
+    def close_documents(self) -> None:
+        if self._docs is not None:
+            self._docs.close()
+            self._docs = None
+
+    def attach_collections(self, names: list[str]) -> Chat:
+        """Answer this chat's questions from these collections (empty: none)."""
+        if names:
+            known = {c.name for c in self.documents().collections()} | set(self.documents().ingesting)
+            missing = [n for n in names if n not in known]
+            if missing:
+                from rag.store import RagError
+
+                raise RagError(f"no collection named {missing[0]!r}")
+        if self.chat is None:
+            self.new_chat()
+        self.chat = self.store.update_chat(self.chat.id, collections=list(names))
+        return self.chat
+
     def tool_registry(self):
-        if self._tools is None:
+        key = tuple(self.chat.collections) if self.chat is not None else ()
+        if self._tools is None or key != self._tools_key:
             from models import paths
 
             from .tools.registry import ToolContext, ToolRegistry
 
-            self._tools = ToolRegistry.discover(ToolContext(roots=self.settings.tool_roots), paths.data_dir() / "tools")
+            search = self.documents().search(list(key)) if key else None
+            self._tools = ToolRegistry.discover(ToolContext(roots=self.settings.tool_roots, search=search),
+                                                paths.data_dir() / "tools")
+            self._tools_key = key
         return self._tools
 
     def send_with_tools(self, text: str, approve: Callable, on_call: Callable | None = None):
@@ -180,8 +231,14 @@ class ChatController:
         return turn
 
     def regenerate(self, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Replace the last reply with a new one."""
+        """Replace the last reply with a new one (over documents: retrieved again)."""
         msgs = self.messages()
+        if self.chat.collections:
+            last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
+            if last_user is not None:
+                self.store.delete_messages_from(self.chat.id, last_user.id)
+                self._rebuild_session()
+                return self.send(last_user.content, cancel)
         if msgs and msgs[-1].role == "assistant":
             self.store.delete_messages_from(self.chat.id, msgs[-1].id)
         return self._stream(self.session.regenerate(cancel))
@@ -195,10 +252,14 @@ class ChatController:
         self._rebuild_session()
         return self.send(text, cancel)
 
-    def _stream(self, events: Iterator[Event]) -> Iterator[Event]:
+    def _stream(self, events: Iterator[Event], grounded=None) -> Iterator[Event]:
         for ev in events:
             if ev.done is not None:
                 r = ev.done
+                sources = None
+                if grounded is not None:
+                    grounded.finish(r.text)
+                    sources = [src.as_dict() for src in grounded.cited]
                 self.store.add_message(
                     self.chat.id, "assistant", r.text,
                     model=self.model.name if self.model else None,
@@ -207,6 +268,7 @@ class ChatController:
                     prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                     ttft_s=r.ttft_s, tokens_per_s=r.decode_tokens_per_s,
                     status="incomplete" if r.finish_reason == "cancelled" else "complete",
+                    sources=sources,
                 )
             yield ev
 

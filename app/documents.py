@@ -88,3 +88,112 @@ def source_budget_chars(n_ctx: int, max_tokens: int) -> int:
     """Characters of quoted passages that fit beside the reply reserve (about 3.5 chars per token,
     with a quarter of the window kept for the system prompt, question and history)."""
     return max(800, int((n_ctx - max_tokens) * 0.75 * 3.5))
+
+
+class DocsService:
+    """Documents for the chat app: one store handle, retrievers, background ingestion.
+
+    The store is opened on first use (it takes the data dir's document lock) and
+    every method may be called from worker threads; the UI thread only reads
+    `ingesting` to show progress.
+    """
+
+    def __init__(self, settings):
+        import threading
+
+        self.settings = settings
+        self._store = None
+        self._search_cache: dict[tuple, object] = {}
+        self._lock = threading.RLock()
+        self.ingesting: dict[str, object] = {}  # collection -> rag.ingest.Progress while a job runs
+        self._stop = threading.Event()
+
+    @property
+    def store(self):
+        with self._lock:
+            if self._store is None:
+                self._store = open_store(self.settings)
+            return self._store
+
+    def collections(self):
+        return self.store.collections()
+
+    def search(self, names: list[str]):
+        key = tuple(names)
+        with self._lock:
+            if key not in self._search_cache:
+                self._search_cache[key] = collection_search(self.store, self.settings, list(names))
+            return self._search_cache[key]
+
+    def ground(self, names: list[str], question: str, n_ctx: int, max_tokens: int) -> GroundedTurn:
+        return grounded_prompt(self.search(names), question, self.settings.rag_top_k,
+                               source_budget_chars(n_ctx, max_tokens))
+
+    def incomplete(self, names: list[str]) -> list[str]:
+        """Attached collections whose index is still being built, as "name (files done/total)"."""
+        out = []
+        for n in names:
+            p = self.ingesting.get(n)
+            if p is not None:
+                out.append(f"{n} ({p.files_done}/{p.files_total} files)")
+        return out
+
+    def ingest(self, paths: list[str], collection: str, on_progress=None, on_done=None):
+        """Start a background ingestion thread; `on_done(summary, error)` is called from it."""
+        import threading
+
+        from rag.ingest import Progress
+        from rag.store import RagError, check_name
+
+        check_name(collection)
+        if collection in self.ingesting:
+            raise RagError(f"collection {collection!r} is already being ingested")
+        self.ingesting[collection] = Progress()
+
+        def job():
+            summary, error = None, None
+            try:
+                ing = ingestor(self.store, self.settings, collection)
+
+                def progress(p):
+                    self.ingesting[collection] = p
+                    if on_progress:
+                        on_progress(collection, p)
+
+                summary = ing.run(paths, collection, on_progress=progress, should_stop=self._stop.is_set)
+                with self._lock:
+                    self._search_cache.clear()
+            except Exception as exc:  # reported to the user by on_done
+                error = str(exc)
+            finally:
+                self.ingesting.pop(collection, None)
+            if on_done:
+                on_done(collection, summary, error)
+
+        t = threading.Thread(target=job, name=f"ingest-{collection}", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+def read_passage(source: dict, context_chars: int = 600) -> tuple[str, str, str]:
+    """(before, passage, after) of a cited source, re-extracted from the file on disk.
+
+    The file may have changed since it was ingested; then the stored passage text is
+    shown with a note instead of a wrong span."""
+    from rag.loaders import LoadError, extract
+
+    try:
+        text = extract(source["source"]).text
+    except LoadError as exc:
+        return "", source["text"], f"\n\n(the file cannot be read now: {exc})"
+    start, end = source["start"], source["end"]
+    if text[start:end] != source["text"]:
+        return "", source["text"], "\n\n(the file changed since it was ingested; this is the indexed text)"
+    return text[max(0, start - context_chars):start], text[start:end], text[end:end + context_chars]

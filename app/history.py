@@ -17,7 +17,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models import paths
@@ -69,6 +69,13 @@ MIGRATIONS: list[tuple[str, str]] = [
         END;
         """,
     ),
+    (
+        "003_documents",
+        """
+        ALTER TABLE chats ADD COLUMN collections TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE messages ADD COLUMN sources TEXT;
+        """,
+    ),
 ]
 
 
@@ -84,6 +91,7 @@ class Chat:
     system_prompt: str
     created: float
     updated: float
+    collections: list = field(default_factory=list)  # document collections attached to the chat
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Message:
     tokens_per_s: float | None = None
     status: str = "complete"
     created: float = 0.0
+    sources: list | None = None  # cited document passages of a grounded answer
 
 
 @dataclass
@@ -181,21 +190,23 @@ class HistoryStore:
             row = self.db.execute("SELECT * FROM chats WHERE id = ?", (chat_id,)).fetchone()
         if row is None:
             raise HistoryError(f"no chat with id {chat_id} (see `crofter chats list`)")
-        return Chat(**dict(row))
+        return _chat(row)
 
     def chats(self) -> list[Chat]:
         """Every chat, most recently active first."""
         with self._lock:
             rows = self.db.execute("SELECT * FROM chats ORDER BY updated DESC, id DESC").fetchall()
-        return [Chat(**dict(r)) for r in rows]
+        return [_chat(r) for r in rows]
 
     def update_chat(self, chat_id: int, **fields) -> Chat:
-        """Change title, model or system_prompt."""
-        allowed = {"title", "model", "system_prompt"}
+        """Change title, model, system_prompt or collections (a list of names)."""
+        allowed = {"title", "model", "system_prompt", "collections"}
         bad = set(fields) - allowed
         if bad:
             raise HistoryError(f"cannot change {sorted(bad)}")
         self.chat(chat_id)
+        if "collections" in fields:
+            fields["collections"] = json.dumps(list(fields["collections"]))
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._tx([(f"UPDATE chats SET {sets}, updated = ? WHERE id = ?", (*fields.values(), time.time(), chat_id))])
         return self.chat(chat_id)
@@ -207,8 +218,9 @@ class HistoryStore:
     # -- messages --------------------------------------------------------
     def add_message(self, chat_id: int, role: str, content: str, **meta) -> Message:
         """Append a message (one transaction); `meta` holds the Message fields after content."""
-        if "sampling" in meta and meta["sampling"] is not None:
-            meta["sampling"] = json.dumps(meta["sampling"])
+        for key in ("sampling", "sources"):
+            if meta.get(key) is not None:
+                meta[key] = json.dumps(meta[key])
         cols = ["chat_id", "role", "content", "created", *meta]
         now = time.time()
         cur, _ = self._tx([
@@ -264,14 +276,26 @@ class HistoryStore:
         for m in self.messages(chat_id):
             head = m.role.capitalize() + (" (incomplete)" if m.status == "incomplete" else "")
             lines += [f"## {head}", "", m.content, ""]
+            if m.sources:
+                lines += ["Sources:", ""] + [
+                    f"- [{s['n']}] {s['source']}" + (f" p. {s['page']}" if s.get("page") else "")
+                    + (f" > {s['heading']}" if s.get("heading") else "") + f", chars {s['start']}-{s['end']}"
+                    for s in m.sources] + [""]
         return "\n".join(lines)
 
 
 def _message(row: sqlite3.Row) -> Message:
     d = dict(row)
-    if d.get("sampling"):
-        d["sampling"] = json.loads(d["sampling"])
+    for key in ("sampling", "sources"):
+        if d.get(key):
+            d[key] = json.loads(d[key])
     return Message(**d)
+
+
+def _chat(row: sqlite3.Row) -> Chat:
+    d = dict(row)
+    d["collections"] = json.loads(d.get("collections") or "[]")
+    return Chat(**d)
 
 
 def _split_sql(script: str) -> list[str]:

@@ -18,7 +18,9 @@ import fcntl
 import hashlib
 import os
 import re
+import functools
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +146,17 @@ def _chroma_settings():
     return Settings(anonymized_telemetry=False, allow_reset=False)
 
 
+def _locked(method):
+    """Serialise a Store method: the app queries from one thread while another ingests."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Store:
     """One process's handle on the document store (it holds the store's lock until close()).
 
@@ -155,6 +168,7 @@ class Store:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.chroma_url = chroma_url
+        self._lock = threading.RLock()
         self._lock_fh = self._acquire_lock()
         self._chroma = None
         self._collections: dict[str, object] = {}
@@ -195,6 +209,7 @@ class Store:
                 self._lock_fh.close()
                 self._lock_fh = None
 
+    @_locked
     def close(self) -> None:
         if getattr(self, "db", None) is not None:
             self.db.close()
@@ -249,6 +264,7 @@ class Store:
                 self._chroma = chromadb.PersistentClient(path=str(self.root / "chroma"), settings=_chroma_settings())
         return self._chroma
 
+    @_locked
     def _vectors(self, name: str):
         col = self._collections.get(name)
         if col is None:
@@ -261,6 +277,7 @@ class Store:
 
     # --- collections ------------------------------------------------------------------------------
 
+    @_locked
     def collection(self, name: str) -> CollectionInfo | None:
         row = self.db.execute(
             "SELECT name, embedder, dimension, chunk_size, chunk_overlap, created FROM collections WHERE name = ?",
@@ -281,10 +298,12 @@ class Store:
                                                                  "; create one with `crofter ingest PATH --collection NAME`"))
         return info
 
+    @_locked
     def collections(self) -> list[CollectionInfo]:
         names = [r[0] for r in self.db.execute("SELECT name FROM collections ORDER BY name")]
         return [self.collection(n) for n in names]
 
+    @_locked
     def create_collection(self, name: str, embedder: str, dimension: int, chunk_size: int, chunk_overlap: int) -> CollectionInfo:
         check_name(name)
         self.db.execute("INSERT OR IGNORE INTO collections VALUES (?, ?, ?, ?, ?, ?)",
@@ -292,6 +311,7 @@ class Store:
         self._vectors(name)
         return self.require(name)
 
+    @_locked
     def drop_collection(self, name: str) -> None:
         self.require(name)
         try:
@@ -307,17 +327,20 @@ class Store:
 
     # --- files ------------------------------------------------------------------------------------
 
+    @_locked
     def file(self, collection: str, path: str) -> FileRecord | None:
         row = self.db.execute(
             "SELECT path, sha256, size, mtime_ns, status, reason, n_chunks FROM files WHERE collection = ? AND path = ?",
             (collection, path)).fetchone()
         return FileRecord(*row) if row else None
 
+    @_locked
     def files(self, collection: str) -> list[FileRecord]:
         return [FileRecord(*r) for r in self.db.execute(
             "SELECT path, sha256, size, mtime_ns, status, reason, n_chunks FROM files WHERE collection = ? ORDER BY path",
             (collection,))]
 
+    @_locked
     def write_files(self, collection: str, batch: list[tuple[FileRecord, list, object]]) -> None:
         """Commit several files at once: (record, chunks, embeddings) each; failed files have no chunks.
 
@@ -356,10 +379,12 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
 
+    @_locked
     def touch_file(self, collection: str, path: str, mtime_ns: int) -> None:
         """Same content, new mtime: remember it so the next run can skip the hash."""
         self.db.execute("UPDATE files SET mtime_ns = ? WHERE collection = ? AND path = ?", (mtime_ns, collection, path))
 
+    @_locked
     def remove_files(self, collection: str, paths: list[str]) -> None:
         if not paths:
             return
@@ -371,6 +396,7 @@ class Store:
 
     # --- queries ----------------------------------------------------------------------------------
 
+    @_locked
     def chunks(self, collection: str, ids: list[str]) -> dict[str, StoredChunk]:
         if not ids:
             return {}
@@ -384,6 +410,7 @@ class Store:
                 out[r[0]] = StoredChunk(*r)
         return out
 
+    @_locked
     def dense(self, collection: str, vector, n: int) -> list[tuple[str, float]]:
         """(chunk id, cosine similarity), best first."""
         col = self._vectors(collection)
@@ -393,6 +420,7 @@ class Store:
         res = col.query(query_embeddings=[list(map(float, vector))], n_results=min(n, count), include=["distances"])
         return [(cid, 1.0 - float(d)) for cid, d in zip(res["ids"][0], res["distances"][0])]
 
+    @_locked
     def keyword(self, collection: str, query: str, n: int) -> list[tuple[str, float]]:
         """(chunk id, BM25 score, higher is better) for chunks containing any query term."""
         terms = re.findall(r"\w+", query, flags=re.UNICODE)
@@ -405,6 +433,7 @@ class Store:
             "WHERE chunks_fts MATCH ? AND c.collection = ? ORDER BY s LIMIT ?", (match, collection, n)).fetchall()
         return [(cid, -float(s)) for cid, s in rows]
 
+    @_locked
     def vector_ids(self, collection: str) -> list[str]:
         """Every id Chroma holds for the collection (consistency checks)."""
         col = self._vectors(collection)
@@ -414,19 +443,19 @@ class Store:
             out.extend(col.get(limit=1000, offset=off, include=[])["ids"])
         return out
 
+    @_locked
     def chunk_ids(self, collection: str) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE collection = ?", (collection,))]
 
 
 def _split_sql(script: str) -> list[str]:
-    """Statements of a migration; triggers contain ';' inside BEGIN ... END."""
-    out, buf = [], []
-    for line in script.strip().splitlines():
-        buf.append(line)
-        joined = "\n".join(buf).strip()
-        if joined.endswith(";") and (not joined.upper().startswith("CREATE TRIGGER") or joined.upper().endswith("END;")):
-            out.append(joined)
-            buf = []
-    if "\n".join(buf).strip():
-        out.append("\n".join(buf).strip())
+    """Statements of a migration; sqlite3.complete_statement keeps trigger bodies whole."""
+    out, buf = [], ""
+    for line in script.strip().splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
     return out

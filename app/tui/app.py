@@ -26,6 +26,7 @@ from textual.widgets import Footer, Input
 from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone
 from .tool_turn import tool_turn
 from . import dialogs
+from .docs import SourcesPanel, docs_status, open_documents
 from .screens import HelpScreen
 from .widgets import ChatSidebar, MessageBox, PromptInput, StatusBar
 
@@ -35,7 +36,7 @@ class CrofterApp(App):
 
     CSS_PATH = "app.tcss"
     TITLE = "crofter"
-    # Keys the prompt's TextArea uses (ctrl+a/e/k/u/w/d/x/c/v/y/z) are left to it.
+    # Keys the prompt's TextArea uses (ctrl+a/e/k/u/w/d/x/c/v/y/z, f6, f7) are left to it.
     BINDINGS = [
         Binding("escape", "stop", "Stop", priority=True),
         Binding("ctrl+n", "new_chat", "New chat"),
@@ -46,6 +47,7 @@ class CrofterApp(App):
         Binding("ctrl+o", "pick_model", "Model"),
         Binding("ctrl+t", "settings", "Sampling"),
         Binding("ctrl+l", "toggle_tools", "Tools on/off"),
+        Binding("f5", "documents", "Documents"),
         Binding("ctrl+s", "system_prompt", "System prompt", show=False),
         Binding("f2", "rename_chat", "Rename", show=False),
         Binding("f8", "delete_chat", "Delete chat", show=False),
@@ -65,6 +67,7 @@ class CrofterApp(App):
         self.generating = False
         self.ready = False
         self.replies_done = 0  # finished replies, for tests and benchmarks to wait on
+        self.ingests_done = 0  # finished background ingestions
 
     # -- layout ------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -126,6 +129,8 @@ class CrofterApp(App):
             if m.role == "assistant" and m.tokens_per_s:
                 note = (note + " · " if note else "") + f"{m.completion_tokens} tokens, {m.tokens_per_s:.1f} tok/s"
             boxes.append(MessageBox(m.role, m.content, m.id, note))
+            if m.sources:
+                boxes.append(SourcesPanel(m.sources))
         await conv.mount_all(boxes)
         conv.scroll_end(animate=False)
         self.sub_title = ctl.chat.title
@@ -139,7 +144,13 @@ class CrofterApp(App):
             meter = ctl.context_meter().describe()
         except Exception as exc:  # e.g. the history alone no longer fits
             meter = f"ctx: {exc}"
-        self.query_one(StatusBar).show(ctl.model.name + (" · tools on" if ctl.tools_enabled else ""), speed, meter)
+        self.query_one(StatusBar).show(self._label(), speed, meter)
+
+    def _label(self) -> str:
+        """Model, tools and documents state for the status bar."""
+        ctl = self.controller
+        docs = docs_status(ctl)
+        return ctl.model.name + (" · tools on" if ctl.tools_enabled else "") + (f" · {docs}" if docs else "")
 
     def refresh_sidebar(self, only: set[int] | None = None) -> None:
         chats = [c for c in self.controller.store.chats() if only is None or c.id in only]
@@ -152,6 +163,12 @@ class CrofterApp(App):
             self.notify("wait for the current reply (Esc stops it)" if self.generating else "the model is still loading",
                         severity="warning")
             return
+        ctl = self.controller
+        if ctl.chat is not None and ctl.chat.collections and ctl._docs is not None:
+            pending = ctl._docs.incomplete(ctl.chat.collections)
+            if pending:
+                self.notify(f"the index is still incomplete: {', '.join(pending)}; the answer may miss documents",
+                            severity="warning")
         if self.controller.tools_enabled:
             await self.begin_reply(tool_turn(self, event.text), user_text=event.text)
         else:
@@ -239,11 +256,26 @@ class CrofterApp(App):
         fit = self.controller.session.last_fit if self.controller.session else None
         if fit is not None and fit.dropped:
             self.notify(fit.describe_dropped(), severity="warning")
+        await self._show_sources()
         speed = f"{r.decode_tokens_per_s:.1f} tok/s" if r else ""
-        tools = " · tools on" if self.controller.tools_enabled else ""
-        self.query_one(StatusBar).show(self.controller.model.name + tools, speed, message.meter)
+        self.query_one(StatusBar).show(self._label(), speed, message.meter)
         self.sub_title = self.controller.chat.title
         self.refresh_sidebar()
+
+    async def _show_sources(self) -> None:
+        """Under a reply over documents: the cited sources (Enter opens one)."""
+        ctl = self.controller
+        g, ctl.last_grounded = ctl.last_grounded, None
+        if g is None or self._reply_box is None:
+            return
+        if not g.sources:
+            self._reply_box.set_note(self._reply_box.note + " · no passage matched")
+        elif not g.cited:
+            self._reply_box.set_note(self._reply_box.note + f" · cites none of {len(g.sources)} retrieved passages")
+        else:
+            pending = ", ".join(ctl._docs.incomplete(ctl.chat.collections)) if ctl._docs else ""
+            panel = SourcesPanel([s.as_dict() for s in g.cited], pending)
+            await self.query_one("#conversation", VerticalScroll).mount(panel, after=self._reply_box)
 
     def _attach_ids(self) -> None:
         """Give boxes mounted during streaming the ids their messages got in the store."""
@@ -383,9 +415,15 @@ class CrofterApp(App):
             if b.action not in ("quit", "stop"):
                 yield SystemCommand(b.description, f"{b.description} ({b.key})", lambda a=b.action: self.run_action(a))
 
+    def action_documents(self) -> None:
+        if not self._busy():
+            open_documents(self)
+
     def on_unmount(self) -> None:
         if self.controller is not None and self.controller.engine is not None:
             self._cancel.set()
+        if self.controller is not None:
+            self.controller.close_documents()
 
 
 def status_text(app: CrofterApp) -> str:
