@@ -1,0 +1,134 @@
+"""Reading a Hugging Face checkpoint folder: config, architecture plan, lazily loaded tensors.
+
+Only safetensors are read (pickled .bin/.pt weights are refused: loading them can run
+code). Tensors are opened one at a time with `safe_open`, so peak memory stays near
+the largest single tensor, not the model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+class ConvertError(Exception):
+    """The checkpoint cannot be converted; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ArchPlan:
+    gguf_arch: str  # name in gguf.MODEL_ARCH_NAMES
+    permute_qk: bool  # HF rotate-half q/k rows -> llama.cpp's interleaved RoPE pairs
+
+
+# What crofter converts, and how. Mistral is written as llama (same graph in llama.cpp);
+# Qwen2 uses NEOX-style RoPE in llama.cpp, so its q/k rows stay as they are.
+ARCHITECTURES = {
+    "LlamaForCausalLM": ArchPlan("llama", True),
+    "MistralForCausalLM": ArchPlan("llama", True),
+    "Qwen2ForCausalLM": ArchPlan("qwen2", False),
+}
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: dict
+    arch_name: str
+    plan: ArchPlan
+    shards: list[Path]
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def n_head(self) -> int:
+        return int(self.config["num_attention_heads"])
+
+    @property
+    def n_head_kv(self) -> int:
+        return int(self.config.get("num_key_value_heads") or self.n_head)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.config.get("head_dim") or self.config["hidden_size"] // self.n_head)
+
+    def rope_theta(self) -> float:
+        params = self.config.get("rope_parameters") or {}
+        return float(self.config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+    def rope_scaling(self) -> dict | None:
+        """The rope scaling dict (transformers 4 `rope_scaling` or 5 `rope_parameters`), None if plain."""
+        rs = self.config.get("rope_scaling") or self.config.get("rope_parameters") or None
+        if not rs:
+            return None
+        kind = rs.get("rope_type") or rs.get("type") or "default"
+        return None if kind == "default" else {**rs, "rope_type": kind}
+
+    def tensor_names(self) -> list[str]:
+        names = []
+        for shard in self.shards:
+            names.extend(_safetensors_keys(shard))
+        return names
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, float32 array) one tensor at a time, in file order."""
+        from safetensors import safe_open
+
+        for shard in self.shards:
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    yield name, t.float().numpy()
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ConvertError(f"{folder}: not a folder (expected an HF checkpoint with config.json and *.safetensors)")
+    cfg_path = folder / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise ConvertError(f"{folder}: no config.json") from None
+    except json.JSONDecodeError as exc:
+        raise ConvertError(f"{cfg_path}: not valid JSON ({exc})") from None
+    archs = config.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ConvertError(f"{cfg_path}: architecture {archs or config.get('model_type')} is not supported "
+                           f"(crofter converts {', '.join(ARCHITECTURES)})")
+    shards = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not shards:
+        if pickles:
+            raise ConvertError(f"{folder}: only pickled weights ({', '.join(pickles[:3])}); crofter refuses them "
+                               "because loading a pickle can run code. Re-save the model with safetensors.")
+        raise ConvertError(f"{folder}: no *.safetensors weights")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if not isinstance(config.get(key), int) or config[key] <= 0:
+            raise ConvertError(f"{cfg_path}: field {key!r} missing or not a positive integer")
+    return Checkpoint(folder, config, arch, ARCHITECTURES[arch], shards)
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder q/k projection rows from HF's rotate-half RoPE layout to llama.cpp's pairs.
+
+    Within each head of `d` rows HF rotates row i with row i + d/2; llama.cpp's LLAMA
+    RoPE rotates rows 2i and 2i+1. Viewing a head's rows as (2, d/2) and transposing
+    to (d/2, 2) interleaves the halves. w: (n_head * d, n_in) -> same shape; a bias
+    (n_head * d,) works the same way.
+    """
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
