@@ -160,6 +160,48 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--json", action="store_true",
                     help='print a list of {"source", "page", "heading", "start", "end", "text", "score"}')
 
+    cv = sub.add_parser(
+        "convert", help="HF safetensors checkpoint -> GGUF (verified, registered in the model store)",
+        description="Convert an HF checkpoint (Llama, Mistral, Qwen2 families; byte-level BPE tokenizers) to GGUF "
+        "with no llama.cpp build. Afterwards the tokenizer is checked on a probe corpus and, for f32/f16/bf16, the "
+        "logits and greedy continuation are compared with transformers.",
+        epilog="Example:  crofter convert ./my-finetune --outtype f16 && crofter quantize my-finetune-f16 --type Q4_K_M")
+    cv.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint folder or the store name of an HF model")
+    cv.add_argument("--out", metavar="M.gguf", help="output file (default: the model store)")
+    cv.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16", help="weight type (default f16)")
+    cq = sub.add_parser(
+        "quantize", help="GGUF -> Q4_K_M (or Q4_K_S, Q5_K_M, Q6_K, Q8_0), optionally calibrated",
+        description="Quantize with llama.cpp's own quantizer. --calibration computes an importance matrix from a "
+        "text file on the HF model (found from the GGUF's metadata, or --hf). Afterwards perplexity, mean KL "
+        "divergence and same-top-token rate against the input are reported on --eval-text.",
+        epilog="Example:  crofter quantize smol-F16.gguf --type Q4_K_M --calibration notes.txt")
+    cq.add_argument("input", metavar="IN.gguf", help="an F32/F16/BF16 GGUF file or store name")
+    cq.add_argument("output", metavar="OUT.gguf", nargs="?", help="output file (default: next to the input)")
+    cq.add_argument("--type", default="Q4_K_M", choices=("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0"))
+    cq.add_argument("--calibration", metavar="TEXT_FILE", help="text for the importance matrix")
+    cq.add_argument("--hf", metavar="DIR", help="the HF checkpoint the GGUF came from (for --calibration)")
+    cq.add_argument("--eval-text", metavar="FILE", help="text for the quality report (default: a license text on the machine)")
+    cq.add_argument("--threads", type=int, metavar="N", help="quantizer threads (default: all)")
+    cl = sub.add_parser("convert-lora", help="peft LoRA adapter -> GGUF adapter for llama.cpp",
+                        description="Convert a peft LoRA adapter (safetensors) to a GGUF adapter (rsLoRA scaling "
+                        "handled; DoRA and new-token adapters are refused: merge those instead).")
+    cl.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    cl.add_argument("--base", required=True, metavar="HF_DIR", help="the base checkpoint the adapter was trained on")
+    cl.add_argument("--out", metavar="A.gguf", help="output file (default: ADAPTER_DIR.gguf)")
+    cver = sub.add_parser("verify", help="check a GGUF against its HF source or its unquantized base",
+                          description="Tokenizer parity and logits parity against the HF checkpoint; with --against, "
+                          "PPL, mean KLD and same-top-token rate against another GGUF.")
+    cver.add_argument("model", metavar="MODEL.gguf")
+    cver.add_argument("--hf", metavar="DIR", help="source checkpoint (default: from the GGUF's metadata)")
+    cver.add_argument("--against", metavar="BASE.gguf", help="unquantized GGUF to compare with")
+    cver.add_argument("--eval-text", metavar="FILE", help="text for the quality comparison")
+    for p in (cv, cq):
+        p.add_argument("--name", help="store name to register the result under (default: from the file name)")
+        p.add_argument("--no-register", action="store_true", help="do not add the result to the model store")
+        p.add_argument("--no-verify", action="store_true", help="skip the checks that run after writing")
+    for p in (cv, cq, cl, cver):
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     cfg = sub.add_parser("config", help="show or change settings", description="Settings live in a TOML file; flags override them.")
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", help="every setting with its value and meaning")
@@ -192,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.docs import run_collections as run
         elif args.command == "search":
             from .commands.docs import run_search as run
+        elif args.command == "convert":
+            from .commands.convert import run_convert as run
+        elif args.command == "quantize":
+            from .commands.convert import run_quantize as run
+        elif args.command == "convert-lora":
+            from .commands.convert import run_convert_lora as run
+        elif args.command == "verify":
+            from .commands.convert import run_verify as run
         else:
             from .commands.config import run
         return run(args) or 0
@@ -219,11 +269,12 @@ def _is_user_error(exc: Exception) -> bool:
     from models.gguf_check import GGUFError
     from models.hub import HubError
     from models.registry import ModelError
-    from rag.embed import EmbedError  # both light: heavy imports happen inside their functions
+    from converter.hf import ConvertError
+    from rag.embed import EmbedError  # light modules: heavy imports happen inside their functions
     from rag.store import RagError
 
     known = (CLIError, ContextOverflow, ConfigError, EngineError, GGUFError, HistoryError, HubError, ModelError,
-             RagError, EmbedError, FileNotFoundError, PermissionError)
+             RagError, EmbedError, ConvertError, FileNotFoundError, PermissionError)
     return isinstance(exc, known)
 
 

@@ -9,7 +9,10 @@ folder and renamed into place only after it is complete and validated.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -62,6 +65,9 @@ def _add_metadata(w, ck: Checkpoint, vocab: Vocab, pre: str, ftype: int, name: s
 
     c = ck.config
     w.add_name(name)
+    # Where the weights came from, so `crofter quantize --calibration` and `crofter verify`
+    # can find the HF checkpoint again without being told.
+    w.add_string("crofter.source.hf_dir", str(ck.folder.resolve()))
     w.add_context_length(int(c.get("max_position_embeddings") or 4096))
     w.add_embedding_length(int(c["hidden_size"]))
     w.add_block_count(ck.n_layers)
@@ -239,14 +245,38 @@ def load_hf_tokenizer(folder: Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+@contextlib.contextmanager
+def native_stderr_quiet(enabled: bool = True):
+    """Silence what C code writes to fd 2 (llama.cpp's context warnings for vocab-only loads)."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def vocab_only_llama(path: Path):
+    import llama_cpp
+
+    with native_stderr_quiet():
+        return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
 
 
 def pick_pre_tokenizer(ck: Checkpoint, vocab: Vocab, tokenizer=None) -> str:
     """The first llama.cpp pre-tokenizer under which a vocab-only GGUF tokenizes PROBE
     exactly as the HF tokenizer does; ConvertError when none does."""
-    import llama_cpp
-
     tokenizer = tokenizer or load_hf_tokenizer(ck.folder)
     want = [hf_token_ids(tokenizer, t) for t in PROBE]
     with tempfile.TemporaryDirectory(prefix="crofter-vocab-") as tmp:
@@ -254,7 +284,7 @@ def pick_pre_tokenizer(ck: Checkpoint, vocab: Vocab, tokenizer=None) -> str:
             path = Path(tmp) / f"{pre}.gguf"
             write_gguf(ck, vocab, pre, path, "f16", vocab_only=True)
             try:
-                llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+                llm = vocab_only_llama(path)
             except Exception:
                 continue  # this llama.cpp build does not know the name
             try:
@@ -283,4 +313,5 @@ def convert(folder: str | Path, out: str | Path | None = None, outtype: str = "f
     with atomic_path(out) as tmp:
         n = write_gguf(ck, vocab, pre, tmp, outtype, on_tensor=on_tensor)
         check_gguf(tmp)  # the same structural validation every load gets
+        os.chmod(tmp, 0o644)  # temp files are created 0600
     return ConvertResult(out, outtype, n, pre, time.monotonic() - t0)

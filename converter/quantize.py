@@ -65,7 +65,8 @@ def _imatrix_array(imatrix: dict[str, np.ndarray]):
 
 
 def quantize(inp: str | Path, out: str | Path, qtype: str = "Q4_K_M", *, imatrix: dict[str, np.ndarray] | None = None,
-             threads: int = 0, on_progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+             threads: int = 0, on_progress: Callable[[int, int], None] | None = None,
+             quiet: bool = True) -> QuantizeResult:
     """Quantize `inp` (an F32/F16/BF16 GGUF) to `out` atomically; `on_progress(bytes_written, estimate)`."""
     import llama_cpp
 
@@ -103,8 +104,12 @@ def quantize(inp: str | Path, out: str | Path, qtype: str = "Q4_K_M", *, imatrix
         watcher = threading.Thread(target=watch, daemon=True) if on_progress else None
         if watcher:
             watcher.start()
+        from .convert import native_stderr_quiet
+
         try:
-            rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(tmp).encode(), ctypes.byref(params))
+            # llama.cpp prints a line per tensor (and one per fallback type) straight to stderr.
+            with native_stderr_quiet(quiet):
+                rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(tmp).encode(), ctypes.byref(params))
         finally:
             done.set()
             if watcher:

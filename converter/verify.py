@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import PROBE, gguf_token_ids, hf_token_ids, load_hf_tokenizer
+from .convert import PROBE, gguf_token_ids, hf_token_ids, load_hf_tokenizer, native_stderr_quiet, vocab_only_llama
 
 SEQUENCES = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
 
@@ -21,14 +21,13 @@ SEQUENCES = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a
 def _llama(path: Path, n_ctx: int = 1024, logits_all: bool = False):
     import llama_cpp
 
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0)
+    with native_stderr_quiet():
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0)
 
 
 def tokenizer_parity(hf_dir: Path, gguf_path: Path, tokenizer=None) -> dict:
     tok = tokenizer or load_hf_tokenizer(Path(hf_dir))
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
+    llm = vocab_only_llama(gguf_path)
     try:
         mismatches = []
         for text in PROBE:
@@ -74,7 +73,7 @@ def logits_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 16) -> dict:
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
+    x = x.astype(np.float32)
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
@@ -93,15 +92,15 @@ def quant_report(base: Path, quant: Path, text: str, n_ctx: int = 512, max_token
         same = n = 0
         for start in range(0, len(ids) - n_ctx + 1, n_ctx // 2):
             window = ids[start:start + n_ctx]
+            half = n_ctx // 2
             outs = []
             for llm in (a, b):
                 llm.reset()
                 llm.eval(window)
-                outs.append(_log_softmax(np.asarray(llm.scores[:n_ctx])))
-            la, lb = outs
-            half = n_ctx // 2
-            tgt = np.asarray(window[half:])  # targets for positions half-1 .. n_ctx-2
-            pa, pb = la[half - 1:-1], lb[half - 1:-1]
+                # Only the scored half: logits at positions half-1 .. n_ctx-2 predict window[half:].
+                outs.append(_log_softmax(np.asarray(llm.scores[half - 1:n_ctx - 1])))
+            pa, pb = outs
+            tgt = np.asarray(window[half:])
             rows = np.arange(len(tgt))
             nll_a -= pa[rows, tgt].sum()
             nll_b -= pb[rows, tgt].sum()
