@@ -9,6 +9,8 @@ at the final path.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -53,7 +55,12 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     ...     write_model(tmp)
     """
     final = Path(final)
+    sweep_stale(final)
     temp = temp_path_for(final)
+    # The writer holds an flock on its temp file while it works: a later run can tell a
+    # partial left by a killed process (unlocked) from one still being written.
+    holder = open(temp, "rb")
+    fcntl.flock(holder, fcntl.LOCK_EX)
     try:
         yield temp
         commit(temp, final)
@@ -61,6 +68,24 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         raise
+    finally:
+        holder.close()
+
+
+def sweep_stale(final: Path) -> list[Path]:
+    """Delete ``.NAME.*.partial`` files next to `final` that no live writer holds."""
+    removed = []
+    for p in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        try:
+            with open(p, "rb") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                p.unlink()
+                removed.append(p)
+        except (BlockingIOError, FileNotFoundError):
+            continue  # someone is writing it, or it is already gone
+        except OSError:
+            continue
+    return removed
 
 
 def write_text(final: str | os.PathLike, text: str) -> None:

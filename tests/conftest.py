@@ -32,3 +32,26 @@ def engine(bundled_path):
     eng = Engine.load(ModelEntry("smollm2-135m", str(bundled_path), "gguf", "bundled"), LoadOptions(n_ctx=2048, seed=1))
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory, bundled_path):
+    """The bundled SmolLM2-135M-Instruct GGUF dequantized to an HF safetensors checkpoint
+    (float32, real BPE tokenizer and chat template), built once per test session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    out = tmp_path_factory.mktemp("hf-smollm2")
+    folder, name = str(bundled_path.parent), bundled_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

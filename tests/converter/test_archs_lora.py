@@ -1,0 +1,115 @@
+"""Other architectures' tensor layout (tiny random models), and LoRA adapters in llama.cpp vs torch."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from converter import verify
+from converter.convert import convert
+from converter.hf import ConvertError
+from converter.lora import convert_lora
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def tiny(hf_model, tmp_path, arch: str, **extra):
+    """A random-weight model of `arch` with the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model_type = {"MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}[arch]
+    cfg = AutoConfig.for_model(model_type, vocab_size=49152, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=2048, tie_word_embeddings=False, **extra)
+    cfg.architectures = [arch]
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # bigger weights than the init's, so layout mistakes show in the logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    out = tmp_path / model_type
+    model.save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        shutil.copy(hf_model / f, out / f)
+    return out
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("MistralForCausalLM", {}),
+    ("Qwen2ForCausalLM", {}),
+    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+])
+def test_architecture_layouts_match_torch(hf_model, tmp_path, arch, extra):
+    src = tiny(hf_model, tmp_path, arch, **extra)
+    out = convert(src, tmp_path / f"{arch}.gguf", "f32").path
+    lg = verify.logits_parity(src, out, new_tokens=8)
+    for row in lg["sequences"]:
+        assert row["max_abs_diff"] < 1e-2, (arch, row)
+        assert row["top1_agree"] == 1.0, (arch, row)
+
+
+def _adapter(hf_model, tmp_path, **lora):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **lora)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.05)  # a modest change, as a few training steps make
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+    return model, out
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_changes_llama_cpp_as_it_changes_torch(hf_model, tmp_path, rslora):
+    import llama_cpp
+    import torch
+
+    from converter.convert import load_hf_tokenizer, native_stderr_quiet
+
+    f16 = tmp_path / "base.gguf"
+    convert(hf_model, f16, "f16")
+    model, adapter = _adapter(hf_model, tmp_path, use_rslora=rslora)
+    gg = convert_lora(adapter, hf_model, tmp_path / "adapter.gguf")
+    assert gg.alpha_written == pytest.approx(16 * 8 ** 0.5 if rslora else 16)
+    ids = load_hf_tokenizer(hf_model)("The quick brown fox jumps over the lazy dog because")["input_ids"]
+    with torch.no_grad():
+        with model.disable_adapter():
+            t0 = model(torch.tensor([ids])).logits[0].numpy()
+        t1 = model(torch.tensor([ids])).logits[0].numpy()
+    with native_stderr_quiet():
+        plain = llama_cpp.Llama(str(f16), logits_all=True, verbose=False, n_ctx=128)
+        adapted = llama_cpp.Llama(str(f16), lora_path=str(gg.path), logits_all=True, verbose=False, n_ctx=128)
+    plain.eval(ids)
+    adapted.eval(ids)
+    g0, g1 = np.asarray(plain.scores[:len(ids)]), np.asarray(adapted.scores[:len(ids)])
+    dt, dg = (t1 - t0).ravel(), (g1 - g0).ravel()
+    assert np.linalg.norm(dt) > 1.0  # the adapter does change the output
+    assert np.corrcoef(dt, dg)[0, 1] > 0.99
+    assert abs(np.linalg.norm(dg) / np.linalg.norm(dt) - 1) < 0.05  # same size of change: scaling is right
+    plain.close()
+    adapted.close()
+
+
+def test_unsupported_adapters_are_refused(hf_model, tmp_path):
+    _, adapter = _adapter(hf_model, tmp_path)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    for change, message in (({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "token embeddings|full modules"),
+                            ({"rank_pattern": {"q_proj": 4}}, "per-layer ranks")):
+        (adapter / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ConvertError, match=message) as err:
+            convert_lora(adapter, hf_model, tmp_path / "a.gguf")
+        assert "merge" in str(err.value)
+    assert not (tmp_path / "a.gguf").exists()
