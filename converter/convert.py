@@ -140,6 +140,7 @@ def llama3_rope_factors(ck: Checkpoint) -> np.ndarray:
 
 @dataclass
 class _Planned:
+    shard: Path
     hf_name: str
     name: str
     shape: tuple[int, ...]
@@ -171,7 +172,7 @@ def _plan(ck: Checkpoint, outtype: str) -> list[_Planned]:
                     qtype = gguf.GGMLQuantizationType.F16  # rows Q8_0 cannot block evenly
                     block, size = gguf.GGML_QUANT_SIZES[qtype]
                 n = int(np.prod(shape))
-                plan.append(_Planned(hf_name, name, shape, qtype, n // block * size))
+                plan.append(_Planned(shard, hf_name, name, shape, qtype, n // block * size))
     return plan
 
 
@@ -211,22 +212,17 @@ def write_gguf(ck: Checkpoint, vocab: Vocab, pre: str, path: Path, outtype: str,
     if plan:
         from safetensors import safe_open
 
-        by_name = {p.hf_name: p for p in plan}
-        done = 0
-        for shard in ck.shards:
-            with safe_open(str(shard), framework="pt") as f:
-                for hf_name in f.keys():
-                    p = by_name.get(hf_name)
-                    if p is None:
-                        continue
-                    arr = f.get_tensor(hf_name).float().numpy()
-                    if ck.plan.permute_qk and (".q_proj." in hf_name or ".k_proj." in hf_name):
-                        arr = permute_rows(arr, ck.n_head if ".q_proj." in hf_name else ck.n_head_kv)
-                    w.write_tensor_data(_encode(arr, p.qtype))
-                    del arr
-                    done += 1
-                    if on_tensor:
-                        on_tensor(done, len(plan), p.name)
+        for done, p in enumerate(plan, 1):
+            # Open the shard per tensor: safetensors maps the file, and every page a tensor
+            # touched would otherwise stay resident until the shard is closed.
+            with safe_open(str(p.shard), framework="pt") as f:
+                arr = f.get_tensor(p.hf_name).float().numpy()
+            if ck.plan.permute_qk and (".q_proj." in p.hf_name or ".k_proj." in p.hf_name):
+                arr = permute_rows(arr, ck.n_head if ".q_proj." in p.hf_name else ck.n_head_kv)
+            w.write_tensor_data(_encode(arr, p.qtype))
+            del arr
+            if on_tensor:
+                on_tensor(done, len(plan), p.name)
     w.close()
     return len(plan) + len(extra)
 
