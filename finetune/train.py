@@ -1,0 +1,403 @@
+"""SFT and DPO with LoRA/QLoRA through TRL and peft, and merging an adapter into its base.
+
+A run folder holds everything a run produced::
+
+    RUN/config.json          the resolved recipe, base, data and device
+    RUN/checkpoints/         Trainer checkpoints (resume picks the last complete one)
+    RUN/adapter/             the final LoRA adapter (appears only when complete)
+    RUN/loss.csv, loss.png   the loss curve (and DPO rewards), written as training goes
+
+Device: CUDA when present (bf16 where supported, else fp16), otherwise CPU in fp32.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .data import DataError, encode_conversation, load_preferences, load_sft
+from .recipe import Recipe
+
+
+class TrainError(Exception):
+    """A training run cannot start or continue; the message says what to do."""
+
+
+@dataclass
+class RunSummary:
+    kind: str
+    run_dir: Path
+    adapter: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None = None
+    eval_perplexity: float | None = None
+    tokens_per_s: float | None = None
+    seconds: float = 0.0
+    truncated: int = 0
+    examples: int = 0
+    metrics: dict = field(default_factory=dict)  # DPO: rewards/accuracies, margins... (last eval, else last train log)
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["run_dir"], d["adapter"] = str(self.run_dir), str(self.adapter)
+        return d
+
+
+def device_info() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"device": "cuda", "gpus": torch.cuda.device_count(), "bf16": bf16, "fp16": not bf16,
+                "name": torch.cuda.get_device_name(0)}
+    return {"device": "cpu", "gpus": 0, "bf16": False, "fp16": False, "name": "cpu"}
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def load_base(base: Path, recipe: Recipe, dev: dict):
+    """(model, tokenizer) for training; QLoRA loads the base in 4-bit NF4."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise TrainError(f"{base}: the tokenizer has no chat template; crofter trains chat models")
+    kwargs: dict = {"local_files_only": True}
+    if recipe.qlora:
+        if dev["device"] != "cuda":
+            raise TrainError("QLoRA (4-bit base through bitsandbytes) needs a CUDA GPU and none is present here; "
+                             "run without --qlora for plain LoRA, which works on CPU")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise TrainError("QLoRA needs bitsandbytes: pip install bitsandbytes (or run without --qlora)") from None
+        compute = torch.bfloat16 if dev["bf16"] else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+        kwargs["dtype"] = compute
+    else:
+        kwargs["dtype"] = torch.bfloat16 if dev["bf16"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    if recipe.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
+    return model, tok
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                      use_rslora=recipe.use_rslora, target_modules=recipe.target_modules, task_type="CAUSAL_LM",
+                      bias="none")
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint-N whose state file parses and whose adapter and optimizer are present
+    (a process killed while saving leaves a checkpoint without them)."""
+    if not checkpoints.is_dir():
+        return None
+    found = []
+    for d in checkpoints.glob("checkpoint-*"):
+        try:
+            step = int(d.name.split("-")[1])
+            json.loads((d / "trainer_state.json").read_text())
+        except (ValueError, IndexError, OSError, json.JSONDecodeError):
+            continue
+        if (d / "adapter_model.safetensors").is_file() and (d / "optimizer.pt").is_file():
+            found.append((step, d))
+    return max(found)[1] if found else None
+
+
+class CurveLogger:
+    """A TrainerCallback that appends every log line to loss.csv and redraws loss.png at the end."""
+
+    COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "rewards/chosen", "rewards/rejected",
+               "rewards/margins", "rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected",
+               "eval_rewards/margins", "eval_rewards/accuracies"]
+
+    def __init__(self, run_dir: Path, on_log: Callable[[dict], None] | None = None):
+        from transformers import TrainerCallback
+
+        self.csv = run_dir / "loss.csv"
+        self.png = run_dir / "loss.png"
+        self.on_log = on_log
+        self.last: dict = {}
+        self.last_eval: dict = {}
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                outer.log(state.global_step, logs or {})
+
+            def on_train_end(self, args, state, control, **kw):
+                outer.plot()
+
+        self.callback = _CB()
+
+    def log(self, step: int, logs: dict) -> None:
+        row = {"step": step, **{k: logs.get(k) for k in self.COLUMNS if k != "step"}}
+        if all(row[k] is None for k in self.COLUMNS if k not in ("step", "epoch", "learning_rate")):
+            return
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as fh:
+            w = csv.DictWriter(fh, self.COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        self.last.update({k: v for k, v in logs.items() if not k.startswith("eval_")})
+        self.last_eval.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        if self.on_log:
+            self.on_log(logs)
+
+    def plot(self) -> None:
+        if not self.csv.exists():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with open(self.csv) as fh:
+            rows = list(csv.DictReader(fh))
+        fig, axes = plt.subplots(1, 2 if any(r["rewards/margins"] for r in rows) else 1, figsize=(10, 4), squeeze=False)
+        for key, style in (("loss", "-"), ("eval_loss", "o-")):
+            pts = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+            if pts:
+                axes[0][0].plot(*zip(*pts), style, label=key)
+        axes[0][0].set_xlabel("step")
+        axes[0][0].set_title("loss")
+        axes[0][0].legend()
+        if axes.shape[1] > 1:
+            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+                pts = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+                if pts:
+                    axes[0][1].plot(*zip(*pts), label=key)
+            axes[0][1].set_title("DPO rewards (chosen must not fall unnoticed)")
+            axes[0][1].legend()
+        fig.tight_layout()
+        tmp = self.png.with_suffix(".png.partial")
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.png)
+
+
+def _training_args(cls, recipe: Recipe, run_dir: Path, dev: dict, has_eval: bool, max_steps: int | None,
+                   epochs: float | None, **extra):
+    args = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum,
+        learning_rate=recipe.learning_rate,
+        num_train_epochs=epochs if epochs is not None else recipe.epochs,
+        max_steps=max_steps if max_steps is not None else recipe.max_steps,
+        warmup_steps=0,
+        weight_decay=recipe.weight_decay,
+        lr_scheduler_type=recipe.lr_scheduler,
+        logging_steps=recipe.logging_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=3,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=recipe.save_steps if has_eval else None,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        bf16=dev["bf16"],
+        fp16=dev["fp16"] and not recipe.qlora,
+        use_cpu=dev["device"] == "cpu",
+        report_to=[],
+        seed=recipe.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        **extra,
+        **recipe.extra,
+    )
+    if recipe.warmup_ratio:
+        args["warmup_steps"] = recipe.warmup_ratio if recipe.warmup_ratio < 1 else int(recipe.warmup_ratio)
+    return cls(**args)
+
+
+def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0 or len(items) < 10:
+        return items, []
+    import random
+
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(items) * fraction))
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def _prepare_run(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to mix a fresh run into a folder with one."""
+    ckpt = last_complete_checkpoint(run_dir / "checkpoints")
+    if resume:
+        if ckpt is None:
+            raise TrainError(f"{run_dir}: no complete checkpoint to resume from")
+        return ckpt
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise TrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("loss.csv", "loss.png"):
+        (run_dir / stale).unlink(missing_ok=True)
+    return None
+
+
+def _save_adapter(trainer, run_dir: Path) -> Path:
+    final = run_dir / "adapter"
+    tmp = run_dir / ".adapter.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    trainer.processing_class.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _write_config(run_dir: Path, **info) -> None:
+    from models.atomic import write_text
+
+    write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str))
+
+
+def sft(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, max_steps: int | None = None,
+        epochs: float | None = None, resume: bool = False, on_log: Callable[[dict], None] | None = None) -> RunSummary:
+    """LoRA (or QLoRA) SFT with TRL's SFTTrainer; loss only on assistant tokens."""
+    _quiet()
+    conversations = load_sft(data)
+    ckpt = _prepare_run(run_dir, resume)
+    dev = device_info()
+    model, tok = load_base(base, recipe, dev)
+    rows, truncated = [], 0
+    for i, msgs in enumerate(conversations):
+        try:
+            ids, mask, cut = encode_conversation(tok, msgs, recipe.max_length)
+        except DataError as exc:
+            raise DataError(f"{data.name} record {i + 1}: {exc}") from None
+        truncated += cut
+        if any(mask):
+            rows.append({"input_ids": ids, "assistant_masks": mask})
+    if not rows:
+        raise TrainError(f"{data}: every example lost its answer to --max-length {recipe.max_length}")
+    train_rows, eval_rows = _split(rows, recipe.eval_split, recipe.seed)
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = _training_args(SFTConfig, recipe, run_dir, dev, bool(eval_rows), max_steps, epochs,
+                          packing=recipe.packing, max_length=recipe.max_length, dataset_num_proc=None)
+    _write_config(run_dir, kind="sft", base=str(base), data=str(data), recipe=recipe.as_dict(), device=dev,
+                  examples=len(rows), truncated=truncated, max_steps=args.max_steps, epochs=args.num_train_epochs)
+    curve = CurveLogger(run_dir, on_log)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
+                         peft_config=lora_config(recipe), callbacks=[curve.callback])
+    t0 = time.monotonic()
+    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    seconds = time.monotonic() - t0
+    adapter = _save_adapter(trainer, run_dir)
+    ev = trainer.evaluate() if eval_rows else {}
+    curve.plot()
+    tokens = trainer.state.num_input_tokens_seen or _count_tokens(train_rows, trainer.state)
+    eval_loss = ev.get("eval_loss")
+    return RunSummary("sft", run_dir, adapter, trainer.state.global_step, out.training_loss, eval_loss,
+                      math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+                      tokens / seconds if tokens and seconds else None, seconds, truncated, len(rows))
+
+
+def _count_tokens(rows: list[dict], state) -> int:
+    """Tokens seen when the Trainer did not count them: epochs run times the data's tokens."""
+    per_epoch = sum(len(r["input_ids"]) for r in rows)
+    return int(per_epoch * (state.epoch or 0))
+
+
+def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path | None = None,
+        max_steps: int | None = None, epochs: float | None = None, resume: bool = False,
+        on_log: Callable[[dict], None] | None = None) -> RunSummary:
+    """DPO with TRL's DPOTrainer. The reference model is the policy with its trainable adapter
+    off (a base) or a frozen copy of the starting adapter (an SFT adapter): never a second model."""
+    _quiet()
+    pairs = load_preferences(data)
+    ckpt = _prepare_run(run_dir, resume)
+    dev = device_info()
+    model, tok = load_base(base, recipe, dev)
+    peft_config = lora_config(recipe)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise TrainError(f"--adapter {adapter}: not a peft adapter folder")
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        peft_config = None
+    train_rows, eval_rows = _split(pairs, recipe.eval_split, recipe.seed)
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    losses = [recipe.loss_type] + (["sft"] if recipe.sft_weight > 0 else [])
+    weights = [1.0, recipe.sft_weight] if recipe.sft_weight > 0 else None
+    args = _training_args(DPOConfig, recipe, run_dir, dev, bool(eval_rows), max_steps, epochs, beta=recipe.beta,
+                          loss_type=losses, loss_weights=weights, max_length=recipe.max_length)
+    _write_config(run_dir, kind="dpo", base=str(base), adapter=str(adapter) if adapter else None, data=str(data),
+                  recipe=recipe.as_dict(), device=dev, pairs=len(pairs), max_steps=args.max_steps)
+    curve = CurveLogger(run_dir, on_log)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
+                         peft_config=peft_config, callbacks=[curve.callback])
+    t0 = time.monotonic()
+    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    seconds = time.monotonic() - t0
+    saved = _save_adapter(trainer, run_dir)
+    ev = trainer.evaluate() if eval_rows else {}
+    curve.plot()
+    metrics = {k: v for k, v in {**curve.last, **ev}.items() if "rewards/" in k or "logps/" in k}
+    eval_loss = ev.get("eval_loss")
+    return RunSummary("dpo", run_dir, saved, trainer.state.global_step, out.training_loss, eval_loss, None,
+                      None, seconds, 0, len(pairs), metrics)
+
+
+def merge(base: Path, adapter: Path, out: Path) -> Path:
+    """Adapter + base -> a full HF checkpoint (safetensors) at `out`, written atomically.
+
+    The base is loaded in 16/32-bit, never 4-bit: a QLoRA adapter merges into the
+    dequantized weights (merging into NF4 weights loses the adapter's precision)."""
+    _quiet()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise TrainError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    recorded = cfg.get("base_model_name_or_path")
+    if out.exists():
+        raise TrainError(f"{out} exists; choose a new --out")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, local_files_only=True)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True).save_pretrained(str(tmp))
+    (tmp / "crofter_merge.json").write_text(json.dumps({"base": str(base), "adapter": str(adapter),
+                                                        "adapter_base_recorded": recorded}, indent=2))
+    os.replace(tmp, out)
+    return out
