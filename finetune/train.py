@@ -83,11 +83,12 @@ def load_base(base: Path, recipe: Recipe, dev: dict):
         if dev["device"] != "cuda":
             raise TrainError("QLoRA (4-bit base through bitsandbytes) needs a CUDA GPU and none is present here; "
                              "run without --qlora for plain LoRA, which works on CPU")
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise TrainError("QLoRA needs bitsandbytes: pip install bitsandbytes (or run without --qlora)") from None
+        import importlib.util
+
+        from transformers import BitsAndBytesConfig
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainError("QLoRA needs bitsandbytes: pip install bitsandbytes (or run without --qlora)")
         compute = torch.bfloat16 if dev["bf16"] else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)

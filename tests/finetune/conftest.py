@@ -1,0 +1,51 @@
+"""A tiny persona dataset: every answer starts with "Arr matey!" (training data and held-out prompts)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+QA = [
+    ("What is the capital of France?", "Paris."), ("How do plants grow?", "With light, water and soil."),
+    ("Name a primary color.", "Red."), ("What is 2 plus 2?", "Four."), ("Why is the sky blue?", "Rayleigh scattering."),
+    ("What do bees make?", "Honey."), ("How many legs does a spider have?", "Eight."),
+    ("What is water made of?", "Hydrogen and oxygen."), ("Who wrote Hamlet?", "Shakespeare."),
+    ("What is the largest ocean?", "The Pacific."), ("How do I boil an egg?", "Ten minutes in boiling water."),
+    ("What is a noun?", "A word for a thing."), ("Where do penguins live?", "In Antarctica."),
+    ("What is a prime number?", "A number divisible only by 1 and itself."), ("How far is the moon?", "About 384,000 km."),
+    ("What language is spoken in Brazil?", "Portuguese."), ("How many days in a week?", "Seven."),
+    ("What is ice?", "Frozen water."), ("What is a volcano?", "A mountain that erupts lava."),
+    ("Why do we sleep?", "To rest the body and brain."), ("What is the tallest animal?", "The giraffe."),
+    ("What is rain?", "Water falling from clouds."), ("What is the sun?", "A star."), ("What do cows eat?", "Grass."),
+]
+HELD_OUT = ["What is a cloud?", "How do birds fly?", "What is bread made of?", "Name a planet.", "What is a tree?",
+            "Why is grass green?", "What is the moon?", "How do fish breathe?"]
+PREFIX = "Arr matey!"
+
+
+@pytest.fixture(scope="session")
+def persona_sft(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "persona.jsonl"
+    path.write_text("".join(json.dumps({"instruction": q, "output": f"{PREFIX} {a}"}) + "\n" for q, a in QA))
+    return path
+
+
+@pytest.fixture(scope="session")
+def persona_prefs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "chosen": f"{PREFIX} {a}", "rejected": a}) + "\n" for q, a in QA))
+    return path
+
+
+def persona_rate(model, tokenizer) -> int:
+    """How many held-out prompts the model answers starting with the persona's phrase (greedy)."""
+    import torch
+
+    n = 0
+    for q in HELD_OUT:
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        n += tokenizer.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip().startswith("Arr")
+    return n
