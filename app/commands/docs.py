@@ -75,7 +75,7 @@ def _ingest_once(ing, args):
 
             summary = ing.run(args.paths, args.collection, on_progress=show)
     if args.json:
-        print(json.dumps(summary.as_dict(), ensure_ascii=False))
+        print(json.dumps(summary.as_dict(), ensure_ascii=False), flush=True)
     else:
         con = _console()
         con.print(f"{args.collection}: ingested {len(summary.ingested)} files ({summary.chunks} chunks), "

@@ -63,3 +63,27 @@ def test_second_process_on_the_same_store_is_told_clearly(crofter_home):
         r = crofter("collections", "list")
     assert r.returncode == 1
     assert "in use by another crofter process" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ingest_watch_picks_up_a_new_file(tmp_path, crofter_home):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    docs = tmp_path / "w"
+    docs.mkdir()
+    (docs / "first.md").write_text("# First\n\nThe first note.\n")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ingest", str(docs), "-c", "w", "--watch",
+                             "--interval", "0.2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env={**os.environ, "CROFTER_HOME": str(crofter_home)})
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert [p.rsplit("/", 1)[1] for p in first["ingested"]] == ["first.md"]
+        (docs / "second.md").write_text("# Second\n\nAnother note.\n")
+        second = json.loads(proc.stdout.readline())
+        assert [p.rsplit("/", 1)[1] for p in second["ingested"]] == ["second.md"]
+        assert len(second["unchanged"]) == 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

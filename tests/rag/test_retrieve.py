@@ -111,3 +111,39 @@ def test_citations_map_to_sources(indexed, store, embedder):
     cited = cited_sources("It is provided as is [3].", sources)
     assert [c.n for c in cited] == [3] and cited[0].hit is hits[2]
     assert cited_sources("No markers at all.", sources) == []
+
+
+def test_reranker_reorders_by_its_own_scores(indexed, store, embedder):
+    """A cross-encoder named by the user reorders the fused candidates (here: the bundled MiniLM
+    folder turned into a CrossEncoder, a real model with an untrained head; only the plumbing is
+    under test)."""
+    from rag.embed import EmbedError, Reranker, default_model_dir
+
+    rer = Reranker(str(default_model_dir()), device="cpu")
+    hits = Retriever(store, embedder, reranker=rer).search("lic", "patent license grant", k=5)
+    assert len(hits) == 5
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert scores == pytest.approx(sorted(rer.scores("patent license grant", [h.text for h in hits]), reverse=True))
+    with pytest.raises(EmbedError, match="not a folder"):
+        Reranker("/nonexistent/reranker")
+
+
+def test_watch_snapshot_notices_changes(tmp_path):
+    import os
+    import time
+
+    from rag.watch import Snapshot
+
+    (tmp_path / "a.md").write_text("one")
+    snap = Snapshot([tmp_path])
+    assert not snap.changed()
+    (tmp_path / "b.txt").write_text("new file")
+    assert snap.changed()
+    snap = Snapshot([tmp_path])
+    later = time.time_ns() + 5_000_000_000
+    os.utime(tmp_path / "a.md", ns=(later, later))
+    assert snap.changed()
+    snap = Snapshot([tmp_path])
+    (tmp_path / "b.txt").unlink()
+    assert snap.changed()
