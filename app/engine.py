@@ -195,9 +195,9 @@ class Engine:
             tokens = tokens[1:]
         return tokens
 
-    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of `messages` rendered with the chat template, ready for `stream`."""
-        return self.tokenize(self.template.render(messages))
+        return self.tokenize(self.template.render(messages, tools))
 
     # -- generation --------------------------------------------------------
     def stream(self, prompt_tokens: list[int], sampling: Sampling, cancel: threading.Event | None = None) -> Iterator[Event]:

@@ -28,13 +28,14 @@ class ChatSession:
         if system and not (self.messages and self.messages[0]["role"] == "system"):
             self.messages.insert(0, {"role": "system", "content": system})
         self.last_fit: Fit | None = None
+        self.tools: list[dict] | None = None  # tool specs for templates that render them natively
         self.last_result: Result | None = None
 
     def fit(self, messages: list[dict] | None = None) -> Fit:
         """What the next turn would send, after the overflow policy."""
         return fit_messages(
             self.messages if messages is None else messages,
-            self.engine.tokenize_chat,
+            lambda msgs: self.engine.tokenize_chat(msgs, self.tools),
             self.engine.n_ctx,
             self.sampling.max_tokens,
         )

@@ -25,6 +25,8 @@ class ChatTemplate:
     source: str  # "gguf" or the fallback format's name
     warning: str | None
     _formatter: object
+    native_tools: bool = False  # the template renders a `tools` list (the model was trained with tool markup)
+    tool_role: bool = False  # the template renders role "tool" messages (results in the model's own format)
 
     @classmethod
     def from_metadata(cls, metadata: dict, bos: str, eos: str) -> "ChatTemplate":
@@ -38,7 +40,8 @@ class ChatTemplate:
             formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
         except Exception as exc:  # any template error: syntax, sandbox violation, raise_exception()
             return cls.fallback(f"the model's chat template failed to render ({type(exc).__name__}: {exc})")
-        return cls("gguf", None, formatter)
+        native, tool_role = _tool_support(formatter)
+        return cls("gguf", None, formatter, native, tool_role)
 
     @classmethod
     def fallback(cls, why: str) -> "ChatTemplate":
@@ -46,6 +49,31 @@ class ChatTemplate:
 
         return cls(FALLBACK_FORMAT, f"{why}; using the {FALLBACK_FORMAT} format instead", llama_chat_format.format_chatml)
 
-    def render(self, messages: list[dict]) -> str:
-        """The prompt text for `messages`, ending where the assistant's reply begins."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages`, ending where the assistant's reply begins.
+
+        `tools` (OpenAI-style function specs) reach the template only when it renders them."""
+        if tools and self.native_tools:
+            return self._formatter(messages=messages, tools=tools).prompt
         return self._formatter(messages=messages).prompt
+
+
+_PROBE_TOOL = {"type": "function", "function": {"name": "crofter_probe_tool", "description": "probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+def _tool_support(formatter) -> tuple[bool, bool]:
+    """Whether a template renders tool definitions, and tool-role messages, found by rendering
+    (templates spell tool support in many ways; what they output is what counts)."""
+    user = [{"role": "user", "content": "u"}]
+    try:
+        native = "crofter_probe_tool" in formatter(messages=user, tools=[_PROBE_TOOL]).prompt
+    except Exception:
+        native = False
+    try:
+        with_result = user + [{"role": "assistant", "content": "a"},
+                              {"role": "tool", "name": "crofter_probe_tool", "content": "crofter_probe_result"}]
+        tool_role = "crofter_probe_result" in formatter(messages=with_result).prompt
+    except Exception:
+        tool_role = False
+    return native, tool_role

@@ -11,10 +11,12 @@ are validated again (jsonschema) before anything runs; errors go back to the mod
 as the tool's result. A turn stops calling after `max_calls`, and a repeated
 identical call is not run twice: the model is then made to answer.
 
-The generic format is used for every model: it is explained in a system message
-and tool results come back as user-role messages, which every chat template
-renders. (Models whose GGUF template has native tool markup still get this format;
-see the issue notes.)
+When the model's GGUF chat template renders tool definitions (found by rendering, see
+template.ChatTemplate.native_tools), the tools reach the model through its own
+template, in the markup it was trained on, and results come back as role "tool"
+messages when the template renders those; the calls themselves stay in the
+constrained JSON above. Templates without tool support get the tools listed in a
+system message and results as user-role messages, which every template renders.
 """
 from __future__ import annotations
 
@@ -54,16 +56,21 @@ class ToolTurn:
         return [asdict(c) for c in self.calls]
 
 
-def instructions(tools: list[Tool]) -> str:
+def instructions(tools: list[Tool], listed: bool = True) -> str:
+    """The system text that explains the call format (and, unless the template shows the
+    tools itself, lists them)."""
     lines = [
         "You can use tools. Reply with exactly one JSON object.",
         f'To call a tool: {{"tool": "<name>", "arguments": {{...}}}}. To answer the user: {{"tool": "{NO_TOOL}", "answer": "<text>"}}.',
         "Call a tool when it helps (arithmetic, dates, files); after a tool result, answer using it.",
-        "Tools:",
     ]
-    for t in tools:
-        params = ", ".join(f"{k}: {v.get('type', 'enum')}" for k, v in t.parameters["properties"].items())
-        lines.append(f"- {t.name}({params}): {t.description}")
+    if listed:
+        lines.append("Tools:")
+        for t in tools:
+            params = ", ".join(f"{k}: {v.get('type', 'enum')}" for k, v in t.parameters["properties"].items())
+            lines.append(f"- {t.name}({params}): {t.description}")
+    else:
+        lines.append(f"The tools are described above: {', '.join(t.name for t in tools)}.")
     # One worked exchange: small models follow an example far better than a rule.
     lines += [
         "Example:",
@@ -130,7 +137,14 @@ class ToolLoop:
         if constrained:
             self._grammar = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools)), verbose=False)
             self._answer_only = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools, False)), verbose=False)
-        text = instructions(tools)
+        template = getattr(session.engine, "template", None)
+        self.native = bool(getattr(template, "native_tools", False)) and bool(tools)
+        # Results as role "tool" only where the template knows tools: a generic template would
+        # render the unknown role, but the model was never trained to read it.
+        self.tool_role = self.native and bool(getattr(template, "tool_role", False))
+        if self.native:
+            session.tools = [t.spec() for t in tools]
+        text = instructions(tools, listed=not self.native)
         msgs = session.messages
         if msgs and msgs[0]["role"] == "system":
             msgs[0] = {"role": "system", "content": (msgs[0]["content"] + "\n\n" + text).strip()}
@@ -179,7 +193,11 @@ class ToolLoop:
             if call.status == "repeated" or len(turn.calls) >= self.max_calls:
                 grammar = self._answer_only
                 note = "\nNo more tool calls this turn: answer now."
-            s.messages.append({"role": "user", "content": result_message(call) + note})
+            if self.tool_role:
+                s.messages.append({"role": "tool", "name": call.name,
+                                   "content": f"{call.status}: {call.result}{note}"})
+            else:
+                s.messages.append({"role": "user", "content": result_message(call) + note})
         s.messages.append({"role": "assistant", "content": turn.answer})
         return turn
 
