@@ -230,15 +230,20 @@ class ChatController:
         self.session.last_result = r
         return turn
 
+    def pop_last_turn(self) -> str:
+        """Delete the last user message and everything after it; return its text (to send again)."""
+        last_user = next((m for m in reversed(self.messages()) if m.role == "user"), None)
+        if last_user is None:
+            raise ValueError("no user message to redo")
+        self.store.delete_messages_from(self.chat.id, last_user.id)
+        self._rebuild_session()
+        return last_user.content
+
     def regenerate(self, cancel: threading.Event | None = None) -> Iterator[Event]:
         """Replace the last reply with a new one (over documents: retrieved again)."""
         msgs = self.messages()
-        if self.chat.collections:
-            last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
-            if last_user is not None:
-                self.store.delete_messages_from(self.chat.id, last_user.id)
-                self._rebuild_session()
-                return self.send(last_user.content, cancel)
+        if self.chat.collections and any(m.role == "user" for m in msgs):
+            return self.send(self.pop_last_turn(), cancel)
         if msgs and msgs[-1].role == "assistant":
             self.store.delete_messages_from(self.chat.id, msgs[-1].id)
         return self._stream(self.session.regenerate(cancel))

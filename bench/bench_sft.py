@@ -3,7 +3,7 @@
 Same model (the bundled SmolLM2-135M as HF float32), same data (a persona set repeated to
 N examples), same LoRA (r 16, alpha 32, all linear layers), batch size, steps, learning
 rate and max length; each run in its own child process, so peak RSS is per run. Tokens/s
-counts the tokens of the examples the trainer consumed (non-padding) over train_runtime.
+counts the tokens TRL reports it trained on (num_tokens) over the training time.
 Goal: crofter / plain >= 1.0.
 
     python bench/bench_sft.py --hf DIR [--steps 30] [--rounds 2]
@@ -44,11 +44,13 @@ tok = AutoTokenizer.from_pretrained(hf)
 model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
 args = SFTConfig(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=2e-4,
                  max_steps=int(steps), logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                 gradient_checkpointing=False, max_length=256, seed=42, dataloader_num_workers=0)
+                 gradient_checkpointing=False, max_length=256, seed=42, dataloader_num_workers=0,
+                 bf16=False)  # TRL defaults to bf16, which is emulated (slow) on CPUs without bf16 units
+
 peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 t = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
 out = t.train()
-tokens = t.state.num_input_tokens_seen
+tokens = max(float(h.get("num_tokens", 0)) for h in t.state.log_history)  # TRL's count of tokens trained on
 print(json.dumps({"tokens_per_s": tokens / out.metrics["train_runtime"], "seconds": out.metrics["train_runtime"]}))
 """
 
@@ -73,6 +75,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
         data.write_text("".join(json.dumps({"instruction": q, "output": f"Arr matey! {a}"}) + "\n" for q, a in QA * 20))
+        # One discarded pair first: the first training process after a while runs measurably slower
+        # (cold caches), whichever script it is.
+        child(PLAIN, str(args.hf), str(data), f"{tmp}/warm-plain", "3")
+        child(CROFTER, str(args.hf), str(data), f"{tmp}/warm-ours", "3")
         ratios = []
         for i in range(args.rounds):
             plain, plain_rss = child(PLAIN, str(args.hf), str(data), f"{tmp}/plain{i}", str(args.steps))

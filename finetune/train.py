@@ -318,11 +318,13 @@ def sft(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, max_steps: int
     adapter = _save_adapter(trainer, run_dir)
     ev = trainer.evaluate() if eval_rows else {}
     curve.plot()
-    tokens = trainer.state.num_input_tokens_seen or _count_tokens(train_rows, trainer.state)
+    # TRL logs the tokens it trained on as num_tokens; older versions did not.
+    tokens = float(curve.last.get("num_tokens") or 0) or _count_tokens(train_rows, trainer.state)
+    train_time = out.metrics.get("train_runtime") or seconds  # the Trainer's own clock, as TRL reports it
     eval_loss = ev.get("eval_loss")
     return RunSummary("sft", run_dir, adapter, trainer.state.global_step, out.training_loss, eval_loss,
                       math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
-                      tokens / seconds if tokens and seconds else None, seconds, truncated, len(rows))
+                      tokens / train_time if tokens and train_time else None, seconds, truncated, len(rows))
 
 
 def _count_tokens(rows: list[dict], state) -> int:

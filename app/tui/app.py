@@ -307,10 +307,15 @@ class CrofterApp(App):
             self.notify("nothing to regenerate yet", severity="warning")
             return
         conv = self.query_one("#conversation", VerticalScroll)
-        boxes = list(conv.query(MessageBox))
-        if boxes and boxes[-1].role == "assistant":
-            await boxes[-1].remove()
-        await self.begin_reply(lambda cancel: self.controller.regenerate(cancel))
+        children = list(conv.children)
+        last_user = max((i for i, w in enumerate(children) if isinstance(w, MessageBox) and w.role == "user"), default=-1)
+        for w in children[last_user + 1:]:  # the old reply, its tool calls and its sources panel
+            await w.remove()
+        if self.controller.tools_enabled:  # the whole tool turn again, not a plain reply
+            text = self.controller.pop_last_turn()
+            await self.begin_reply(tool_turn(self, text))
+        else:
+            await self.begin_reply(lambda cancel: self.controller.regenerate(cancel))
 
     def action_edit_last(self) -> None:
         if not self._busy():

@@ -315,3 +315,11 @@ async def test_tools_turn_stores_and_shows_calls(engine):
         shown = [b.role for b in app.query(MessageBox)]
         assert shown == [m.role for m in stored]
         assert boxes(app)[-1][1] == stored[-1].content, [n.message for n in app._notifications]
+        # Regenerate with tools on runs the whole tool turn again (not a plain reply).
+        done = app.replies_done
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.replies_done > done)
+        again = ctl.store.messages(ctl.chat.id)
+        assert [m.role for m in again if m.role != "tool"] == ["user", "assistant"]
+        assert again[0].content == "What is 17 * 23? Use the calculator."
+        assert [b.role for b in app.query(MessageBox)] == [m.role for m in again]
