@@ -23,21 +23,10 @@ LIC = Path("/usr/share/common-licenses")
 
 
 def build_hf(out: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from converter.hf import gguf_to_checkpoint
     from models.bundled import bundled_gguf
 
-    p = bundled_gguf()
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name)
-    cfg = m.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    m2 = AutoModelForCausalLM.from_config(cfg)
-    m2.load_state_dict(m.state_dict(), strict=False)
-    m2.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return gguf_to_checkpoint(bundled_gguf(), out)
 
 
 def child(code: list[str]) -> tuple[float, float]:

@@ -133,3 +133,29 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """
     d = w.shape[0] // n_head
     return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_to_checkpoint(gguf_path: str | Path, out: str | Path) -> Path:
+    """Dequantize a GGUF (one transformers can read) into an HF safetensors checkpoint folder,
+    tokenizer and chat template included: how the bundled SmolLM2 becomes a trainable model.
+
+    transformers loads the GGUF with a quantization config attached; the model is rebuilt
+    from the config without it and given the dequantized weights, so it saves as a plain
+    float32 checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    gguf_path, out = Path(gguf_path), Path(out)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

@@ -137,6 +137,17 @@ class Registry:
                 return ModelEntry(path.stem, str(path.resolve()), detect_kind(path), "path")
             raise
 
+    def resolve_kind(self, name_or_path: str, kind: str, purpose: str) -> Path:
+        """The path of `name_or_path` (a store name or a path), which must be a `kind` model
+        ("gguf" or "hf"); `purpose` completes the error, e.g. "training needs an HF checkpoint"."""
+        p = Path(name_or_path).expanduser()
+        if (kind == "hf" and p.is_dir()) or (kind == "gguf" and p.is_file()):
+            return p
+        entry = self.resolve(name_or_path)
+        if entry.kind != kind:
+            raise ModelError(f"{name_or_path}: a {entry.kind.upper()} model; {purpose}")
+        return Path(entry.path)
+
     # -- changes -----------------------------------------------------------
     def add(self, path: str | Path, name: str | None = None, source: str = "local") -> ModelEntry:
         """Register a GGUF file or HF folder (validated first) under `name`."""

@@ -38,20 +38,6 @@ def engine(bundled_path):
 def hf_model(tmp_path_factory, bundled_path):
     """The bundled SmolLM2-135M-Instruct GGUF dequantized to an HF safetensors checkpoint
     (float32, real BPE tokenizer and chat template), built once per test session."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from converter.hf import gguf_to_checkpoint
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    out = tmp_path_factory.mktemp("hf-smollm2")
-    folder, name = str(bundled_path.parent), bundled_path.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), strict=False)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return gguf_to_checkpoint(bundled_path, tmp_path_factory.mktemp("hf-smollm2"))

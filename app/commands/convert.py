@@ -37,27 +37,15 @@ def _progress(args, label: str):
 
 
 def _resolve_hf(name: str) -> Path:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
     from models.registry import Registry
 
-    entry = Registry().resolve(name)
-    if entry.kind != "hf":
-        raise CLIError(f"{name}: a GGUF model; convert needs an HF checkpoint folder")
-    return Path(entry.path)
+    return Registry().resolve_kind(name, "hf", "conversion needs an HF checkpoint folder")
 
 
 def _resolve_gguf(name: str) -> Path:
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p
     from models.registry import Registry
 
-    entry = Registry().resolve(name)
-    if entry.kind != "gguf":
-        raise CLIError(f"{name}: not a GGUF model")
-    return Path(entry.path)
+    return Registry().resolve_kind(name, "gguf", "this needs a GGUF file")
 
 
 def _register(path: Path, name: str | None, args) -> str | None:

@@ -13,15 +13,9 @@ from ..cli import CLIError
 
 
 def _resolve_base(name: str) -> Path:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
     from models.registry import Registry
 
-    entry = Registry().resolve(name)
-    if entry.kind != "hf":
-        raise CLIError(f"--base {name}: a GGUF model; training needs an HF checkpoint folder (safetensors)")
-    return Path(entry.path)
+    return Registry().resolve_kind(name, "hf", "training needs an HF checkpoint folder (safetensors)")
 
 
 def _run_dir(args, kind: str) -> Path:

@@ -92,3 +92,15 @@ def test_corrupt_registry_file_is_reported():
     reg.file.write_text("{not json")
     with pytest.raises(ModelError, match="unreadable registry"):
         reg.entries()
+
+
+def test_resolve_kind_checks_what_a_command_needs(tmp_path, bundled_path):
+    reg = Registry()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    assert reg.resolve_kind(str(folder), "hf", "x") == folder  # a folder path is taken as is
+    assert reg.resolve_kind("smollm2-135m", "gguf", "x") == bundled_path
+    with pytest.raises(ModelError, match="a GGUF model; training needs an HF checkpoint"):
+        reg.resolve_kind("smollm2-135m", "hf", "training needs an HF checkpoint")
+    with pytest.raises(ModelError, match="no model named"):
+        reg.resolve_kind("nope", "hf", "x")
