@@ -105,6 +105,10 @@ def _add_vocab(w, vocab: Vocab, pre: str) -> None:
     w.add_token_types(vocab.types)
     if vocab.merges:
         w.add_token_merges(vocab.merges)
+    if vocab.scores:
+        w.add_token_scores(vocab.scores)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
     for key, tid in vocab.special.items():
         getattr(w, f"add_{key}_token_id")(tid)
     w.add_add_bos_token(vocab.add_bos)
@@ -231,9 +235,22 @@ def hf_token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def gguf_token_ids(llm, text: str) -> list[int]:
+def gguf_token_ids(llm, text: str, special: bool = True) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
-                        special=True)
+                        special=special)
+
+
+def reference_tokenizer(folder: Path, vocab: Vocab, hf_tokenizer=None):
+    """`text -> ids` of the tokenizer the model was trained with: sentencepiece itself for a
+    tokenizer.model (HF's fast conversions of those drift on runs of spaces), else HF's."""
+    if vocab.spm_model is not None:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(vocab.spm_model))
+        bos = [sp.bos_id()] if vocab.add_bos and sp.bos_id() >= 0 else []
+        return lambda text: bos + list(sp.encode(text))
+    tok = hf_tokenizer or load_hf_tokenizer(folder)
+    return lambda text: hf_token_ids(tok, text)
 
 
 def load_hf_tokenizer(folder: Path):
@@ -273,8 +290,8 @@ def vocab_only_llama(path: Path):
 def pick_pre_tokenizer(ck: Checkpoint, vocab: Vocab, tokenizer=None) -> str:
     """The first llama.cpp pre-tokenizer under which a vocab-only GGUF tokenizes PROBE
     exactly as the HF tokenizer does; ConvertError when none does."""
-    tokenizer = tokenizer or load_hf_tokenizer(ck.folder)
-    want = [hf_token_ids(tokenizer, t) for t in PROBE]
+    reference = reference_tokenizer(ck.folder, vocab, tokenizer)
+    want = [reference(t) for t in PROBE]
     with tempfile.TemporaryDirectory(prefix="crofter-vocab-") as tmp:
         for pre in vocab.pre_candidates:
             path = Path(tmp) / f"{pre}.gguf"
@@ -284,13 +301,17 @@ def pick_pre_tokenizer(ck: Checkpoint, vocab: Vocab, tokenizer=None) -> str:
             except Exception:
                 continue  # this llama.cpp build does not know the name
             try:
-                if [gguf_token_ids(llm, t) for t in PROBE] == want:
+                if [gguf_token_ids(llm, t, special=vocab.spm_model is None) for t in PROBE] == want:
                     return pre
             finally:
                 llm.close()
+    hint = ""
+    if vocab.spm_model is not None:
+        hint = (" (llama.cpp does not apply sentencepiece's normalizer: a tokenizer.model that normalizes text, "
+                f"here rule {vocab.spm_normalizer!r}, cannot be reproduced)")
     raise ConvertError(f"{ck.folder}: no llama.cpp pre-tokenizer reproduces this tokenizer on the probe corpus "
-                       f"(tried {', '.join(vocab.pre_candidates)}); refusing to write a model that would tokenize "
-                       "differently")
+                       f"(tried {', '.join(vocab.pre_candidates)}){hint}; refusing to write a model that would "
+                       "tokenize differently")
 
 
 def convert(folder: str | Path, out: str | Path | None = None, outtype: str = "f16",

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import PROBE, gguf_token_ids, hf_token_ids, load_hf_tokenizer, native_stderr_quiet, vocab_only_llama
+from .convert import (PROBE, gguf_token_ids, hf_token_ids, load_hf_tokenizer, native_stderr_quiet,
+                      reference_tokenizer, vocab_only_llama)
 
 SEQUENCES = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
 
@@ -26,17 +27,25 @@ def _llama(path: Path, n_ctx: int = 1024, logits_all: bool = False):
 
 
 def tokenizer_parity(hf_dir: Path, gguf_path: Path, tokenizer=None) -> dict:
-    tok = tokenizer or load_hf_tokenizer(Path(hf_dir))
+    """Token ids of the probe corpus from the GGUF in llama.cpp vs the tokenizer the model was
+    trained with (sentencepiece for a tokenizer.model, else the HF tokenizer)."""
+    from .hf import open_checkpoint
+    from .vocab import load_vocab
+
+    ck = open_checkpoint(hf_dir)
+    vocab = load_vocab(ck.folder, int(ck.config["vocab_size"]), ck.config)
+    reference = reference_tokenizer(ck.folder, vocab, tokenizer)
     llm = vocab_only_llama(gguf_path)
     try:
         mismatches = []
         for text in PROBE:
-            a, b = hf_token_ids(tok, text), gguf_token_ids(llm, text)
+            a, b = reference(text), gguf_token_ids(llm, text, special=vocab.spm_model is None)
             if a != b:
                 mismatches.append({"text": text, "hf": a, "gguf": b})
     finally:
         llm.close()
-    return {"probes": len(PROBE), "mismatches": mismatches, "ok": not mismatches}
+    return {"probes": len(PROBE), "reference": "sentencepiece" if vocab.spm_model else "hf",
+            "mismatches": mismatches, "ok": not mismatches}
 
 
 def logits_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 16) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from .hf import ConvertError
 
 # llama.cpp token types (gguf.TokenType): written as plain ints.
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -29,6 +29,10 @@ class Vocab:
     add_eos: bool = False
     chat_template: str | None = None
     pre_candidates: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # SentencePiece piece scores
+    add_space_prefix: bool | None = None  # SentencePiece's add_dummy_prefix
+    spm_model: Path | None = None  # the tokenizer.model parity is checked against
+    spm_normalizer: str = ""  # its normalization rule and whitespace handling, for error messages
 
 
 # llama.cpp pre-tokenizer names, most likely first for each pre_tokenizer shape.
@@ -56,24 +60,26 @@ def _pre_candidates(pre: dict | None) -> list[str]:
 
 def load_vocab(folder: Path, vocab_size: int, config: dict) -> Vocab:
     tj = folder / "tokenizer.json"
-    if not tj.is_file():
-        if (folder / "tokenizer.model").is_file():
-            raise ConvertError(f"{folder}: only a SentencePiece tokenizer.model; crofter converts tokenizers from "
-                               "tokenizer.json (save the tokenizer with a recent transformers to get one)")
-        raise ConvertError(f"{folder}: no tokenizer.json")
-    try:
-        tok = json.loads(tj.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConvertError(f"{tj}: not valid JSON ({exc})") from None
+    tok = None
+    if tj.is_file():
+        try:
+            tok = json.loads(tj.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConvertError(f"{tj}: not valid JSON ({exc})") from None
     tcfg = _read_json(folder / "tokenizer_config.json")
-    model = tok.get("model") or {}
+    model = (tok or {}).get("model") or {}
+    spm_like = model.get("type") == "Unigram" or (model.get("type") == "BPE" and model.get("byte_fallback"))
+    if (folder / "tokenizer.model").is_file() and (tok is None or spm_like):
+        return _sentencepiece_vocab(folder, vocab_size, config, tcfg, tok)
+    if tok is None:
+        raise ConvertError(f"{folder}: no tokenizer.json")
     if model.get("type") != "BPE":
         raise ConvertError(f"{tj}: tokenizer model {model.get('type')!r} is not supported (crofter converts "
                            "byte-level BPE tokenizers: Llama 3, SmolLM, Qwen2, Mistral Nemo and similar)")
     candidates = _pre_candidates(tok.get("pre_tokenizer"))
     if model.get("byte_fallback") or not candidates:
-        raise ConvertError(f"{tj}: a SentencePiece-style BPE tokenizer (byte fallback / Metaspace) is not supported "
-                           "yet; crofter converts byte-level BPE tokenizers")
+        raise ConvertError(f"{tj}: a SentencePiece-style tokenizer (byte fallback / Metaspace) without its "
+                           "tokenizer.model; put the original tokenizer.model next to it to convert it")
 
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in tok.get("added_tokens", [])}
@@ -112,6 +118,54 @@ def load_vocab(folder: Path, vocab_size: int, config: dict) -> Vocab:
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return Vocab("gpt2", tokens, types, merges, special, bool(add_bos), bool(tcfg.get("add_eos_token") or False),
                  template, candidates)
+
+
+def _sentencepiece_vocab(folder: Path, vocab_size: int, config: dict, tcfg: dict, tok: dict | None) -> Vocab:
+    """llama.cpp's ``llama`` (SentencePiece) tokenizer: pieces, scores and types read from
+    tokenizer.model itself, added tokens from tokenizer.json; parity is checked against
+    sentencepiece (the tokenizer the model was trained with)."""
+    try:
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        raise ConvertError("converting a SentencePiece tokenizer needs the sentencepiece package") from None
+    path = folder / "tokenizer.model"
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        types.append(UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else UNUSED if sp.is_unused(i)
+                     else BYTE if sp.is_byte(i) else NORMAL)
+    for a in sorted((tok or {}).get("added_tokens", []), key=lambda a: a["id"]):
+        if a["id"] < len(tokens):
+            if a["content"] != tokens[a["id"]]:
+                raise ConvertError(f"{folder}: added token {a['content']!r} overwrites piece {tokens[a['id']]!r}")
+            continue
+        while len(tokens) < a["id"]:
+            tokens.append(f"[PAD{len(tokens)}]")
+            scores.append(-1000.0)
+            types.append(UNUSED)
+        tokens.append(a["content"])
+        scores.append(-1000.0)
+        types.append(CONTROL if a.get("special") else USER_DEFINED)
+    while len(tokens) < vocab_size:
+        tokens.append(f"[PAD{len(tokens)}]")
+        scores.append(-1000.0)
+        types.append(UNUSED)
+    special = {k: v for k, v in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", sp.pad_id()))
+               if v >= 0}
+    template = tcfg.get("chat_template")
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    add_bos = tcfg.get("add_bos_token")
+    norm = proto.normalizer_spec
+    rule = f"{norm.name or 'identity'}" + (", remove_extra_whitespaces" if norm.remove_extra_whitespaces else "")
+    return Vocab("llama", tokens, types, [], special, True if add_bos is None else bool(add_bos),
+                 bool(tcfg.get("add_eos_token") or False), template, ["default"], scores,
+                 bool(norm.add_dummy_prefix), path, rule)
 
 
 def _template_adds(post: dict | None, bos: str | None) -> bool:

@@ -1,0 +1,77 @@
+"""SentencePiece tokenizers (Llama 2, Mistral v0.1, TinyLlama style): a real sentencepiece model,
+trained here on the machine's license texts, in a tiny random Llama."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from converter import verify
+from converter.convert import convert
+
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def _spm_llama(root, **normalization):
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join((LICENSES / n).read_text() for n in ("GPL-3", "Apache-2.0", "MPL-2.0", "BSD")))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "tok"), vocab_size=1000, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   split_digits=True, minloglevel=2, **normalization)
+    out = root / "llama"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes((root / "tok.model").read_bytes())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "legacy": False}))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    cfg.architectures = ["LlamaForCausalLM"]
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spm_llama(tmp_path_factory):
+    """As Llama 2's tokenizer.model: identity normalization, whitespace kept, a dummy prefix."""
+    return _spm_llama(tmp_path_factory.mktemp("spm"), normalization_rule_name="identity",
+                      remove_extra_whitespaces=False)
+
+
+def test_sentencepiece_vocab_and_parity(spm_llama, tmp_path):
+    import sentencepiece as spm
+
+    from models.gguf_check import check_gguf
+
+    out = convert(spm_llama, tmp_path / "spm.gguf", "f32").path
+    meta = check_gguf(out).metadata
+    assert meta["tokenizer.ggml.model"] == "llama"
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.bos_token_id"] == 1
+    sp = spm.SentencePieceProcessor(model_file=str(spm_llama / "tokenizer.model"))
+    assert meta["tokenizer.ggml.tokens"].length == sp.vocab_size()
+    tok = verify.tokenizer_parity(spm_llama, out)
+    assert tok["reference"] == "sentencepiece" and tok["ok"], tok["mismatches"][:2]
+    lg = verify.logits_parity(spm_llama, out, new_tokens=8)
+    for row in lg["sequences"]:
+        assert row["max_abs_diff"] < 0.05 and row["top1_agree"] == 1.0 and row["greedy_equal"], row
+
+
+def test_normalizing_sentencepiece_is_refused(tmp_path):
+    """sentencepiece's default NFKC normalizer and whitespace squeezing are not applied by llama.cpp."""
+    from converter.hf import ConvertError
+
+    src = _spm_llama(tmp_path)  # trainer defaults: nmt_nfkc, remove_extra_whitespaces
+    with pytest.raises(ConvertError, match="normalizer.*nmt_nfkc, remove_extra_whitespaces"):
+        convert(src, tmp_path / "x.gguf", "f32")
+    assert not (tmp_path / "x.gguf").exists()
