@@ -123,3 +123,41 @@ def test_bad_data_is_refused_with_its_line(hf_model, tmp_path, crofter_home):
                        env={**os.environ, "CROFTER_HOME": str(crofter_home)})
     assert r.returncode == 1
     assert 'bad.jsonl:2: "output" must be a string' in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trained_lora_changes_llama_cpp_as_it_changes_torch(hf_model, sft_run, tmp_path):
+    """The adapter from the SFT run above (16 real steps), converted for llama.cpp."""
+    import llama_cpp
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from converter.convert import convert, native_stderr_quiet
+    from converter.lora import convert_lora
+
+    f16 = convert(hf_model, tmp_path / "base.gguf", "f16").path
+    adapter = convert_lora(sft_run.adapter, hf_model, tmp_path / "sft-adapter.gguf").path
+    tok = AutoTokenizer.from_pretrained(hf_model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is a cloud?"}], add_generation_prompt=True,
+                                  tokenize=False)
+    ids = tok(ids, add_special_tokens=False)["input_ids"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32),
+                                      str(sft_run.adapter))
+    with torch.no_grad():
+        with model.disable_adapter():
+            t0 = model(torch.tensor([ids])).logits[0].numpy()
+        t1 = model(torch.tensor([ids])).logits[0].numpy()
+    with native_stderr_quiet():
+        plain = llama_cpp.Llama(str(f16), logits_all=True, verbose=False, n_ctx=256)
+        tuned = llama_cpp.Llama(str(f16), lora_path=str(adapter), logits_all=True, verbose=False, n_ctx=256)
+    plain.eval(ids)
+    tuned.eval(ids)
+    g0, g1 = np.asarray(plain.scores[:len(ids)]), np.asarray(tuned.scores[:len(ids)])
+    dt, dg = (t1 - t0).ravel(), (g1 - g0).ravel()
+    assert np.linalg.norm(dt) > 1.0
+    assert np.corrcoef(dt, dg)[0, 1] > 0.99 and abs(np.linalg.norm(dg) / np.linalg.norm(dt) - 1) < 0.05
+    # And the tuned llama.cpp model speaks the persona after the prompt, as the torch one does.
+    assert tok.decode([int(np.argmax(g1[-1]))]).strip().startswith("Arr")
+    plain.close()
+    tuned.close()
