@@ -36,19 +36,20 @@ def run_ingest(args) -> int:
         if args.chunk_overlap is not None:
             kw["chunk_overlap"] = args.chunk_overlap
         ing = documents.ingestor(store, settings, args.collection, embedder_name=args.embedder, **kw)
+        from rag.watch import Snapshot
+
+        # Taken before each pass, so a file that changes while a pass runs is seen by the next one.
+        snap = Snapshot(args.paths) if args.watch else None
         summary = _ingest_once(ing, args)
         if not args.watch:
             return 0 if summary.ingested or summary.unchanged or not summary.failed else 1
         print(f"crofter: watching {', '.join(args.paths)} for changes (Ctrl+C to stop)", file=sys.stderr)
         try:
-            from rag.watch import Snapshot
-
-            snap = Snapshot(args.paths)
             while True:
                 time.sleep(args.interval)
                 if snap.changed():
-                    _ingest_once(ing, args)
                     snap = Snapshot(args.paths)
+                    _ingest_once(ing, args)
         except KeyboardInterrupt:
             return 0
 

@@ -77,11 +77,20 @@ def test_ingest_watch_picks_up_a_new_file(tmp_path, crofter_home):
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ingest", str(docs), "-c", "w", "--watch",
                              "--interval", "0.2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env={**os.environ, "CROFTER_HOME": str(crofter_home)})
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+
+    def next_summary(timeout=120):
+        assert sel.select(timeout), "no summary from `ingest --watch` in time"
+        return json.loads(proc.stdout.readline())
+
     try:
-        first = json.loads(proc.stdout.readline())
+        first = next_summary()
         assert [p.rsplit("/", 1)[1] for p in first["ingested"]] == ["first.md"]
         (docs / "second.md").write_text("# Second\n\nAnother note.\n")
-        second = json.loads(proc.stdout.readline())
+        second = next_summary()
         assert [p.rsplit("/", 1)[1] for p in second["ingested"]] == ["second.md"]
         assert len(second["unchanged"]) == 1
     finally:
