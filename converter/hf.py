@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,29 +69,6 @@ class Checkpoint:
             return None
         kind = rs.get("rope_type") or rs.get("type") or "default"
         return None if kind == "default" else {**rs, "rope_type": kind}
-
-    def tensor_names(self) -> list[str]:
-        names = []
-        for shard in self.shards:
-            names.extend(_safetensors_keys(shard))
-        return names
-
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, float32 array) one tensor at a time, in file order."""
-        from safetensors import safe_open
-
-        for shard in self.shards:
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    yield name, t.float().numpy()
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
