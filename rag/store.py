@@ -14,7 +14,6 @@ duplicates. Query results from Chroma are joined back to catalogue rows by id.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -25,6 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import lock
+from .schema import MIGRATIONS, _split_sql
+
 CHROMA_PREFIX = "crofter-"
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
@@ -34,58 +36,7 @@ class RagError(Exception):
 
 
 class StoreLocked(RagError):
-    pass
-
-
-MIGRATIONS: list[tuple[str, str]] = [
-    ("0001_initial", """
-        CREATE TABLE collections (
-            name TEXT PRIMARY KEY,
-            embedder TEXT NOT NULL,
-            dimension INTEGER NOT NULL,
-            chunk_size INTEGER NOT NULL,
-            chunk_overlap INTEGER NOT NULL,
-            created REAL NOT NULL
-        );
-        CREATE TABLE files (
-            collection TEXT NOT NULL REFERENCES collections(name) ON DELETE CASCADE,
-            path TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
-            reason TEXT,
-            n_chunks INTEGER NOT NULL DEFAULT 0,
-            ingested REAL NOT NULL,
-            PRIMARY KEY (collection, path)
-        );
-        CREATE TABLE chunks (
-            rowid INTEGER PRIMARY KEY,
-            id TEXT NOT NULL,
-            collection TEXT NOT NULL,
-            path TEXT NOT NULL,
-            idx INTEGER NOT NULL,
-            page INTEGER,
-            heading TEXT NOT NULL DEFAULT '',
-            start INTEGER NOT NULL,
-            "end" INTEGER NOT NULL,
-            text TEXT NOT NULL,
-            UNIQUE (collection, id),
-            FOREIGN KEY (collection, path) REFERENCES files(collection, path) ON DELETE CASCADE
-        );
-        CREATE INDEX chunks_by_path ON chunks(collection, path);
-        CREATE VIRTUAL TABLE chunks_fts USING fts5(
-            text, heading, content='chunks', content_rowid='rowid',
-            tokenize="unicode61 remove_diacritics 2 tokenchars '_'"
-        );
-        CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
-            INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.rowid, new.text, new.heading);
-        END;
-        CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
-            INSERT INTO chunks_fts(chunks_fts, rowid, text, heading) VALUES ('delete', old.rowid, old.text, old.heading);
-        END;
-    """),
-]
+    """Another process owns the store."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +120,10 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.chroma_url = chroma_url
         self._lock = threading.RLock()
-        self._lock_fh = self._acquire_lock()
+        try:
+            self._lock_fh = lock.acquire(self.root)
+        except lock.StoreLocked as exc:
+            raise StoreLocked(str(exc)) from None
         self._chroma = None
         self._collections: dict[str, object] = {}
         try:
@@ -179,44 +133,20 @@ class Store:
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            self._release_lock()
+            lock.release(self._lock_fh)
+            self._lock_fh = None
             raise RagError(f"document catalogue {self.root / 'catalog.sqlite3'}: {exc}") from None
 
     # --- lifetime ---------------------------------------------------------------------------------
 
-    def _acquire_lock(self):
-        path = self.root / "lock"
-        fh = open(path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            pid = fh.read().strip() or "?"
-            fh.close()
-            raise StoreLocked(f"the document store {self.root} is in use by another crofter process (pid {pid}); "
-                              "close it and try again") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        return fh
-
-    def _release_lock(self) -> None:
-        if self._lock_fh is not None:
-            try:
-                fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            finally:
-                self._lock_fh.close()
-                self._lock_fh = None
-
-    @_locked
     def close(self) -> None:
         if getattr(self, "db", None) is not None:
             self.db.close()
             self.db = None
         self._collections.clear()
         self._chroma = None
-        self._release_lock()
+        lock.release(self._lock_fh)
+        self._lock_fh = None
 
     def __enter__(self) -> "Store":
         return self
@@ -446,16 +376,3 @@ class Store:
     @_locked
     def chunk_ids(self, collection: str) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE collection = ?", (collection,))]
-
-
-def _split_sql(script: str) -> list[str]:
-    """Statements of a migration; sqlite3.complete_statement keeps trigger bodies whole."""
-    out, buf = [], ""
-    for line in script.strip().splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    if buf.strip():
-        out.append(buf.strip())
-    return out
