@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Iterable
 
-from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -26,7 +25,7 @@ from textual.widgets import Footer, Input
 from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone
 from .tool_turn import tool_turn
 from . import dialogs
-from .docs import SourcesPanel, docs_status, open_documents
+from .docs import SourcesPanel, docs_status, open_documents, show_sources, warn_if_index_incomplete
 from .screens import HelpScreen
 from .widgets import ChatSidebar, MessageBox, PromptInput, StatusBar
 
@@ -163,12 +162,7 @@ class CrofterApp(App):
             self.notify("wait for the current reply (Esc stops it)" if self.generating else "the model is still loading",
                         severity="warning")
             return
-        ctl = self.controller
-        if ctl.chat is not None and ctl.chat.collections and ctl._docs is not None:
-            pending = ctl._docs.incomplete(ctl.chat.collections)
-            if pending:
-                self.notify(f"the index is still incomplete: {', '.join(pending)}; the answer may miss documents",
-                            severity="warning")
+        warn_if_index_incomplete(self)
         if self.controller.tools_enabled:
             await self.begin_reply(tool_turn(self, event.text), user_text=event.text)
         else:
@@ -256,26 +250,11 @@ class CrofterApp(App):
         fit = self.controller.session.last_fit if self.controller.session else None
         if fit is not None and fit.dropped:
             self.notify(fit.describe_dropped(), severity="warning")
-        await self._show_sources()
+        await show_sources(self)
         speed = f"{r.decode_tokens_per_s:.1f} tok/s" if r else ""
         self.query_one(StatusBar).show(self._label(), speed, message.meter)
         self.sub_title = self.controller.chat.title
         self.refresh_sidebar()
-
-    async def _show_sources(self) -> None:
-        """Under a reply over documents: the cited sources (Enter opens one)."""
-        ctl = self.controller
-        g, ctl.last_grounded = ctl.last_grounded, None
-        if g is None or self._reply_box is None:
-            return
-        if not g.sources:
-            self._reply_box.set_note(self._reply_box.note + " · no passage matched")
-        elif not g.cited:
-            self._reply_box.set_note(self._reply_box.note + f" · cites none of {len(g.sources)} retrieved passages")
-        else:
-            pending = ", ".join(ctl._docs.incomplete(ctl.chat.collections)) if ctl._docs else ""
-            panel = SourcesPanel([s.as_dict() for s in g.cited], pending)
-            await self.query_one("#conversation", VerticalScroll).mount(panel, after=self._reply_box)
 
     def _attach_ids(self) -> None:
         """Give boxes mounted during streaming the ids their messages got in the store."""
@@ -301,21 +280,8 @@ class CrofterApp(App):
         self.refresh_sidebar()
 
     async def action_regenerate(self) -> None:
-        if self._busy():
-            return
-        if not any(m.role == "user" for m in self.controller.messages()):
-            self.notify("nothing to regenerate yet", severity="warning")
-            return
-        conv = self.query_one("#conversation", VerticalScroll)
-        children = list(conv.children)
-        last_user = max((i for i, w in enumerate(children) if isinstance(w, MessageBox) and w.role == "user"), default=-1)
-        for w in children[last_user + 1:]:  # the old reply, its tool calls and its sources panel
-            await w.remove()
-        if self.controller.tools_enabled:  # the whole tool turn again, not a plain reply
-            text = self.controller.pop_last_turn()
-            await self.begin_reply(tool_turn(self, text))
-        else:
-            await self.begin_reply(lambda cancel: self.controller.regenerate(cancel))
+        if not self._busy():
+            await dialogs.regenerate(self)
 
     def action_edit_last(self) -> None:
         if not self._busy():
@@ -429,10 +395,3 @@ class CrofterApp(App):
             self._cancel.set()
         if self.controller is not None:
             self.controller.close_documents()
-
-
-def status_text(app: CrofterApp) -> str:
-    """The status bar's plain text (for tests and benchmarks)."""
-    bar = app.query_one(StatusBar)
-    content = bar.render()
-    return content.plain if isinstance(content, Text) else str(content)

@@ -172,6 +172,31 @@ def start_ingest(app, paths: list[str], name: str) -> None:
     app.notify(f"indexing into {name} in the background; this chat answers from it")
 
 
+def warn_if_index_incomplete(app) -> None:
+    """Before a question: say so when an attached collection is still being indexed."""
+    ctl = app.controller
+    if ctl.chat is not None and ctl.chat.collections and ctl._docs is not None:
+        pending = ctl._docs.incomplete(ctl.chat.collections)
+        if pending:
+            app.notify(f"the index is still incomplete: {', '.join(pending)}; the answer may miss documents",
+                       severity="warning")
+
+
+async def show_sources(app) -> None:
+    """Under a reply over documents: the cited sources (Enter opens one), or a note why there are none."""
+    ctl, box = app.controller, app._reply_box
+    g, ctl.last_grounded = ctl.last_grounded, None
+    if g is None or box is None:
+        return
+    if not g.sources:
+        box.set_note(box.note + " · no passage matched")
+    elif not g.cited:
+        box.set_note(box.note + f" · cites none of {len(g.sources)} retrieved passages")
+    else:
+        pending = ", ".join(ctl._docs.incomplete(ctl.chat.collections)) if ctl._docs else ""
+        await app.query_one("#conversation").mount(SourcesPanel([s.as_dict() for s in g.cited], pending), after=box)
+
+
 def docs_status(ctl) -> str:
     """The status bar's documents part: attached collections and any indexing in progress."""
     if ctl._docs is None and not (ctl.chat and ctl.chat.collections):

@@ -161,3 +161,9 @@ class StatusBar(Static):
 
     def show(self, model: str, speed: str, meter: str) -> None:
         self.update(Text("  ·  ".join(x for x in (model, speed, meter) if x)))
+
+
+def status_text(app) -> str:
+    """The status bar's plain text (for tests and benchmarks)."""
+    content = app.query_one(StatusBar).render()
+    return content.plain if isinstance(content, Text) else str(content)

@@ -7,7 +7,8 @@ import time
 from app.chat import ChatController
 from app.config import Settings
 from app.history import HistoryStore
-from app.tui.app import CrofterApp, status_text
+from app.tui.app import CrofterApp
+from app.tui.widgets import status_text
 from app.tui.tool_turn import approve_on_screen
 from app.tui.widgets import ChatItem, MessageBox
 

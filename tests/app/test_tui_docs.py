@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import shutil
 
-from app.tui.app import CrofterApp, status_text
+from app.tui.app import CrofterApp
+from app.tui.widgets import status_text
 from app.tui.docs import PassageScreen, SourcesPanel
 from rag.loaders import extract
 

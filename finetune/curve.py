@@ -1,0 +1,84 @@
+"""The loss curve of a run: every Trainer log line appended to loss.csv, loss.png redrawn at the end.
+
+DPO runs also plot chosen and rejected rewards side by side: a chosen reward that falls
+while the margin grows (TRL #800) should be visible, not buried in a margin.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Callable
+
+
+class CurveLogger:
+    """A TrainerCallback that appends every log line to loss.csv and redraws loss.png at the end."""
+
+    COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "rewards/chosen", "rewards/rejected",
+               "rewards/margins", "rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected",
+               "eval_rewards/margins", "eval_rewards/accuracies"]
+
+    def __init__(self, run_dir: Path, on_log: Callable[[dict], None] | None = None):
+        from transformers import TrainerCallback
+
+        self.csv = run_dir / "loss.csv"
+        self.png = run_dir / "loss.png"
+        self.on_log = on_log
+        self.last: dict = {}
+        self.last_eval: dict = {}
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                outer.log(state.global_step, logs or {})
+
+            def on_train_end(self, args, state, control, **kw):
+                outer.plot()
+
+        self.callback = _CB()
+
+    def log(self, step: int, logs: dict) -> None:
+        row = {"step": step, **{k: logs.get(k) for k in self.COLUMNS if k != "step"}}
+        if all(row[k] is None for k in self.COLUMNS if k not in ("step", "epoch", "learning_rate")):
+            return
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as fh:
+            w = csv.DictWriter(fh, self.COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        self.last.update({k: v for k, v in logs.items() if not k.startswith("eval_")})
+        self.last_eval.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        if self.on_log:
+            self.on_log(logs)
+
+    def plot(self) -> None:
+        if not self.csv.exists():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with open(self.csv) as fh:
+            rows = list(csv.DictReader(fh))
+        fig, axes = plt.subplots(1, 2 if any(r["rewards/margins"] for r in rows) else 1, figsize=(10, 4), squeeze=False)
+        for key, style in (("loss", "-"), ("eval_loss", "o-")):
+            pts = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+            if pts:
+                axes[0][0].plot(*zip(*pts), style, label=key)
+        axes[0][0].set_xlabel("step")
+        axes[0][0].set_title("loss")
+        axes[0][0].legend()
+        if axes.shape[1] > 1:
+            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+                pts = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+                if pts:
+                    axes[0][1].plot(*zip(*pts), label=key)
+            axes[0][1].set_title("DPO rewards (chosen must not fall unnoticed)")
+            axes[0][1].legend()
+        fig.tight_layout()
+        tmp = self.png.with_suffix(".png.partial")
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.png)
