@@ -11,6 +11,7 @@ first frame is drawn.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from typing import Iterable
@@ -22,6 +23,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input
 
+from ..render import display_safe
 from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone
 from .tool_turn import tool_turn
 from . import dialogs
@@ -114,6 +116,11 @@ class CrofterApp(App):
         await self._show_chat()
         self.refresh_sidebar()
         self.ready = True
+        # What is loaded by now lives as long as the app: keep it out of the cyclic GC's
+        # full collections, which otherwise stop a streaming reply for 30-50 ms each
+        # (GIL held, llama.cpp's token loop waiting). Undone in on_unmount.
+        gc.collect()
+        gc.freeze()
         if self.controller.engine.template.warning:
             self.notify(self.controller.engine.template.warning, severity="warning", timeout=10)
 
@@ -193,11 +200,13 @@ class CrofterApp(App):
         conv = self.query_one("#conversation", VerticalScroll)
         if user_text is not None:
             await conv.mount(MessageBox("user", user_text))
-        self._reply_box = MessageBox("assistant", "", note="…")
+        self._reply_box = MessageBox("assistant", "", note="…", streaming=True)
         await conv.mount(self._reply_box)
         conv.anchor()
         self._cancel = threading.Event()
         self.pacer.restart()
+        # A blinking cursor repaints the prompt twice a second: not while a reply streams.
+        self.query_one(PromptInput).cursor_blink = False
         self.generating = True
         self._generate(start, self._cancel)
 
@@ -230,14 +239,13 @@ class CrofterApp(App):
         self.post_message(ReplyDone(result, meter, error))
 
     async def on_reply_piece(self, message: ReplyPiece) -> None:
-        from ..render import display_safe
-
         if self._reply_box is not None:
-            await self._reply_box.body.append(display_safe(message.text))
+            self._reply_box.body.append(display_safe(message.text))
         self.pacer.update()
 
     async def on_reply_done(self, message: ReplyDone) -> None:
         self.generating = False
+        self.query_one(PromptInput).cursor_blink = True
         self.replies_done += 1
         r = message.result
         if message.error:
@@ -246,6 +254,8 @@ class CrofterApp(App):
             note = f"{r.completion_tokens} tokens, {r.decode_tokens_per_s:.1f} tok/s"
             self._reply_box.set_note(("stopped · " if r.finish_reason == "cancelled" else "") + note)
             self._reply_box.content = r.text
+        if self._reply_box is not None and self._reply_box.role == "assistant":
+            self._reply_box.body.finish(display_safe(r.text) if r is not None else None)
         self._attach_ids()
         fit = self.controller.session.last_fit if self.controller.session else None
         if fit is not None and fit.dropped:
@@ -391,6 +401,7 @@ class CrofterApp(App):
             open_documents(self)
 
     def on_unmount(self) -> None:
+        gc.unfreeze()
         if self.controller is not None and self.controller.engine is not None:
             self._cancel.set()
         if self.controller is not None:

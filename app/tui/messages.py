@@ -1,9 +1,11 @@
 """Messages from the generation thread to the screen, and the pace at which they are sent.
 
 Screen updates of a streaming reply are paced so that the UI thread (Markdown
-parsing, layout, painting) uses about UI_CPU_SHARE of one core: on a 2-core machine
-every millisecond it spends is taken from llama.cpp's threads and the GIL. With a
-fixed 20 updates/s the app decoded at 0.77x `crofter ask`; see docs/benchmarks.md.
+rendering, painting) uses about UI_CPU_SHARE of one core: on a 2-core machine
+every millisecond it spends is taken from llama.cpp's threads and the GIL (the
+decode slows by 1-1.5x the UI thread's share). An update costs ~3 ms since replies
+render through tui.reply.ReplyView, so 1.5% is about 5 updates/s; see
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from textual.message import Message
 
 MIN_UPDATE_INTERVAL_S = 0.05
 MAX_UPDATE_INTERVAL_S = 0.5
-UI_CPU_SHARE = 0.03
+UI_CPU_SHARE = 0.015
 
 
 class ReplyPiece(Message):

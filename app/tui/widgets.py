@@ -12,9 +12,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Collapsible, Input, Label, ListItem, ListView, Markdown, Static, TextArea
+from textual.widgets import Collapsible, Input, Label, ListItem, ListView, Static, TextArea
 
 from ..render import display_safe
+from .reply import ReplyView
 
 
 class PromptInput(TextArea):
@@ -68,12 +69,14 @@ class PromptInput(TextArea):
 class MessageBox(Vertical, can_focus=True):
     """One message: a role header and its body (Markdown for replies, literal text for users)."""
 
-    def __init__(self, role: str, content: str, message_id: int | None = None, note: str = "") -> None:
+    def __init__(self, role: str, content: str, message_id: int | None = None, note: str = "",
+                 streaming: bool = False) -> None:
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
         self.message_id = message_id
         self.note = note
+        self.streaming = streaming
 
     def _head(self) -> Text:
         head = Text(self.role.capitalize(), style="bold")
@@ -86,7 +89,7 @@ class MessageBox(Vertical, can_focus=True):
         if self.role == "tool":
             yield from self._tool_body()
         elif self.role == "assistant":
-            yield Markdown(display_safe(self.content), classes="body")
+            yield ReplyView(display_safe(self.content), streaming=self.streaming, classes="body")
         else:
             yield Static(Text(display_safe(self.content)), classes="body")
 
@@ -104,7 +107,7 @@ class MessageBox(Vertical, can_focus=True):
             yield Static(Text(display_safe(detail)))
 
     @property
-    def body(self) -> Markdown | Static:
+    def body(self) -> ReplyView | Static:
         return self.query_one(".body")
 
     def set_note(self, note: str) -> None:

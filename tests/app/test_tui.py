@@ -1,6 +1,7 @@
 """The chat app driven with Textual's Pilot, on the real bundled model."""
 from __future__ import annotations
 
+import gc
 import time
 
 
@@ -73,6 +74,11 @@ async def test_ask_see_streamed_answer_and_history(engine):
         after = status_text(app)
         assert "tok/s" in after and before != after  # the context meter moved
         assert ctl.chat.title == "What is the capital of France?"
+        # the reply on screen is the stored text, rendered as Markdown
+        body = app.query(MessageBox).last().body
+        assert not body.streaming and "Paris" in "\n".join(s.text for s in body._lines)
+        assert gc.get_freeze_count() > 0  # the long-lived objects are out of the GC's way
+    assert gc.get_freeze_count() == 0  # and back in it once the app is gone
 
 
 async def test_new_switch_rename_delete_search(engine):
@@ -120,7 +126,7 @@ async def test_stop_mid_stream_marks_incomplete(engine):
         prompt.load_text("Write a very long story about a dragon.")
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.generating and app._reply_box is not None)
-        await wait_for(pilot, lambda: len(app._reply_box.body.source) > 20)  # some of it is on screen
+        await wait_for(pilot, lambda: len(app._reply_box.body.text) > 20)  # some of it is on screen
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.replies_done == 1)
         last = ctl.store.messages(ctl.chat.id)[-1]
