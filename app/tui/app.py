@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 from typing import Iterable
 
 from textual import on, work
@@ -24,7 +23,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input
 
 from ..render import display_safe
-from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone
+from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone, forward
 from .tool_turn import tool_turn
 from . import dialogs
 from .docs import SourcesPanel, docs_status, open_documents, show_sources, warn_if_index_incomplete
@@ -213,22 +212,8 @@ class CrofterApp(App):
     @work(thread=True, exclusive=True, group="generate")
     def _generate(self, start, cancel: threading.Event) -> None:
         result, error = None, None
-        pending: list[str] = []
-        last_post = 0.0
         try:
-            for ev in start(cancel):
-                if ev.text:
-                    pending.append(ev.text)
-                    # Coalesce tokens: one screen update per interval (see messages.Pacer).
-                    now = time.monotonic()
-                    if now - last_post >= self.pacer.interval:
-                        self.post_message(ReplyPiece("".join(pending)))
-                        pending.clear()
-                        last_post = now
-                if ev.done is not None:
-                    result = ev.done
-            if pending:
-                self.post_message(ReplyPiece("".join(pending)))
+            result = forward(start(cancel), self.pacer, self.post_message)
         except Exception as exc:  # shown as a notification; the app keeps running
             error = str(exc)
         meter = ""

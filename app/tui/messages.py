@@ -67,3 +67,25 @@ class Pacer:
                 smoothed = 0.5 * self.interval + 0.5 * wanted
                 self.interval = min(MAX_UPDATE_INTERVAL_S, max(MIN_UPDATE_INTERVAL_S, smoothed))
         self._clock = now
+
+
+def forward(events, pacer: Pacer, post) -> object | None:
+    """Post the text of a reply's `events` as ReplyPiece messages, coalesced to one per
+    `pacer.interval`; return the final result (the event with `done`). Runs on the
+    generation thread."""
+    result = None
+    pending: list[str] = []
+    last_post = 0.0
+    for ev in events:
+        if ev.text:
+            pending.append(ev.text)
+            now = time.monotonic()
+            if now - last_post >= pacer.interval:
+                post(ReplyPiece("".join(pending)))
+                pending.clear()
+                last_post = now
+        if ev.done is not None:
+            result = ev.done
+    if pending:
+        post(ReplyPiece("".join(pending)))
+    return result

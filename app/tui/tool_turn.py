@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
-from ..engine import Event
 from .messages import ToolCallDone
 from .screens import ApproveCall
 
@@ -38,6 +37,8 @@ def tool_turn(app, text: str):
     """A `start(cancel)` for the app's generation worker: the loop as one event stream."""
 
     def start(cancel):
+        from ..engine import Event  # here, not at import: gguf's import would delay the first frame
+
         ctl = app.controller
         turn = ctl.send_with_tools(
             text,

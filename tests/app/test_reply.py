@@ -138,3 +138,17 @@ def test_pacer_keeps_the_ui_share():
         time.sleep(0.05)
         pacer.update()
     assert pacer.interval < 2 * MIN_UPDATE_INTERVAL_S
+
+
+def test_forward_coalesces_tokens_and_returns_the_result():
+    from types import SimpleNamespace as Ev
+
+    from app.tui.messages import Pacer, ReplyPiece, forward
+
+    posted = []
+    pacer = Pacer()
+    pacer.interval = 3600.0  # one post for the first token, the rest held until the end
+    events = [Ev(text=t, done=None) for t in ("Hel", "lo", ",", " world")] + [Ev(text="", done="RESULT")]
+    assert forward(iter(events), pacer, posted.append) == "RESULT"
+    assert all(isinstance(m, ReplyPiece) for m in posted)
+    assert [m.text for m in posted] == ["Hel", "lo, world"]
