@@ -152,3 +152,27 @@ def test_forward_coalesces_tokens_and_returns_the_result():
     assert forward(iter(events), pacer, posted.append) == "RESULT"
     assert all(isinstance(m, ReplyPiece) for m in posted)
     assert [m.text for m in posted] == ["Hel", "lo, world"]
+
+
+async def test_a_growing_code_block_is_highlighted_in_chunks():
+    code = "\n".join(f"def f{i}(x):\n    return x * {i}  # {i}" for i in range(20))
+    doc = f"Here is the code:\n```python\n{code}\n```\nand after it\n\nthe end"
+    view = ReplyView(streaming=True)
+    app = Host(view)
+    async with app.run_test(size=(60, 30)) as pilot:
+        await pilot.pause()
+        cut = doc.index("# 15")
+        view.append(doc[:cut])
+        chunks = view._code[1]
+        assert len(chunks) >= 3  # 30+ finished code lines: cached, not highlighted again
+        first = chunks[0]
+        view.append(doc[cut:cut + 10])
+        assert view._code[1][0] is first
+        for i in range(cut + 10, len(doc), 6):
+            view.append(doc[i:i + 6])
+        await pilot.pause()
+        streamed = plain(view)
+        view.finish(doc)
+        await pilot.pause()
+        assert streamed == plain(view)
+        assert "    return x * 19  # 19" in "\n".join(streamed)
