@@ -99,7 +99,6 @@ class ReplyView(Widget):
         self._reserve = 0
         self._width = 0
         self._blocks: list[tuple[str, list[Strip]]] = []  # finished blocks and their lines
-        self._tail: list[Strip] = []
         self._lines: list[Strip] = []
         self._stand_in_rows: dict[tuple[str, int], int] = {}
         self._code: tuple[int, list[list[Strip]]] = (-1, [])  # the growing code block's chunks
@@ -148,8 +147,8 @@ class ReplyView(Widget):
         chunks of CODE_CHUNK lines (Pygments costs ~0.4 ms a line, so an 80-line block
         rendered whole on every update took 35 ms); at `finish` it is rendered whole."""
         rows = tail.split("\n")
-        at = next((i for i, row in enumerate(rows) if _TOP_FENCE.match(row)), None)
-        if at is None:
+        at = next((i for i, row in enumerate(rows) if _FENCE.match(row)), None)
+        if at is None or not _TOP_FENCE.match(rows[at]):  # no code, or code inside a list item
             return self._render_md(tail, width, after)
         fence = _TOP_FENCE.match(rows[at]).group(1)
         code = rows[at + 1:]  # the last item is the unfinished line
@@ -270,10 +269,5 @@ class ReplyView(Widget):
             self.text = text
         self.streaming = False
         self._reserve = 0
-        self._width = 0
-        self.refresh(layout=True)
-
-    def update(self, text: str) -> None:
-        self.text = text
         self._width = 0
         self.refresh(layout=True)

@@ -176,3 +176,19 @@ async def test_a_growing_code_block_is_highlighted_in_chunks():
         await pilot.pause()
         assert streamed == plain(view)
         assert "    return x * 19  # 19" in "\n".join(streamed)
+
+
+async def test_code_inside_a_list_item_is_not_chunked():
+    doc = "1. Install:\n   ```bash\n" + "".join(f"   step {i}\n" for i in range(20)) + "   ```\n2. Run it\n"
+    view = ReplyView(streaming=True)
+    app = Host(view)
+    async with app.run_test(size=(60, 40)) as pilot:
+        await pilot.pause()
+        for i in range(0, len(doc), 5):
+            view.append(doc[i:i + 5])
+        assert view._code[1] == []  # rendered with its list item, not as loose code chunks
+        await pilot.pause()
+        streamed = plain(view)
+        view.finish(doc)
+        await pilot.pause()
+        assert streamed == plain(view)
