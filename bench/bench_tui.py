@@ -119,7 +119,9 @@ def main() -> None:
     lat.sort()
     p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
     print(f"first frame (launch to first refresh, headless): median {statistics.median(frames):.3f} s (goal <= 1.0)")
-    print(f"keypress latency while streaming: p50 {statistics.median(lat) * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms over {len(lat)} keys (goal p95 <= 50)")
+    if lat:
+        print(f"keypress latency while streaming: p50 {statistics.median(lat) * 1000:.1f} ms, "
+              f"p95 {p95 * 1000:.1f} ms over {len(lat)} keys (goal p95 <= 50)")
     a, b = statistics.median(in_app), statistics.median(via_ask)
     print(f"decode: app {a:.1f} tok/s vs crofter ask {b:.1f} tok/s (ratio of medians {a / b:.3f}); "
           f"median per-round ratio {statistics.median(ratios):.3f} over {len(ratios)} rounds (goal >= 0.95)")

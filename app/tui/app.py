@@ -239,7 +239,7 @@ class CrofterApp(App):
             note = f"{r.completion_tokens} tokens, {r.decode_tokens_per_s:.1f} tok/s"
             self._reply_box.set_note(("stopped · " if r.finish_reason == "cancelled" else "") + note)
             self._reply_box.content = r.text
-        if self._reply_box is not None and self._reply_box.role == "assistant":
+        if self._reply_box is not None:  # after an error, the streamed text stays as it is
             self._reply_box.body.finish(display_safe(r.text) if r is not None else None)
         self._attach_ids()
         fit = self.controller.session.last_fit if self.controller.session else None

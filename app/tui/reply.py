@@ -173,9 +173,6 @@ class ReplyView(Widget):
                                after if not chunks else None)
         return lines + [line for chunk in chunks for line in chunk] + (rest[1:] if chunks else rest)
 
-    def get_content_width(self, container: Size, viewport: Size) -> int:
-        return container.width
-
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
         if width <= 0:
             return 0

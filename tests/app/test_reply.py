@@ -55,6 +55,15 @@ def plain(view: ReplyView) -> list[str]:
     return [strip.text.rstrip() for strip in view._lines]
 
 
+async def streamed_and_final(pilot, view: ReplyView, doc: str) -> tuple[list[str], list[str]]:
+    """The lines on screen at the end of streaming, and after `finish` renders `doc` whole."""
+    await pilot.pause()
+    streamed = plain(view)
+    view.finish(doc)
+    await pilot.pause()
+    return streamed, plain(view)
+
+
 async def test_streamed_text_ends_as_the_whole_document():
     view = ReplyView(streaming=True)
     app = Host(view)
@@ -63,10 +72,7 @@ async def test_streamed_text_ends_as_the_whole_document():
         for i in range(0, len(DOC), 7):
             view.append(DOC[i:i + 7])
             await pilot.pause()
-        streamed = plain(view)
-        view.finish(DOC)
-        await pilot.pause()
-        final = plain(view)
+        streamed, final = await streamed_and_final(pilot, view, DOC)
         shown = "\n".join(final)
         assert "Title" in shown and "def f():" in shown and "return 1" in shown
         assert streamed == final  # block-wise rendering agrees with the one-document render here
@@ -170,11 +176,8 @@ async def test_a_growing_code_block_is_highlighted_in_chunks():
         assert view._code[1][0] is first
         for i in range(cut + 10, len(doc), 6):
             view.append(doc[i:i + 6])
-        await pilot.pause()
-        streamed = plain(view)
-        view.finish(doc)
-        await pilot.pause()
-        assert streamed == plain(view)
+        streamed, final = await streamed_and_final(pilot, view, doc)
+        assert streamed == final
         assert "    return x * 19  # 19" in "\n".join(streamed)
 
 
@@ -187,8 +190,5 @@ async def test_code_inside_a_list_item_is_not_chunked():
         for i in range(0, len(doc), 5):
             view.append(doc[i:i + 5])
         assert view._code[1] == []  # rendered with its list item, not as loose code chunks
-        await pilot.pause()
-        streamed = plain(view)
-        view.finish(doc)
-        await pilot.pause()
-        assert streamed == plain(view)
+        streamed, final = await streamed_and_final(pilot, view, doc)
+        assert streamed == final
