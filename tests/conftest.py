@@ -35,6 +35,21 @@ def engine(bundled_path):
 
 
 @pytest.fixture(scope="session")
+def raw_llm(bundled_path):
+    """The bundled model in plain llama-cpp-python, no crofter code: the anchor that
+    crofter's generations are compared with on the same machine (greedy words differ
+    between CPUs, the same build on the same CPU gives the same words)."""
+    from llama_cpp import Llama
+
+    from app.engine import auto_threads
+
+    llm = Llama(model_path=str(bundled_path), n_ctx=2048, n_threads=auto_threads(),
+                n_threads_batch=auto_threads(), n_gpu_layers=0, seed=1, verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="session")
 def hf_model(tmp_path_factory, bundled_path):
     """The bundled SmolLM2-135M-Instruct GGUF dequantized to an HF safetensors checkpoint
     (float32, real BPE tokenizer and chat template), built once per test session."""

@@ -6,8 +6,7 @@ runs in a worker thread over `ChatController`; tokens reach the screen only as
 messages, batched at a pace set by the measured cost of rendering, so long replies
 neither lag the UI nor slow the model down.
 
-Heavy imports (llama.cpp, numpy via gguf) happen in the loading worker after the
-first frame is drawn.
+Heavy imports (llama.cpp, numpy via gguf) happen in the loading worker after the first frame.
 """
 from __future__ import annotations
 
@@ -24,9 +23,10 @@ from textual.widgets import Footer, Input
 
 from ..render import display_safe
 from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone, forward
-from .tool_turn import tool_turn
-from . import dialogs
-from .docs import SourcesPanel, docs_status, open_documents, show_sources, warn_if_index_incomplete
+from .tool_turn import toggle_tools, tool_turn
+from . import clipboard, dialogs
+from .docs import chat_boxes, docs_status, open_documents, show_sources, warn_if_index_incomplete
+from .outbox import Outbox
 from .screens import HelpScreen
 from .widgets import ChatSidebar, MessageBox, PromptInput, StatusBar
 
@@ -66,6 +66,8 @@ class CrofterApp(App):
         self.pacer = Pacer()
         self.generating = False
         self.ready = False
+        self.loading = True  # a model is being loaded (at start, or after a switch)
+        self.outbox = Outbox()  # messages sent while loading, sent in order once ready
         self.replies_done = 0  # finished replies, for tests and benchmarks to wait on
         self.ingests_done = 0  # finished background ingestions
 
@@ -108,13 +110,16 @@ class CrofterApp(App):
         self.call_from_thread(self._after_load)
 
     def _fail(self, exc: Exception) -> None:
+        self.loading = False
         self.query_one(StatusBar).show("no model loaded", "", "")
         self.notify(str(exc), title="Could not start", severity="error", timeout=30)
+        self._return_pending()
 
     async def _after_load(self) -> None:
         await self._show_chat()
         self.refresh_sidebar()
         self.ready = True
+        self.loading = False
         # What is loaded by now lives as long as the app: keep it out of the cyclic GC's
         # full collections, which otherwise stop a streaming reply for 30-50 ms each
         # (GIL held, llama.cpp's token loop waiting). Undone in on_unmount.
@@ -122,21 +127,14 @@ class CrofterApp(App):
         gc.freeze()
         if self.controller.engine.template.warning:
             self.notify(self.controller.engine.template.warning, severity="warning", timeout=10)
+        await self._send_pending()
 
     # -- rendering ---------------------------------------------------------
     async def _show_chat(self) -> None:
         ctl = self.controller
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.remove_children()
-        boxes = []
-        for m in ctl.messages():
-            note = "stopped" if m.status == "incomplete" else ""
-            if m.role == "assistant" and m.tokens_per_s:
-                note = (note + " · " if note else "") + f"{m.completion_tokens} tokens, {m.tokens_per_s:.1f} tok/s"
-            boxes.append(MessageBox(m.role, m.content, m.id, note))
-            if m.sources:
-                boxes.append(SourcesPanel(m.sources))
-        await conv.mount_all(boxes)
+        await conv.mount_all(chat_boxes(ctl.messages()))
         conv.scroll_end(animate=False)
         self.sub_title = ctl.chat.title
         self.update_status()
@@ -164,15 +162,38 @@ class CrofterApp(App):
     # -- sending -----------------------------------------------------------
     @on(PromptInput.Submitted)
     async def _submitted(self, event: PromptInput.Submitted) -> None:
-        if not self.ready or self.generating:
-            self.notify("wait for the current reply (Esc stops it)" if self.generating else "the model is still loading",
+        if self.loading:
+            # Nothing typed is lost: the message waits for the model and goes out when it is ready.
+            self.outbox.add(event.text)
+            self.query_one(StatusBar).show(f"loading {self._model_name or 'model'}…", "", self.outbox.describe())
+            return
+        if self.generating or not self.ready:
+            # Not sent: the text goes back into the input rather than vanishing.
+            prompt = self.query_one(PromptInput)
+            if not prompt.text.strip():
+                prompt.load_text(event.text)
+            self.notify("wait for the current reply (Esc stops it)" if self.generating else "no model is loaded",
                         severity="warning")
             return
+        await self._send(event.text)
+
+    async def _send(self, text: str) -> None:
         warn_if_index_incomplete(self)
         if self.controller.tools_enabled:
-            await self.begin_reply(tool_turn(self, event.text), user_text=event.text)
+            await self.begin_reply(tool_turn(self, text), user_text=text)
         else:
-            await self.begin_reply(lambda cancel: self.controller.send(event.text, cancel), user_text=event.text)
+            await self.begin_reply(lambda cancel: self.controller.send(text, cancel), user_text=text)
+
+    async def _send_pending(self) -> None:
+        """Send the next message that waited for the model (the rest follow, one per reply)."""
+        if self.outbox.items and self.ready and not self.loading and not self.generating:
+            await self._send(self.outbox.take())
+
+    def _return_pending(self) -> None:
+        """No model came: what waited goes back into the input, nothing is dropped."""
+        if self.outbox.items:
+            prompt = self.query_one(PromptInput)
+            prompt.load_text(self.outbox.give_back(prompt.text))
 
     async def on_tool_call_done(self, message: ToolCallDone) -> None:
         import json
@@ -182,18 +203,8 @@ class CrofterApp(App):
         await self.query_one("#conversation", VerticalScroll).mount(box, before=self._reply_box)
 
     def action_toggle_tools(self) -> None:
-        if self._busy():
-            return
-        ctl = self.controller
-        ctl.tools_enabled = not ctl.tools_enabled
-        if ctl.tools_enabled:
-            reg = ctl.tool_registry()
-            for problem in reg.problems:
-                self.notify(problem, title="Tool not loaded", severity="warning")
-            self.notify(f"tools on: {', '.join(reg.tools)} (replies are not streamed while tools are on)")
-        else:
-            self.notify("tools off")
-        self.update_status()
+        if not self._busy():
+            toggle_tools(self)
 
     async def begin_reply(self, start, user_text: str | None = None) -> None:
         conv = self.query_one("#conversation", VerticalScroll)
@@ -250,6 +261,7 @@ class CrofterApp(App):
         self.query_one(StatusBar).show(self._label(), speed, message.meter)
         self.sub_title = self.controller.chat.title
         self.refresh_sidebar()
+        await self._send_pending()
 
     def _attach_ids(self) -> None:
         """Give boxes mounted during streaming the ids their messages got in the store."""
@@ -282,45 +294,40 @@ class CrofterApp(App):
         if not self._busy():
             dialogs.edit_and_resend(self)
 
-    def _focused_or_last_reply(self) -> MessageBox | None:
-        focused = self.focused
-        if isinstance(focused, MessageBox):
-            return focused
-        replies = [b for b in self.query(MessageBox) if b.role == "assistant" and b.content]
-        return replies[-1] if replies else None
-
     def action_copy_reply(self) -> None:
-        box = self._focused_or_last_reply()
-        if box is None:
-            self.notify("nothing to copy yet", severity="warning")
-            return
-        self.copy_to_clipboard(box.content)
-        self.notify(f"copied {len(box.content)} characters")
+        clipboard.copy_reply(self)
 
     def action_copy_code(self) -> None:
-        from ..render import code_blocks
-
-        box = self._focused_or_last_reply()
-        blocks = code_blocks(box.content) if box else []
-        if not blocks:
-            self.notify("no code block in that reply", severity="warning")
-            return
-        self.copy_to_clipboard(blocks[-1])
-        self.notify(f"copied code block ({len(blocks[-1].splitlines())} lines)")
+        clipboard.copy_code(self)
 
     def action_pick_model(self) -> None:
         if not self._busy():
             dialogs.pick_model(self)
 
-    @work(thread=True, exclusive=True, group="load")
     def switch_model(self, name: str) -> None:
-        """Load another model off the UI thread."""
-        self.call_from_thread(self.query_one(StatusBar).show, f"loading {name}…", "", "")
+        """Load another model off the UI thread; messages sent meanwhile wait for it."""
+        self.loading = True
+        self._model_name = name
+        self.query_one(StatusBar).show(f"loading {name}…", "", "")
+        self._switch(name)
+
+    @work(thread=True, exclusive=True, group="load")
+    def _switch(self, name: str) -> None:
         try:
             self.controller.load_model(name)
         except Exception as exc:
             self.call_from_thread(self.notify, str(exc), title="Could not load model", severity="error")
-        self.call_from_thread(self.update_status)
+            self.call_from_thread(self._after_switch, False)
+            return
+        self.call_from_thread(self._after_switch, True)
+
+    async def _after_switch(self, loaded: bool) -> None:
+        self.loading = False
+        if not loaded:  # the old model stays; what waited for the new one goes back to the input
+            self._model_name = self.controller.model.name if self.controller.model else None
+            self._return_pending()
+        self.update_status()
+        await self._send_pending()
 
     def action_settings(self) -> None:
         dialogs.sampling_settings(self)
@@ -354,7 +361,7 @@ class CrofterApp(App):
         self.push_screen(HelpScreen(rows))
 
     def _busy(self) -> bool:
-        if not self.ready:
+        if not self.ready or self.loading:
             self.notify("the model is still loading", severity="warning")
             return True
         if self.generating:

@@ -14,6 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ListItem, ListView, SelectionList, Static
 
 from ..render import display_safe
+from .widgets import MessageBox
 
 
 class DocumentsScreen(ModalScreen[dict | None]):
@@ -208,3 +209,17 @@ def docs_status(ctl) -> str:
         for name, p in list(ctl._docs.ingesting.items()):
             parts.append(f"indexing {name} {p.files_done}/{p.files_total} files, {p.chunks} chunks")
     return " · ".join(parts)
+
+
+def chat_boxes(messages) -> list:
+    """The widgets that show a stored chat: a box per message, a sources panel under each
+    grounded answer, and the note of what each reply cost."""
+    boxes = []
+    for m in messages:
+        note = "stopped" if m.status == "incomplete" else ""
+        if m.role == "assistant" and m.tokens_per_s:
+            note = (note + " · " if note else "") + f"{m.completion_tokens} tokens, {m.tokens_per_s:.1f} tok/s"
+        boxes.append(MessageBox(m.role, m.content, m.id, note))
+        if m.sources:
+            boxes.append(SourcesPanel(m.sources))
+    return boxes

@@ -75,12 +75,12 @@ def forward(events, pacer: Pacer, post) -> object | None:
     generation thread."""
     result = None
     pending: list[str] = []
-    last_post = 0.0
+    last_post: float | None = None  # the first piece goes out at once
     for ev in events:
         if ev.text:
             pending.append(ev.text)
             now = time.monotonic()
-            if now - last_post >= pacer.interval:
+            if last_post is None or now - last_post >= pacer.interval:
                 post(ReplyPiece("".join(pending)))
                 pending.clear()
                 last_post = now

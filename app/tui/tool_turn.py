@@ -49,3 +49,17 @@ def tool_turn(app, text: str):
         yield Event(done=replace(ctl.session.last_result, text=turn.answer, finish_reason=turn.finish_reason))
 
     return start
+
+
+def toggle_tools(app) -> None:
+    """Ctrl+L: tools on or off for the next turns (problems loading a tool are shown, not fatal)."""
+    ctl = app.controller
+    ctl.tools_enabled = not ctl.tools_enabled
+    if ctl.tools_enabled:
+        reg = ctl.tool_registry()
+        for problem in reg.problems:
+            app.notify(problem, title="Tool not loaded", severity="warning")
+        app.notify(f"tools on: {', '.join(reg.tools)} (replies are not streamed while tools are on)")
+    else:
+        app.notify("tools off")
+    app.update_status()
