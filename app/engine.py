@@ -30,6 +30,7 @@ from typing import Iterator
 from models.gguf_check import check_gguf
 from models.registry import ModelEntry
 
+from .probe import ProbeError, ensure_probed
 from .template import ChatTemplate
 
 
@@ -138,11 +139,15 @@ class Engine:
     # -- loading -----------------------------------------------------------
     @classmethod
     def load(cls, entry: ModelEntry, options: LoadOptions | None = None) -> "Engine":
-        """Validate the GGUF, then load it with llama.cpp."""
+        """Validate the GGUF, test-load it in a child process the first time, then load it."""
         options = options or LoadOptions()
         if entry.kind != "gguf":
             raise EngineError(f"{entry.name}: an HF checkpoint cannot be chatted with directly; run `crofter convert` first")
         summary = check_gguf(entry.file)  # a malformed file never reaches llama.cpp
+        try:  # nor, in this process, one that crashed (or has not yet loaded) in a child
+            ensure_probed(entry)
+        except ProbeError as exc:
+            raise EngineError(str(exc)) from None
         from llama_cpp import Llama
 
         arch = summary.metadata.get("general.architecture", "")

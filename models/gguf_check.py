@@ -13,7 +13,9 @@ Layout (GGUF v2/v3, little endian; see ggml/docs/gguf.md):
     magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv
     n_kv x (string key, u32 type, value)
     n_tensors x (string name, u32 n_dims, n_dims x u64 dim, u32 ggml_type, u64 offset)
-    padding to `general.alignment` (default 32), then the tensor data.
+    padding to `general.alignment` (default 32), then the tensor data: each tensor
+    at the offset where the one before it ends, padded to the alignment (llama.cpp
+    refuses gaps, overlaps and any other order).
 
 The type tables (value types, tensor types and their block sizes) come from the
 `gguf` package, so new quantization types are known as soon as gguf knows them.
@@ -39,7 +41,9 @@ MAX_KV = 1 << 16
 MAX_KEY_LEN = 1 << 16
 MAX_STRING_LEN = 1 << 26  # 64 MiB: chat templates are a few KiB
 MAX_ARRAY_LEN = 1 << 26
+MAX_STRING_ARRAY_LEN = 1 << 21  # 2M strings; vocabularies and merge lists stay under 300k
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME, including the terminating NUL
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B",
@@ -145,6 +149,25 @@ class _Cursor:
         self.pos += n
 
 
+def _skip_strings(cur: _Cursor, count: int, where: str) -> None:
+    """Skip `count` length-prefixed strings: the vocabulary's hot loop (~100k items),
+    so the error text for an item is only built once an item is bad."""
+    buf, pos, size, unpack = cur.buf, cur.pos, cur.size, struct.unpack_from
+    for i in range(count):
+        if pos + 8 > size:
+            break
+        n = unpack("<Q", buf, pos)[0]
+        if n > MAX_STRING_LEN or pos + 8 + n > size:
+            break
+        pos += 8 + n
+    else:
+        cur.pos = pos
+        return
+    cur.pos = pos
+    cur.skip_string(f"{where}[{i}]")  # raises, naming the item
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _value_type(cur: _Cursor, raw: int, where: str) -> GGUFValueType:
     try:
         return GGUFValueType(raw)
@@ -165,19 +188,22 @@ def _read_value(cur: _Cursor, vtype: GGUFValueType, where: str):
         if item_type == GGUFValueType.STRING:
             # Each string needs at least its 8-byte length: refuse before looping
             # over a count the file cannot possibly hold.
+            if count > MAX_STRING_ARRAY_LEN:
+                raise cur.fail(where, f"array of {count} strings exceeds the limit of {MAX_STRING_ARRAY_LEN}")
             if count * 8 > cur.size - cur.pos:
                 raise cur.fail(where, f"array of {count} strings cannot fit in the rest of the file")
-            for i in range(count):
-                cur.skip_string(f"{where}[{i}]")
+            _skip_strings(cur, count, where)
         else:
             nbytes = count * struct.calcsize(_SCALAR_FORMATS[item_type])
             cur.need(nbytes, where)
             cur.pos += nbytes
         return ArrayLen(item_type, count)
-    value = cur.unpack(_SCALAR_FORMATS[vtype], where)
-    if vtype == GGUFValueType.BOOL and value not in (True, False):
-        raise cur.fail(where, "bool value is neither 0 nor 1")
-    return value
+    if vtype == GGUFValueType.BOOL:  # read as a byte: struct's "?" maps any non-zero byte to True
+        raw = cur.unpack("<B", where)
+        if raw > 1:
+            raise cur.fail(where, f"bool value {raw} is neither 0 nor 1")
+        return bool(raw)
+    return cur.unpack(_SCALAR_FORMATS[vtype], where)
 
 
 def _tensor_nbytes(cur: _Cursor, name: str, shape: tuple, ttype: GGMLQuantizationType) -> int:
@@ -227,6 +253,8 @@ def _walk(buf, path: Path, file_size: int) -> GGUFSummary:
     for i in range(n_tensors):
         name = cur.string(f"tensor #{i} name", MAX_KEY_LEN)
         where = f"tensor {name!r}"
+        if len(name.encode("utf-8")) >= MAX_NAME:
+            raise cur.fail(f"tensor #{i} name", f"{len(name.encode('utf-8'))} bytes; llama.cpp allows at most {MAX_NAME - 1}")
         if name in names:
             raise cur.fail(where, "duplicate tensor name")
         names.add(name)
@@ -258,6 +286,7 @@ def _walk(buf, path: Path, file_size: int) -> GGUFSummary:
     if data_size < 0:
         raise cur.fail("tensor data", f"starts at byte {data_offset} past the end of the file ({file_size} bytes)")
     tensors: dict = {}
+    expected = 0  # llama.cpp's rule: tensors are stored in info order, each padded to the alignment
     for name, shape, ttype, offset in infos:
         nbytes = _tensor_nbytes(cur, name, shape, ttype)
         end = data_offset + offset + nbytes
@@ -266,6 +295,10 @@ def _walk(buf, path: Path, file_size: int) -> GGUFSummary:
                 f"tensor {name!r}",
                 f"data ends at byte {end} past the end of the file ({file_size} bytes; truncated or bad offset)",
             )
+        if offset != expected:
+            problem = "overlaps the tensor before it" if offset < expected else "leaves a gap after the tensor before it"
+            raise cur.fail(f"tensor {name!r} offset", f"{offset} {problem} (expected {expected})")
+        expected += (nbytes + alignment - 1) // alignment * alignment
         tensors[name] = (shape, ttype, offset, nbytes)
     return GGUFSummary(path, version, file_size, alignment, data_offset, metadata, tensors)
 

@@ -6,10 +6,10 @@ headers (8-byte length + JSON, so no weights and no torch are loaded).
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 from .gguf_check import ArrayLen, check_gguf
+from .safetensors_check import check_safetensors
 from .registry import ModelEntry
 
 
@@ -62,22 +62,11 @@ def gguf_info(path: Path) -> dict:
 
 
 def _safetensors_params(folder: Path) -> tuple[int, int]:
-    """(parameter count, bytes) summed over the folder's safetensors headers."""
+    """(parameter count, bytes) summed over the folder's validated safetensors headers."""
     total, size = 0, 0
     for f in sorted(folder.glob("*.safetensors")):
         size += f.stat().st_size
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100 * 1024 * 1024:
-                raise ValueError(f"{f}: safetensors header length {n} is absurd")
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for d in meta.get("shape", []):
-                count *= d
-            total += count
+        total += sum(t.n_elements for t in check_safetensors(f).values())
     return total, size
 
 
@@ -108,6 +97,11 @@ def hf_info(folder: Path) -> dict:
 def describe(entry: ModelEntry) -> dict:
     """Registry fields plus the format-specific facts of one model."""
     base = {"name": entry.name, "path": entry.path, "kind": entry.kind, "source": entry.source}
+    if entry.quarantine:
+        # No facts from a file that crashed llama.cpp: `models list` shows this error
+        # in red in place of the architecture, `models info` exits 1.
+        error = f"quarantined: model failed to load in a test process: {entry.quarantine}"
+        return {**base, "quarantined": entry.quarantine, "error": error}
     path = entry.file
     if not path.exists():
         return {**base, "error": f"missing: {path} no longer exists"}

@@ -24,6 +24,7 @@ from typing import Iterator
 from . import atomic, paths
 from .bundled import BUNDLED_NAME, bundled_gguf
 from .gguf_check import check_gguf
+from .safetensors_check import SafetensorsError, check_safetensors
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -40,6 +41,10 @@ class ModelEntry:
     kind: "gguf" (a single file llama.cpp loads) or "hf" (a transformers
     checkpoint folder with safetensors weights, for fine-tuning and conversion).
     source: "bundled", "local" (added by path) or "hub:<repo>" (pulled).
+    probed: fingerprint ("size:mtime_ns") of the file when it last loaded cleanly in a
+    test process (app/probe.py); "" when it has not, or not since it changed.
+    quarantine: why the file crashed or failed that test load; "" when it did not.
+    A quarantined model is refused at load until it is removed or re-added.
     """
 
     name: str
@@ -47,10 +52,18 @@ class ModelEntry:
     kind: str
     source: str = "local"
     added: float = 0.0
+    probed: str = ""
+    quarantine: str = ""
 
     @property
     def file(self) -> Path:
         return Path(self.path)
+
+
+def fingerprint(path: Path) -> str:
+    """"size:mtime_ns" of `path`: a probe result holds only while this stays the same."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def slug(text: str) -> str:
@@ -75,6 +88,11 @@ def detect_kind(path: Path) -> str:
             if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
                 raise ModelError(f"{path}: only pickled weights (.bin/.pt) found; crofter loads safetensors only")
             raise ModelError(f"{path}: folder has no .safetensors weights")
+        for shard in sorted(path.glob("*.safetensors")):
+            try:
+                check_safetensors(shard)
+            except SafetensorsError as exc:
+                raise ModelError(str(exc)) from None
         return "hf"
     raise ModelError(f"{path}: no such file or folder")
 
@@ -113,7 +131,8 @@ class Registry:
         out = []
         bundled = bundled_gguf()
         if bundled is not None:
-            out.append(ModelEntry(BUNDLED_NAME, str(bundled), "gguf", "bundled"))
+            # Shipped with crofter and loaded by its own test suite: never probed.
+            out.append(ModelEntry(BUNDLED_NAME, str(bundled), "gguf", "bundled", probed=fingerprint(bundled)))
         for name, rec in sorted(self._read().items()):
             out.append(ModelEntry(name=name, **rec))
         return out
@@ -181,3 +200,18 @@ class Registry:
                 with contextlib.suppress(OSError):
                     target.parent.rmdir()  # only succeeds when the repo folder is now empty
         return ModelEntry(name=name, **rec)
+
+    def record_probe(self, name: str, path: str, fingerprint_: str, failure: str = "") -> bool:
+        """Store the outcome of a test load of `name`'s file: passed (`failure` empty,
+        the file's fingerprint kept) or quarantined with `failure` as the reason.
+        Nothing is stored when `name` is not registered, or now names another file;
+        returns whether something was."""
+        if name not in self._read():  # an unregistered path: no record to keep (and no write)
+            return False
+        with self._editing() as models:
+            rec = models.get(name)
+            if rec is None or rec.get("path") != path:
+                return False
+            rec["probed"] = "" if failure else fingerprint_
+            rec["quarantine"] = failure
+        return True

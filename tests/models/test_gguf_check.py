@@ -8,6 +8,7 @@ import pytest
 
 from models.gguf_check import GGUFError, check_gguf
 from tests import gguf_build as gb
+from tests.models import gguf_corpus as corpus
 
 
 def write(tmp_path, data: bytes, name="m.gguf"):
@@ -41,31 +42,45 @@ def test_small_handmade_file_passes(tmp_path):
     assert summary.metadata["llama.context_length"] == 128
 
 
-@pytest.mark.parametrize(
-    "data,fragments",
-    [
-        (b"GGML" + gb.good()[4:], ["magic", "not a GGUF file"]),
-        (gb.good()[:4] + struct.pack("<I", 7) + gb.good()[8:], ["version", "7"]),
-        (gb.build([], [], n_kv=1 << 40), ["metadata_kv_count", "absurd"]),
-        (gb.build([], [], n_tensors=1 << 40), ["tensor_count", "absurd"]),
-        (gb.build([gb.kv_u32("a", 1), gb.kv_u32("a", 2)], []), ["metadata key 'a'", "duplicate"]),
-        (gb.build([], [("t", (4,), 0), ("t", (4,), 32)]), ["tensor 't'", "duplicate tensor name"]),
-        (gb.build([gb.s("k") + struct.pack("<I", 99) + b"\0" * 8], []), ["metadata 'k'", "unknown value type 99"]),
-        (gb.build([gb.s("k") + struct.pack("<IQ", 8, 1 << 40)], []), ["metadata 'k'", "exceeds the limit"]),
-        (gb.build([gb.s("k") + struct.pack("<IIQ", 9, 8, 1 << 25)], []), ["metadata 'k'", "cannot fit"]),
-        (gb.build([gb.s("k") + struct.pack("<IIQ", 9, 9, 1)], []), ["nested arrays"]),
-        (gb.build([gb.kv_u32("general.alignment", 24)], [], alignment=24), ["general.alignment", "power of two"]),
-        (gb.build([], [("t", (4,), 4)], data=bytes(64)), ["tensor 't' offset", "not a multiple of the alignment"]),
-        (gb.build([], [("t", (4,), 1 << 20)], data=bytes(64)), ["tensor 't'", "past the end of the file"]),
-        (gb.build([], [("t", (4, 0), 0)]), ["tensor 't' shape", "zero dimension"]),
-        (gb.build([], [("t", (4, 4, 4, 4, 4), 0)]), ["tensor 't' n_dims", "outside 1..4"]),
-        (gb.build([gb.s(b"\xff\xfe") + struct.pack("<II", 4, 1)], []), ["metadata key #0", "not valid UTF-8"]),
-    ],
-    ids=["magic", "version", "kv-count", "tensor-count", "dup-key", "dup-tensor", "value-type", "huge-string",
-         "huge-array", "nested-array", "alignment", "misaligned-offset", "offset-past-end", "zero-dim", "too-many-dims", "bad-utf8"],
-)
+@pytest.mark.parametrize("data,fragments", [c[1:] for c in corpus.HANDMADE], ids=[c[0] for c in corpus.HANDMADE])
 def test_corrupt_handmade_files_are_refused(tmp_path, data, fragments):
-    refused(write(tmp_path, data), *fragments)
+    msg = refused(write(tmp_path, data), *fragments)
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("pct", [10, 50, 99])
+def test_bundled_model_truncated_at_percent_is_refused(tmp_path, bundled_path, pct):
+    """A real copy of the first pct% of the model (the corpus uses sparse copies)."""
+    p = tmp_path / "cut.gguf"
+    size = bundled_path.stat().st_size
+    with open(bundled_path, "rb") as src, open(p, "wb") as dst:
+        dst.write(src.read(size * pct // 100))
+    refused(p, "past the end of the file", "truncated")
+
+
+def test_bundled_cases_are_refused(tmp_path, bundled_path):
+    cases = corpus.bundled_cases(bundled_path)
+    assert len(cases) == 15
+    for case_id, make, fragments in cases:
+        msg = refused(make(tmp_path / f"{case_id}.gguf"), *fragments)
+        assert corpus.truncation_fragments_ok(msg) or fragments, (case_id, msg)
+        assert "\n" not in msg, case_id
+
+
+def test_largest_allowed_string_array_is_walked_quickly(tmp_path):
+    """The slowest header a file can legally have: 2M empty strings (16 MB) in one array.
+    Accepted within BI1's 2 s of CPU time (about 0.5 s here). CPU time, not wall time: on
+    a shared, loaded machine the wall clock measures the neighbours."""
+    import time
+
+    n = 1 << 21
+    p = tmp_path / "many.gguf"
+    p.write_bytes(gb.build([gb.s("k") + struct.pack("<IIQ", 9, 8, n) + bytes(8 * n)], []))
+    t0 = time.process_time()
+    summary = check_gguf(p)
+    elapsed = time.process_time() - t0
+    assert summary.metadata["k"].length == n
+    assert elapsed < 2.0, elapsed
 
 
 def test_unknown_tensor_type_is_refused(tmp_path):
@@ -130,3 +145,56 @@ def test_corrupt_file_never_reaches_llama_cpp(tmp_path, bundled_path, monkeypatc
 def test_not_a_file(tmp_path):
     with pytest.raises(GGUFError, match="cannot read"):
         check_gguf(tmp_path / "missing.gguf")
+
+
+_BUDGET_CHILD = r"""
+import json, resource, sys, time
+from models.gguf_check import GGUFError, check_gguf
+out = []
+for case_id, path in json.load(sys.stdin):
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        check_gguf(path)
+        outcome = "accepted"
+    except GGUFError as exc:
+        outcome = "refused: " + str(exc)
+    except BaseException as exc:
+        outcome = f"escaped {type(exc).__name__}: {exc}"
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    out.append([case_id, outcome, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, wall])
+print(json.dumps({"cases": out, "llama_cpp_imported": "llama_cpp" in sys.modules}))
+"""
+
+
+def test_corpus_each_case_under_2s_and_200mb(tmp_path, bundled_path):
+    """BI1's budget: the whole corpus validated in one fresh child process; its peak RSS
+    (ru_maxrss, a high-water mark, so it bounds every case) stays under 200 MB and each
+    case takes under 2 s of CPU time (wall time is printed; it includes the neighbours'
+    load). llama.cpp is never imported."""
+    import json
+    import subprocess
+    import sys
+
+    jobs = []
+    for case_id, data, _fr in corpus.HANDMADE:
+        jobs.append([case_id, str(write(tmp_path, data, f"{case_id}.gguf"))])
+    for case_id, make, _fr in corpus.bundled_cases(bundled_path):
+        jobs.append([case_id, str(make(tmp_path / f"{case_id}.gguf"))])
+    child = subprocess.run([sys.executable, "-c", _BUDGET_CHILD], input=json.dumps(jobs), capture_output=True,
+                           text=True, timeout=300, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    assert child.returncode == 0, child.stderr[-2000:]
+    report = json.loads(child.stdout)
+    assert report["llama_cpp_imported"] is False
+    cases = report["cases"]
+    assert len(cases) == len(jobs) == len(corpus.HANDMADE) + 15
+    for case_id, outcome, dt, rss, _wall in cases:
+        assert outcome.startswith("refused: "), (case_id, outcome)
+        assert dt < 2.0, (case_id, dt)
+    peak = max(c[3] for c in cases)
+    slowest = max(cases, key=lambda c: c[2])
+    print(f"\nBI1 corpus: {len(cases)} cases refused; slowest {slowest[0]} {slowest[2] * 1000:.1f} ms CPU "
+          f"({max(c[4] for c in cases) * 1000:.1f} ms wall at most); "
+          f"child peak RSS {peak / 2**20:.1f} MB")
+    for c in cases:
+        print(f"  {c[0]:<22} {c[2] * 1000:8.1f} ms cpu {c[4] * 1000:8.1f} ms wall {c[3] / 2**20:6.1f} MB  {c[1][c[1].index('.gguf: ') + 7:][:90]}")
+    assert peak < 200 * 2**20
