@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_.add_argument("--json", action="store_true", help="machine-readable output")
     clr = colsub.add_parser("rm", help="delete a collection's index (your files are not touched)")
     clr.add_argument("name")
-    for p in (cll, cli_, clr):
+    clb = colsub.add_parser("rebuild", help="re-embed collections from the catalogue after damage (all when none is named)")
+    clb.add_argument("names", nargs="*", metavar="NAME")
+    for p in (cll, cli_, clr, clb):
         p.add_argument("--chroma-url", metavar="URL", help="Chroma server (http://HOST:PORT)")
 
     se = sub.add_parser("search", help="find passages in a collection",

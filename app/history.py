@@ -3,7 +3,14 @@
 Durability rules: a message is written in one transaction when it is complete
 (or, for a reply the user stopped, marked ``incomplete``); a reply that was
 streaming when the process died is simply absent. With WAL and synchronous=FULL a
-committed message survives kill -9 and power loss.
+committed message survives kill -9 and power loss. Several crofter processes may share the
+file: writes take SQLite's write lock (BEGIN IMMEDIATE) and wait up to 10 s for it.
+
+Faults, each a one-line HistoryError naming the file: a database written by a newer crofter
+(refused, nothing changed; an older one is migrated after a copy ``history.db.bak-<version>``
+is made); a ``-wal`` deleted after a crash while ``-shm`` says it held commits; a disk that
+fills (the message is not saved, everything committed before stays); a folder that cannot be
+written (the history opens read-only: list, show, search and export work, changes are refused).
 
     >>> store = HistoryStore()                                        # doctest: +SKIP
     >>> chat = store.new_chat(model="smollm2-135m")
@@ -21,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models import paths
+from rag import sqlitedb
 
 # Ordered, named, append-only: a migration once shipped is never edited.
 MIGRATIONS: list[tuple[str, str]] = [
@@ -83,6 +91,10 @@ class HistoryError(Exception):
     """A chat or message does not exist, or the database cannot be used."""
 
 
+class HistoryReadOnly(HistoryError):
+    """The history can be read but not changed (its folder cannot be written)."""
+
+
 @dataclass
 class Chat:
     id: int
@@ -132,51 +144,71 @@ class HistoryStore:
     def __init__(self, path: Path | None = None):
         self.path = path or paths.data_dir() / "history.db"
         self._lock = threading.RLock()
+        self.read_only: str | None = None  # why the history cannot be changed, when it cannot
+        lost = sqlitedb.lost_wal_frames(self.path)
+        if lost:
+            raise HistoryError(f"{sqlitedb.lost_wal_message(self.path, lost)}; to open the history as it is, move "
+                               f"{self.path.name}-shm out of {self.path.parent}")
+        self.db = None
         try:
-            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            try:
+                self.db = self._connect()
+                self.db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as exc:
+                if sqlitedb.writable(self.path.parent) or not self.path.exists():
+                    raise
+                if self.db is not None:
+                    self.db.close()
+                self.read_only = f"{self.path.parent} cannot be written ({exc})"
+                self.db = sqlitedb.open_readonly(self.path)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.migrate()
+            sqlitedb.refuse_newer(self.db, self.path, MIGRATIONS, "_migrations")
+            if self.read_only:
+                if sqlitedb.schema_version(self.db, "_migrations") < len(MIGRATIONS):
+                    raise HistoryError(f"{self.path} needs upgrading, but {self.read_only}")
+            else:
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.execute("PRAGMA foreign_keys=ON")
+                self.migrate()
+        except sqlitedb.SchemaError as exc:
+            self.db.close()
+            raise HistoryError(str(exc)) from None
         except sqlite3.DatabaseError as exc:
+            if self.db is not None:
+                self.db.close()
             raise HistoryError(f"{self.path}: cannot open the history database ({exc})") from None
 
+    def _connect(self) -> sqlite3.Connection:
+        # timeout=10 is SQLite's busy timeout: another crofter's write waits, it never fails at once.
+        return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+
     def migrate(self) -> list[str]:
-        """Apply pending migrations in order; returns the names applied."""
-        applied = []
+        """Apply pending migrations in order (after a backup of an existing file); the names applied."""
         with self._lock:
-            self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
-            done = {r[0] for r in self.db.execute("SELECT name FROM _migrations")}
-            for name, sql in MIGRATIONS:
-                if name in done:
-                    continue
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in _split_sql(sql):
-                        self.db.execute(statement)
-                    self.db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    raise
-                applied.append(name)
-        return applied
+            return sqlitedb.migrate(self.db, self.path, MIGRATIONS, "_migrations")
 
     def close(self) -> None:
         with self._lock:
             self.db.close()
 
     def _tx(self, sql_params: list[tuple[str, tuple]]) -> list[sqlite3.Cursor]:
+        """One transaction; a disk that is full or read-only becomes a HistoryError, nothing half-written."""
+        if self.read_only:
+            raise HistoryReadOnly(f"{self.path} is read-only: {self.read_only}; nothing was saved")
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
             try:
-                out = [self.db.execute(sql, params) for sql, params in sql_params]
-                self.db.execute("COMMIT")
-                return out
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    out = [self.db.execute(sql, params) for sql, params in sql_params]
+                    self.db.execute("COMMIT")
+                    return out
+                except BaseException:
+                    # SQLite rolls back by itself on SQLITE_FULL and I/O errors.
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise HistoryError(f"{self.path}: could not save ({_why(exc)}); nothing was saved") from None
 
     # -- chats -----------------------------------------------------------
     def new_chat(self, title: str = "New chat", model: str | None = None, system_prompt: str = "") -> Chat:
@@ -298,15 +330,8 @@ def _chat(row: sqlite3.Row) -> Chat:
     return Chat(**d)
 
 
-def _split_sql(script: str) -> list[str]:
-    """Split a migration into statements; trigger bodies keep their inner semicolons."""
-    out, buf = [], []
-    for line in script.strip().splitlines():
-        buf.append(line)
-        joined = "\n".join(buf).strip()
-        if joined.endswith(";") and sqlite3.complete_statement(joined):
-            out.append(joined)
-            buf = []
-    if "\n".join(buf).strip():
-        out.append("\n".join(buf).strip())
-    return out
+def _why(exc: sqlite3.OperationalError) -> str:
+    text = str(exc)
+    if "disk is full" in text or "disk I/O error" in text:
+        return f"{text}: free some space; every message saved before is kept"
+    return text

@@ -1,7 +1,9 @@
-"""The document catalogue's SQLite schema, as an ordered list of named migrations."""
-from __future__ import annotations
+"""The document catalogue's SQLite schema, as an ordered list of named migrations.
 
-import sqlite3
+Append-only: a migration once shipped is never edited. rag.sqlitedb runs them (with a
+backup before an existing catalogue changes, and a refusal of a newer one).
+"""
+from __future__ import annotations
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", """
@@ -53,15 +55,3 @@ MIGRATIONS: list[tuple[str, str]] = [
     """),
 ]
 
-
-def _split_sql(script: str) -> list[str]:
-    """Statements of a migration; sqlite3.complete_statement keeps trigger bodies whole."""
-    out, buf = [], ""
-    for line in script.strip().splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    if buf.strip():
-        out.append(buf.strip())
-    return out

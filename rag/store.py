@@ -11,32 +11,30 @@ written to Chroma *before* the catalogue transaction that commits a file, and ea
 file's old vectors are deleted by path first, so a process killed anywhere in between
 leaves the old version committed and the next ingest redoes the file with no
 duplicates. Query results from Chroma are joined back to catalogue rows by id.
+
+Opening checks the store before anything uses it (rag/verify.py): a catalogue whose -wal
+was deleted after a crash, a damaged catalogue, damaged Chroma files. Each is refused with
+one line naming the file and offering `crofter collections rebuild`, which opens the
+store with ``repair=True`` and re-embeds from the chunk texts kept in the catalogue.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
-import functools
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import lock
-from .schema import MIGRATIONS, _split_sql
+from . import chroma_client, lock, sqlitedb, verify
+from .errors import RagError, StoreDamaged, StoreLocked  # re-exported: callers import them from here
+from .schema import MIGRATIONS
 
 CHROMA_PREFIX = "crofter-"
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
-
-
-class RagError(Exception):
-    """A document-store problem worth one line to the user."""
-
-
-class StoreLocked(RagError):
-    """Another process owns the store."""
 
 
 @dataclass(frozen=True)
@@ -90,13 +88,6 @@ def chunk_id(path: str, sha256: str, idx: int) -> str:
     return hashlib.sha1(f"{path}\0{sha256}\0{idx}".encode()).hexdigest()
 
 
-def _chroma_settings():
-    from chromadb.config import Settings
-
-    # No telemetry: crofter makes no network calls at run time.
-    return Settings(anonymized_telemetry=False, allow_reset=False)
-
-
 def _locked(method):
     """Serialise a Store method: the app queries from one thread while another ingests."""
 
@@ -115,27 +106,62 @@ class Store:
     ...     s.create_collection("docs", "all-MiniLM-L6-v2", 384, 200, 32)
     """
 
-    def __init__(self, root: str | os.PathLike, chroma_url: str | None = None):
+    def __init__(self, root: str | os.PathLike, chroma_url: str | None = None, *, repair: bool = False,
+                 hnsw_sync_threshold: int | None = None):
+        """`repair`: open a damaged store to rebuild it (a lost catalogue WAL is accepted, Chroma's
+        files are not checked). `hnsw_sync_threshold`: new collections persist their vector index
+        every that many additions (Chroma's default is 1000; below it Chroma replays its log)."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.chroma_url = chroma_url
+        self.hnsw_sync_threshold = hnsw_sync_threshold
         self._lock = threading.RLock()
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             self._lock_fh = lock.acquire(self.root)
         except lock.StoreLocked as exc:
             raise StoreLocked(str(exc)) from None
+        except OSError as exc:
+            raise RagError(f"the document store {self.root} cannot be written ({exc.strerror})") from None
         self._chroma = None
         self._collections: dict[str, object] = {}
+        self.db = None
         try:
-            self.db = sqlite3.connect(self.root / "catalog.sqlite3", isolation_level=None, check_same_thread=False)
+            self._open_catalogue(repair)
+            damage = [] if repair else self.check()
+        except BaseException:
+            self.close()
+            raise
+        if damage:
+            self.close()
+            raise StoreDamaged(verify.damage_message(damage), damage)
+
+    def check(self) -> list:
+        """Damage in the embedded Chroma files (rag.verify), read without opening Chroma."""
+        return [] if self.chroma_url else verify.check_chroma(self.root / "chroma", CHROMA_PREFIX)
+
+    def _open_catalogue(self, repair: bool) -> None:
+        path = self.root / "catalog.sqlite3"
+        lost = sqlitedb.lost_wal_frames(path)
+        if lost and not repair:
+            raise StoreDamaged(f"document catalogue: {sqlitedb.lost_wal_message(path, lost)}; run `crofter "
+                               "collections rebuild` to accept the loss and re-embed every collection, then "
+                               "`crofter ingest` your folders again", [verify.Damage(path, "WAL lost", None)])
+        if lost:
+            verify.set_aside(Path(f"{path}-shm"))
+        self.lost_catalogue_wal = bool(lost)
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+            check = [r[0] for r in self.db.execute("PRAGMA quick_check(3)")]
+            if check != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(r.replace("\n", " ") for r in check))
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            sqlitedb.migrate(self.db, path, MIGRATIONS, "migrations")
+        except sqlitedb.SchemaError as exc:
+            raise RagError(f"document catalogue {exc}") from None
         except sqlite3.DatabaseError as exc:
-            lock.release(self._lock_fh)
-            self._lock_fh = None
-            raise RagError(f"document catalogue {self.root / 'catalog.sqlite3'}: {exc}") from None
+            raise RagError(f"document catalogue {path}: {exc}") from None
 
     # --- lifetime ---------------------------------------------------------------------------------
 
@@ -145,7 +171,7 @@ class Store:
             self.db = None
         self._collections.clear()
         self._chroma = None
-        lock.release(self._lock_fh)
+        lock.release(getattr(self, "_lock_fh", None))
         self._lock_fh = None
 
     def __enter__(self) -> "Store":
@@ -154,44 +180,12 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
-        done = {r[0] for r in self.db.execute("SELECT name FROM migrations")}
-        for name, sql in MIGRATIONS:
-            if name in done:
-                continue
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _split_sql(sql):
-                    self.db.execute(statement)
-                self.db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
     # --- chroma -----------------------------------------------------------------------------------
 
     @property
     def chroma(self):
         if self._chroma is None:
-            import chromadb
-
-            if self.chroma_url:
-                from urllib.parse import urlparse
-
-                u = urlparse(self.chroma_url if "://" in self.chroma_url else f"http://{self.chroma_url}")
-                if not u.hostname:
-                    raise RagError(f"--chroma-url {self.chroma_url}: expected http://HOST:PORT")
-                try:
-                    self._chroma = chromadb.HttpClient(host=u.hostname, port=u.port or 8000, ssl=u.scheme == "https",
-                                                       settings=_chroma_settings())
-                    self._chroma.heartbeat()
-                except Exception as exc:
-                    self._chroma = None
-                    raise RagError(f"cannot reach the Chroma server at {self.chroma_url}: {exc}") from None
-            else:
-                self._chroma = chromadb.PersistentClient(path=str(self.root / "chroma"), settings=_chroma_settings())
+            self._chroma = chroma_client.connect(self.root / "chroma", self.chroma_url)
         return self._chroma
 
     @_locked
@@ -200,10 +194,28 @@ class Store:
         if col is None:
             # embedding_function=None: vectors always come from crofter's embedder, so Chroma
             # never loads (or downloads) a model of its own.
-            col = self.chroma.get_or_create_collection(CHROMA_PREFIX + name, embedding_function=None,
-                                                       metadata={"hnsw:space": "cosine"})
+            meta = {"hnsw:space": "cosine"}
+            if self.hnsw_sync_threshold:
+                meta.update({"hnsw:sync_threshold": self.hnsw_sync_threshold,
+                             "hnsw:batch_size": min(100, self.hnsw_sync_threshold)})
+            col = self.chroma.get_or_create_collection(CHROMA_PREFIX + name, embedding_function=None, metadata=meta)
             self._collections[name] = col
         return col
+
+    @_locked
+    def reset_vectors(self, name: str) -> None:
+        """Drop a collection's Chroma side (even with damaged index files) and start it empty."""
+        try:
+            self.chroma.delete_collection(CHROMA_PREFIX + name)
+        except Exception:  # not there (already dropped, or a fresh Chroma folder)
+            pass
+        self._collections.pop(name, None)
+        self._vectors(name)
+
+    @_locked
+    def add_vectors(self, name: str, ids: list[str], embeddings, paths: list[str]) -> None:
+        if ids:
+            self._vectors(name).add(ids=ids, embeddings=embeddings, metadatas=[{"path": p} for p in paths])
 
     # --- collections ------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""`crofter ingest`, `crofter collections list|info|rm` and `crofter search`."""
+"""`crofter ingest`, `crofter collections list|info|rm|rebuild` and `crofter search`."""
 from __future__ import annotations
 
 import json
@@ -95,6 +95,8 @@ def run_collections(args) -> int:
     from .. import documents
 
     settings = _settings(args)
+    if args.collections_command == "rebuild":
+        return _rebuild(settings, list(getattr(args, "names", None) or []))
     with documents.open_store(settings) as store:
         action = args.collections_command
         if action == "list":
@@ -133,6 +135,26 @@ def run_collections(args) -> int:
         store.drop_collection(args.name)
         print(f"removed collection {args.name}", file=sys.stderr)
         return 0
+
+
+def _rebuild(settings, names: list[str]) -> int:
+    """Re-embed collections from the chunk texts in the catalogue (all of them when none is named)."""
+    from rag import verify
+    from rag.store import Store
+
+    from .. import documents
+
+    start = time.monotonic()
+    with Store(documents.store_root(), chroma_url=settings.chroma_url or None, repair=True) as store:
+        done = verify.repair(store, names, lambda embedder: documents.embedder(embedder).encode)
+        lost = store.lost_catalogue_wal
+    for name, n in done:
+        print(f"rebuilt {name}: {n} chunks re-embedded", file=sys.stderr)
+    print(f"crofter: rebuilt {len(done)} collection(s) in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    if lost:
+        print("crofter: the catalogue lost its last changes before the crash: run `crofter ingest` on your folders "
+              "again to restore them", file=sys.stderr)
+    return 0
 
 
 def run_search(args) -> int:
