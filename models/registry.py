@@ -11,6 +11,7 @@ missing; it cannot be removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import fcntl
 import json
@@ -54,6 +55,12 @@ class ModelEntry:
     added: float = 0.0
     probed: str = ""
     quarantine: str = ""
+
+    @classmethod
+    def from_record(cls, name: str, rec: dict) -> "ModelEntry":
+        """An entry from models.json; fields a newer crofter added are ignored, not fatal."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"name"}
+        return cls(name=name, **{k: v for k, v in rec.items() if k in known})
 
     @property
     def file(self) -> Path:
@@ -134,7 +141,7 @@ class Registry:
             # Shipped with crofter and loaded by its own test suite: never probed.
             out.append(ModelEntry(BUNDLED_NAME, str(bundled), "gguf", "bundled", probed=fingerprint(bundled)))
         for name, rec in sorted(self._read().items()):
-            out.append(ModelEntry(name=name, **rec))
+            out.append(ModelEntry.from_record(name, rec))
         return out
 
     def get(self, name: str) -> ModelEntry:
@@ -199,7 +206,7 @@ class Registry:
                 target.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     target.parent.rmdir()  # only succeeds when the repo folder is now empty
-        return ModelEntry(name=name, **rec)
+        return ModelEntry.from_record(name, rec)
 
     def record_probe(self, name: str, path: str, fingerprint_: str, failure: str = "") -> bool:
         """Store the outcome of a test load of `name`'s file: passed (`failure` empty,

@@ -94,6 +94,18 @@ def test_corrupt_registry_file_is_reported():
         reg.entries()
 
 
+def test_fields_of_a_newer_crofter_are_ignored(tmp_path, bundled_path):
+    """F8, the registry: models.json written by a newer crofter (extra fields) still reads."""
+    import json
+
+    reg = Registry()
+    reg.file.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"path": str(bundled_path), "kind": "gguf", "source": "local", "added": 1.0, "from_the_future": {"x": 1}}
+    reg.file.write_text(json.dumps({"version": 1, "models": {"mine": rec}}))
+    entry = reg.get("mine")
+    assert entry.path == str(bundled_path) and entry.kind == "gguf" and not hasattr(entry, "from_the_future")
+
+
 def test_resolve_kind_checks_what_a_command_needs(tmp_path, bundled_path):
     reg = Registry()
     folder = tmp_path / "ckpt"
