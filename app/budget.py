@@ -22,6 +22,7 @@ class Fit:
 
     prompt_tokens: token ids of the rendered prompt (what the engine evaluates).
     dropped: messages left out by the overflow policy, oldest first.
+    cut: how many messages after the system prompt were left out (the next turn's `start`).
     """
 
     messages: list[dict]
@@ -29,6 +30,7 @@ class Fit:
     reserve: int
     n_ctx: int
     dropped: list[dict] = field(default_factory=list)
+    cut: int = 0
 
     def describe_dropped(self) -> str | None:
         if not self.dropped:
@@ -42,36 +44,57 @@ def reply_reserve(max_tokens: int, n_ctx: int) -> int:
     return max(1, min(max_tokens, n_ctx // 2))
 
 
-def _turn_starts(messages: list[dict]) -> list[int]:
-    return [i for i, m in enumerate(messages) if m["role"] == "user"]
-
-
 def fit_messages(
     messages: list[dict],
     tokenize: Callable[[list[dict]], list[int]],
     n_ctx: int,
     max_tokens: int,
+    start: int = 0,
+    slack: int = 0,
 ) -> Fit:
     """Apply the overflow policy to `messages` for a window of `n_ctx` tokens.
 
     `tokenize` renders messages with the chat template and returns token ids.
+    `start`: messages after the system prompt already left out by an earlier turn; they
+    stay out, so the prompt's prefix (and the KV cache built on it) stays the same from
+    turn to turn. `slack`: when turns must be dropped, drop enough to leave this many
+    tokens free as well, so the next turns fit without dropping again (llama.cpp's own
+    server discards half its window when it fills, for the same reason).
+
+    The cut is found by bisection over the turn starts (the prompt only shrinks as
+    turns go), so a chat of 2,000 turns costs ~13 renders, not 2,000.
     """
     reserve = reply_reserve(max_tokens, n_ctx)
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = messages[len(system):]
-    dropped: list[dict] = []
-    while True:
-        tokens = tokenize(system + rest)
-        if len(tokens) + reserve <= n_ctx:
-            return Fit(system + rest, tokens, reserve, n_ctx, dropped)
-        starts = _turn_starts(rest)
-        # Drop everything before the second turn start: the oldest whole turn
-        # (or any leading non-user messages), never the newest user message.
-        if len(starts) < 2 and not (starts and starts[0] > 0):
-            raise ContextOverflow(
-                f"the prompt needs {len(tokens)} tokens plus {reserve} reserved for the reply, "
-                f"but the context window is {n_ctx} tokens; shorten the message or raise --n-ctx"
-            )
-        cut = starts[1] if starts[0] == 0 else starts[0]
-        dropped.extend(rest[:cut])
-        rest = rest[cut:]
+    if not 0 <= start < len(rest) or rest[start]["role"] != "user":
+        start = 0  # no earlier cut, or the history changed under it: start over
+    tokens = tokenize(system + rest[start:])
+    if len(tokens) + reserve <= n_ctx:
+        return Fit(system + rest[start:], tokens, reserve, n_ctx, rest[:start], start)
+    # Cutting at a turn start drops every message before it; the newest user message
+    # (the last start) is never dropped.
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > start]
+    cache: dict[int, list[int]] = {}
+
+    def size(cut: int) -> int:
+        if cut not in cache:
+            cache[cut] = tokenize(system + rest[cut:])
+        return len(cache[cut])
+
+    for budget in (n_ctx - reserve - slack, n_ctx - reserve):
+        if starts and size(starts[-1]) <= budget:
+            lo, hi = 0, len(starts) - 1  # the smallest j whose cut fits
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if size(starts[mid]) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            cut = starts[lo]
+            return Fit(system + rest[cut:], cache[cut], reserve, n_ctx, rest[:cut], cut)
+    needed = size(starts[-1]) if starts else len(tokens)
+    raise ContextOverflow(
+        f"the prompt needs {needed} tokens plus {reserve} reserved for the reply, "
+        f"but the context window is {n_ctx} tokens; shorten the message or raise --n-ctx"
+    )

@@ -27,17 +27,34 @@ class ChatSession:
         self.messages: list[dict] = list(messages or [])
         if system and not (self.messages and self.messages[0]["role"] == "system"):
             self.messages.insert(0, {"role": "system", "content": system})
-        self.last_fit: Fit | None = None
+        self._last_fit: Fit | None = None
+        self.cut = 0  # messages (after the system prompt) the overflow policy has left out for good
         self.tools: list[dict] | None = None  # tool specs for templates that render them natively
         self.last_result: Result | None = None
 
+    @property
+    def last_fit(self) -> Fit | None:
+        """The fit of the last turn sent; setting it keeps its cut for the turns after."""
+        return self._last_fit
+
+    @last_fit.setter
+    def last_fit(self, fit: Fit | None) -> None:
+        self._last_fit = fit
+        if fit is not None:
+            self.cut = fit.cut
+
     def fit(self, messages: list[dict] | None = None) -> Fit:
-        """What the next turn would send, after the overflow policy."""
+        """What the next turn would send, after the overflow policy: turns left out earlier
+        stay out, and a new cut leaves a quarter of the window free, so the prompt's prefix
+        (and llama.cpp's KV cache of it) stays the same for the turns that follow."""
+        n_ctx = self.engine.n_ctx
         return fit_messages(
             self.messages if messages is None else messages,
             lambda msgs: self.engine.tokenize_chat(msgs, self.tools),
-            self.engine.n_ctx,
+            n_ctx,
             self.sampling.max_tokens,
+            start=self.cut,
+            slack=n_ctx // 4,
         )
 
     def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
