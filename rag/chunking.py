@@ -15,6 +15,8 @@ from .loaders import Extracted
 
 DEFAULT_SIZE = 128  # tokens: all-MiniLM-L6-v2 was trained on 128-token inputs (it reads up to 256)
 DEFAULT_OVERLAP = 24
+PIECE_CHARS = 100_000  # a longer section is tokenized in pieces of at most this many chars
+BATCH_CHARS = 1_000_000  # chars handed to the tokenizer per call
 
 
 @dataclass(frozen=True)
@@ -44,24 +46,43 @@ class Chunker:
         self.overlap = overlap
 
     def split(self, doc: Extracted) -> list[Chunk]:
-        sections = [s for s in doc.sections if doc.text[s.start:s.end].strip()]
-        if not sections:
-            return []
-        texts = [doc.text[s.start:s.end] for s in sections]
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                             return_attention_mask=False, return_token_type_ids=False)
+        # Long sections are tokenized in pieces cut at a line break, and pieces in batches of
+        # about BATCH_CHARS: the offset mapping of a 20M-char text would cost gigabytes at once.
+        spans = [(a, b, s.heading, s.page) for s in doc.sections if doc.text[s.start:s.end].strip()
+                 for a, b in _pieces(doc.text, s.start, s.end)]
         chunks: list[Chunk] = []
         step = self.size - self.overlap
-        for sec, offsets in zip(sections, enc["offset_mapping"]):
-            offsets = [o for o in offsets if o[1] > o[0]]
-            if not offsets:
-                continue
-            i = 0
-            while True:
-                window = offsets[i:i + self.size]
-                start, end = sec.start + window[0][0], sec.start + window[-1][1]
-                chunks.append(Chunk(len(chunks), start, end, doc.text[start:end], sec.heading, sec.page))
-                if i + self.size >= len(offsets):
-                    break
-                i += step
+        i = 0
+        while i < len(spans):
+            j, total = i, 0
+            while j < len(spans) and (j == i or total + spans[j][1] - spans[j][0] <= BATCH_CHARS):
+                total += spans[j][1] - spans[j][0]
+                j += 1
+            group = spans[i:j]
+            enc = self.tokenizer([doc.text[a:b] for a, b, _, _ in group], add_special_tokens=False,
+                                 return_offsets_mapping=True, return_attention_mask=False, return_token_type_ids=False)
+            for (base, _, heading, page), offsets in zip(group, enc["offset_mapping"]):
+                offsets = [o for o in offsets if o[1] > o[0]]
+                k = 0
+                while offsets:
+                    window = offsets[k:k + self.size]
+                    start, end = base + window[0][0], base + window[-1][1]
+                    chunks.append(Chunk(len(chunks), start, end, doc.text[start:end], heading, page))
+                    if k + self.size >= len(offsets):
+                        break
+                    k += step
+            i = j
         return chunks
+
+
+def _pieces(text: str, start: int, end: int, limit: int = PIECE_CHARS):
+    """(start, end) spans of at most `limit` chars tiling text[start:end], cut after a newline
+    (else a space) in the second half of each span when there is one."""
+    while end - start > limit:
+        cut = text.rfind("\n", start + limit // 2, start + limit)
+        if cut < 0:
+            cut = text.rfind(" ", start + limit // 2, start + limit)
+        cut = cut + 1 if cut >= 0 else start + limit
+        yield start, cut
+        start = cut
+    yield start, end

@@ -181,10 +181,12 @@ class Ingestor:
                 chunks = self.chunker.split(doc)
                 if not chunks:
                     raise LoadError("no text in the file")
-            except LoadError as exc:
-                rec = FileRecord(key, digest, st.st_size, st.st_mtime_ns, "failed", str(exc), 0)
+            except (LoadError, RecursionError, MemoryError, ValueError, LookupError) as exc:
+                # A parser's own bug on a hostile file is this file's failure, not the batch's.
+                reason = str(exc) if isinstance(exc, LoadError) else f"cannot parse ({type(exc).__name__}: {str(exc)[:120]})"
+                rec = FileRecord(key, digest, st.st_size, st.st_mtime_ns, "failed", reason, 0)
                 pending.append((rec, []))
-                summary.failed.append((key, str(exc)))
+                summary.failed.append((key, reason))
                 prog.files_done += 1
                 tick()
                 continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,12 @@ MAX_FILE_BYTES = 50 * 1024 * 1024
 MAX_TEXT_CHARS = 20_000_000
 # A zip container (docx) whose members would inflate past this is refused unread.
 MAX_UNZIPPED_BYTES = 200 * 1024 * 1024
+# Wall-clock budget per file, checked between HTML blocks and PDF pages (no thread is killed).
+MAX_SECONDS = 30.0
+# One PDF stream may inflate to this much (pypdf's own limit, 75 MB by default, lets a
+# whitespace bomb cost ~30 s of parsing); a page's content may hold this many tokens.
+MAX_PDF_STREAM_BYTES = 8 * 1024 * 1024
+MAX_PDF_TOKENS = 100_000
 
 TEXT_SUFFIXES = {".txt", ".text", ".log", ".csv", ".tsv", ".json", ".yaml", ".yml", ".toml", ".ini", ".cfg", ""}
 MARKDOWN_SUFFIXES = {".md", ".markdown", ".mdown"}
@@ -87,8 +94,12 @@ def supported(path: Path) -> bool:
         return False
 
 
-def extract(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Extracted:
+def extract(path: str | Path, max_bytes: int = MAX_FILE_BYTES, max_seconds: float = MAX_SECONDS) -> Extracted:
     """Read `path` and return its text and sections, or raise LoadError.
+
+    Memory stays within a small multiple of `max_bytes` (HTML is parsed as a stream, PDF
+    streams are capped as they inflate); time within `max_seconds` plus one HTML block or
+    one PDF page.
 
     >>> ex = extract("README.md")                      # doctest: +SKIP
     >>> ex.sections[0].heading, ex.text[ex.sections[0].start:][:20]
@@ -103,8 +114,9 @@ def extract(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Extracted:
     if st.st_size > max_bytes:
         raise LoadError(f"over the size cap ({st.st_size} bytes > {max_bytes})")
     suffix = path.suffix.lower()
+    deadline = time.monotonic() + max_seconds
     if suffix == ".pdf":
-        out = _pdf(path)
+        out = _pdf(path, deadline, max_seconds)
     elif suffix == ".docx":
         out = _docx(path)
     else:
@@ -115,7 +127,7 @@ def extract(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Extracted:
         elif suffix in RST_SUFFIXES:
             out = Extracted(text, rst_sections(text), "rst")
         elif suffix in HTML_SUFFIXES:
-            out = _html(text)
+            out = _html(text, deadline, max_seconds)
         elif suffix in CODE_SUFFIXES:
             out = Extracted(text, code_sections(text, suffix), "code")
         else:
@@ -135,16 +147,24 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _decode(raw: bytes) -> str:
-    """UTF-8 (with or without BOM), else Latin-1 if it looks like text; NUL bytes mean binary."""
+    """UTF-8 (with or without BOM), else Latin-1 if it looks like text; NUL bytes mean binary.
+
+    A file that is mostly UTF-8 with a few broken bytes keeps its UTF-8 text, with U+FFFD
+    for the broken bytes (decoding it as Latin-1 would garble every accented letter)."""
     if b"\x00" in raw[:8192]:
         raise LoadError("binary file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-        controls = sum(1 for ch in text[:8192] if ord(ch) < 32 and ch not in "\t\n\r\f")
-        if controls > len(text[:8192]) * 0.05:
-            raise LoadError("binary file") from None
+        text = raw.decode("utf-8-sig", errors="replace")
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+        if sum(1 for ch in text if ord(ch) > 127) - bad <= bad:  # more broken sequences than good ones
+            text = raw.decode("latin-1")
+            # C0 controls other than whitespace, and C1 (0x7f-0x9f), do not occur in Latin-1 prose.
+            head = text[:8192]
+            controls = sum(1 for ch in head if (ord(ch) < 32 and ch not in "\t\n\r\f") or 127 <= ord(ch) < 160)
+            if controls > len(head) * 0.05:
+                raise LoadError("binary file") from None
     # Offsets are into the text with newlines normalised, which is what every parser sees.
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -236,10 +256,10 @@ _DEF_LINE = re.compile(
 def code_sections(text: str, suffix: str) -> list[Section]:
     """Top-level definitions: Python through `ast` (exact), other languages by a
     definition keyword at column 0; a function or class is one section."""
-    if suffix in (".py", ".pyi"):
+    if suffix in (".py", ".pyi") and len(text) <= 2_000_000:  # an AST costs ~50x its source in memory
         try:
             tree = ast.parse(text)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             tree = None
         if tree is not None:
             line_off = [0]
@@ -262,78 +282,66 @@ def code_sections(text: str, suffix: str) -> list[Section]:
     return _heading_sections(text, marks)
 
 
-def _html(source: str) -> Extracted:
-    """Visible text of an HTML page, one section per h1-h6 heading (scripts and styles dropped)."""
-    from bs4 import BeautifulSoup
-    from bs4.element import NavigableString, Tag
+def _html(source: str, deadline: float = float("inf"), cap_s: float = MAX_SECONDS) -> Extracted:
+    """Visible text of an HTML page, one section per h1-h6 heading (scripts and styles dropped),
+    parsed as a stream with the time and text caps checked between blocks."""
+    from .html_text import html_text
 
-    soup = BeautifulSoup(source, "html.parser")
-    for tag in soup(["script", "style", "noscript", "template", "head"]):
-        tag.decompose()
-    parts: list[str] = []
-    marks: list[tuple[int, int, str]] = []
-    size = 0
-    blocks = {"p", "div", "li", "tr", "br", "pre", "section", "article", "table", "ul", "ol", "dd", "dt", "blockquote"}
+    def check(done: int, size: int) -> None:
+        if time.monotonic() > deadline:
+            raise LoadError(f"took over the time cap ({cap_s:g} s) after {done} of {len(source)} chars")
+        if size > MAX_TEXT_CHARS:
+            raise LoadError(f"extracted text over the cap ({MAX_TEXT_CHARS} chars); a decompression bomb?")
 
-    def emit(s: str) -> None:
-        nonlocal size
-        parts.append(s)
-        size += len(s)
-
-    def walk(node) -> None:
-        for child in node.children:
-            if isinstance(child, NavigableString):
-                if type(child).__name__ in ("Comment", "Doctype", "Declaration", "ProcessingInstruction", "CData"):
-                    continue
-                text = str(child)
-                if not (node.name == "pre" or text.strip()):
-                    continue
-                emit(text if node.name == "pre" else re.sub(r"\s+", " ", text))
-            elif isinstance(child, Tag):
-                name = child.name.lower()
-                if re.fullmatch(r"h[1-6]", name):
-                    title = re.sub(r"\s+", " ", child.get_text()).strip()
-                    if parts and not parts[-1].endswith("\n"):
-                        emit("\n")
-                    emit("\n")
-                    marks.append((size, int(name[1]), title))
-                    emit(title + "\n\n")
-                    continue
-                walk(child)
-                if name in blocks and parts and not parts[-1].endswith("\n"):
-                    emit("\n")
-
-    walk(soup)
-    text = "".join(parts)
+    text, marks = html_text(source, check)
     return Extracted(text, _heading_sections(text, marks), "html")
 
 
-def _pdf(path: Path) -> Extracted:
-    """Text per page through pypdf; pages are joined by a blank line and each is one section."""
+def _pdf(path: Path, deadline: float = float("inf"), cap_s: float = MAX_SECONDS) -> Extracted:
+    """Text per page through pypdf; pages are joined by a blank line and each is one section.
+
+    pypdf's own limits do the capping (it honours them while it inflates and parses):
+    a stream inflating past MAX_PDF_STREAM_BYTES or a page past MAX_PDF_TOKENS tokens
+    fails the file, and the time cap is checked between pages."""
     try:
-        from pypdf import PdfReader
+        from pypdf import PdfReader, apply_configuration
+        from pypdf.errors import LimitReachedError
     except ImportError:  # pragma: no cover - a dependency
         raise LoadError("PDF support needs pypdf") from None
+    cap = MAX_PDF_STREAM_BYTES
+    limits = dict(zlib_maximum_output_length=cap, lzw_maximum_output_length=cap, run_length_maximum_output_length=cap,
+                  array_based_stream_maximum_output_length=cap, brotli_maximum_output_length=cap,
+                  stream_decoding_work_maximum_length=4 * cap, stream_parsing_work_maximum_count=MAX_PDF_TOKENS)
+    n = 0
     try:
-        reader = PdfReader(str(path), strict=False)
-        if reader.is_encrypted:
-            # An empty user password opens many "encrypted" PDFs (permissions only).
-            try:
-                ok = reader.decrypt("")
-            except Exception:
-                ok = 0
-            if not ok:
-                raise LoadError("encrypted PDF (needs a password)")
-        texts = []
-        total = 0
-        for page in reader.pages:
-            t = (page.extract_text() or "").replace("\r\n", "\n").replace("\r", "\n")
-            total += len(t)
-            if total > MAX_TEXT_CHARS:
-                raise LoadError(f"extracted text over the cap ({MAX_TEXT_CHARS} chars); a decompression bomb?")
-            texts.append(t)
+        with apply_configuration(**limits):
+            reader = PdfReader(str(path), strict=False)
+            if reader.is_encrypted:
+                # An empty user password opens many "encrypted" PDFs (permissions only).
+                try:
+                    ok = reader.decrypt("")
+                except Exception:
+                    ok = 0
+                if not ok:
+                    raise LoadError("encrypted PDF (needs a password)")
+            texts = []
+            total = 0
+            for n, page in enumerate(reader.pages, 1):
+                if time.monotonic() > deadline:
+                    raise LoadError(f"took over the time cap ({cap_s:g} s) at page {n}")
+                t = (page.extract_text() or "").replace("\r\n", "\n").replace("\r", "\n")
+                total += len(t)
+                if total > MAX_TEXT_CHARS:
+                    raise LoadError(f"extracted text over the cap ({MAX_TEXT_CHARS} chars); a decompression bomb?")
+                texts.append(t)
     except LoadError:
         raise
+    except LimitReachedError as exc:
+        where = f"page {n}: " if n else ""
+        if "decompress" in str(exc).lower():
+            raise LoadError(f"{where}a stream inflates past the cap ({cap} bytes); a decompression bomb?") from None
+        raise LoadError(f"{where}over a PDF parsing cap ({str(exc)[:80]} cap {MAX_PDF_TOKENS} tokens per "
+                        "stream); a pathological page?") from None
     except Exception as exc:  # pypdf raises many kinds on hostile files; all mean "broken"
         raise LoadError(f"broken PDF ({type(exc).__name__}: {str(exc)[:120]})") from None
     sections = []
