@@ -19,7 +19,7 @@ import pytest
 from rag.loaders import LoadError, extract
 
 from .conftest import consistent
-from .pdf_build import write_flate_bomb, write_pdf
+from .pdf_build import write_flate_bomb
 
 ROOT = Path(__file__).resolve().parents[2]
 TIME_CAP_S = 10.0
