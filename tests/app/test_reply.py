@@ -192,3 +192,38 @@ async def test_code_inside_a_list_item_is_not_chunked():
         assert view._code[1] == []  # rendered with its list item, not as loose code chunks
         streamed, final = await streamed_and_final(pilot, view, doc)
         assert streamed == final
+
+
+def long_reply() -> str:
+    """About 10k tokens of the Markdown a model writes: headings, paragraphs, lists, code, tables, quotes."""
+    parts = []
+    for i in range(60):
+        parts.append(f"## Part {i}: on the number {i}\n\nThe number {i} is {'even' if i % 2 == 0 else 'odd'}, "
+                     f"and **{i} squared** is `{i * i}`. " + "It has properties worth a sentence or two. " * 3)
+        parts.append("\n".join(f"{k}. item {k} of part {i}, with *emphasis* and a [link](https://example.org/{k})"
+                               for k in range(1, 5)))
+        parts.append("```python\n" + "\n".join(f"def f{i}_{k}(x):\n    return x * {k} + {i}  # [bold]not markup[/]"
+                                               for k in range(4)) + "\n```")
+        parts.append("| n | n² | n³ |\n|---|---|---|\n" + "\n".join(f"| {i + k} | {(i + k) ** 2} | {(i + k) ** 3} |"
+                                                                  for k in range(3)))
+        parts.append(f"> A quote in part {i}: <tag> & ampersand \\[escaped\\].")
+    return "\n\n".join(parts) + "\n"
+
+
+async def test_a_10k_token_streamed_reply_ends_as_its_final_render(engine):
+    """L4: a reply of 10k tokens, streamed in the pieces the app posts, leaves on screen
+    exactly the lines the whole document renders to."""
+    doc = long_reply()
+    assert len(engine.tokenize(doc, special=False)) >= 10_000
+    view = ReplyView(streaming=True)
+    app = Host(view)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.pause()
+        step = 160  # ~40 tokens: what one paced update carries at ~200 tok/s
+        for n, i in enumerate(range(0, len(doc), step)):
+            view.append(doc[i:i + step])
+            if n % 8 == 0:
+                await pilot.pause()
+        streamed, final = await streamed_and_final(pilot, view, doc)
+        assert len(final) > 1500
+        assert streamed == final
