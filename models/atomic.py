@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -85,6 +86,43 @@ def sweep_stale(final: Path) -> list[Path]:
             continue  # someone is writing it, or it is already gone
         except OSError:
             continue
+    return removed
+
+
+@contextlib.contextmanager
+def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A fresh folder under `parent` for work in progress, flock-held while in use and
+    removed after; folders that killed runs left there (no live holder) are swept first."""
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_dirs(parent)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when no other run is using it
+
+
+def sweep_stale_dirs(parent: Path) -> list[Path]:
+    """Delete folders under `parent` that no live `staging_dir` holds."""
+    removed = []
+    for p in parent.iterdir() if parent.is_dir() else []:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        except BlockingIOError:
+            continue  # a live pull is using it
+        finally:
+            os.close(fd)
     return removed
 
 

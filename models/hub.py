@@ -16,12 +16,10 @@ debris. `HF_ENDPOINT` points it at a mirror (the tests use a loopback server).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,10 +162,7 @@ def pull(spec: str, revision: str = "main", name: str | None = None, registry: R
     registry = registry or Registry()
     store = paths.models_dir()
     dest = store / slug(repo.replace("/", "--"))
-    staging_root = store / ".staging"
-    staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=slug(repo.replace("/", "--")) + ".", dir=staging_root))
-    try:
+    with atomic.staging_dir(store / ".staging", slug(repo.replace("/", "--")) + ".") as staging:
         local = _download(repo, chosen, commit or revision, staging)
         if kind == "gguf":
             dest.mkdir(parents=True, exist_ok=True)
@@ -198,7 +193,4 @@ def pull(spec: str, revision: str = "main", name: str | None = None, registry: R
             else:
                 target.unlink(missing_ok=True)
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            staging_root.rmdir()
+

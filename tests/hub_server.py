@@ -4,7 +4,7 @@ It serves the two endpoints huggingface_hub uses for a pull: the model-info API
 (with per-file checksums) and `resolve` downloads (HEAD and GET, with Range).
 Per-file faults simulate the network: `cut_once` drops the first transfer
 half-way (a resumable blip), `cut_always` drops it and sends nothing on every retry,
-`corrupt` serves bytes that do not match the listed sha256.
+`corrupt` serves bytes that do not match the listed sha256, `slow` trickles the body.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -130,6 +131,12 @@ class FakeHub:
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)
+                    return
+                if fault == "slow":  # a slow link: 32 KiB every 50 ms, for a kill to land mid-transfer
+                    for i in range(0, len(body), 32 * 1024):
+                        self.wfile.write(body[i:i + 32 * 1024])
+                        self.wfile.flush()
+                        time.sleep(0.05)
                     return
                 self.wfile.write(body)
 

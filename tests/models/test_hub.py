@@ -130,3 +130,72 @@ def test_selection_rules():
         select(files("x-Q8_0.gguf", "x-F16.gguf"), None)
     with pytest.raises(HubError, match="no GGUF or safetensors"):
         select(files("pytorch_model.bin", "config.json"), None)
+
+
+def _pull_process(hub, home, *args, preexec_fn=None):
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "CROFTER_HOME": str(home), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "models", "pull", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=preexec_fn)
+
+
+def _outside_staging(home):
+    return [f for f in store_files(home) if not f.startswith(".staging/")]
+
+
+@pytest.mark.parametrize("delay", [0.1, 1.5])
+def test_kill_9_mid_pull_leaves_nothing_and_the_retry_sweeps(hub, crofter_home, delay):
+    """F1: a pull killed mid-transfer registers nothing and leaves no file at the final path;
+    the next pull sweeps the killed run's staging folder and passes the checksum."""
+    import signal
+    import time
+
+    from models.registry import Registry
+
+    data = gb.build([], [("t", (1_000_000,), 0)])  # 4 MB, trickled at ~640 KB/s: ~6 s in transfer
+    hub.add(REPO, "m-Q4_K_M.gguf", data, fault="slow")
+    proc = _pull_process(hub, crofter_home, REPO)
+    staging = crofter_home / "models" / ".staging"
+    deadline = time.monotonic() + 120
+    # huggingface_hub writes its .incomplete file in large blocks: wait for the transfer to
+    # start, then kill it `delay` seconds in.
+    while not (staging.exists() and any(p.name.endswith(".incomplete") for p in staging.rglob("*"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the pull ended before the transfer began"
+        time.sleep(0.02)
+    time.sleep(delay)
+    assert proc.poll() is None, "the transfer finished before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert _outside_staging(crofter_home) == []
+    assert [e.name for e in Registry().entries() if e.source != "bundled"] == []
+    assert staging.exists()  # what the killed run left
+
+    hub.faults.pop((REPO, "m-Q4_K_M.gguf"))
+    r = pull(hub, REPO, home=crofter_home)
+    assert r.returncode == 0, r.stderr
+    assert (crofter_home / "models/someone--tiny-gguf/m-Q4_K_M.gguf").read_bytes() == data
+    assert not staging.exists()  # swept, and this run's own staging removed
+
+
+def test_disk_full_during_pull_is_one_line_and_leaves_nothing(hub, crofter_home):
+    """F1: the disk fills during the transfer (a file-size limit in the child): one line, nothing saved."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    from models.registry import Registry
+
+    data = gb.build([], [("t", (300_000,), 0)])
+    hub.add(REPO, "m-Q4_K_M.gguf", data)
+    proc = _pull_process(hub, crofter_home, REPO, preexec_fn=limit)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("crofter: error:") and "Traceback" not in err, err
+    assert store_files(crofter_home) == []
+    assert [e.name for e in Registry().entries() if e.source != "bundled"] == []
+    r = pull(hub, REPO, home=crofter_home)  # with room again, the retry passes the checksum
+    assert r.returncode == 0, r.stderr
+    assert (crofter_home / "models/someone--tiny-gguf/m-Q4_K_M.gguf").read_bytes() == data
