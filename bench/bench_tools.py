@@ -50,7 +50,7 @@ def run(engine, reg, constrained: bool, max_tokens: int) -> dict:
         session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=max_tokens))
         loop = ToolLoop(session, reg, Policy(), approve=lambda t, a, tainted: True, max_calls=2, constrained=constrained)
         session.messages.append({"role": "user", "content": prompt})
-        obj, _raw = loop._step(loop._grammar)
+        obj, _raw, _finish = loop._step(loop._grammar)
         session.messages.pop()
         if obj and "tool" in obj and obj["tool"] in reg.tools:
             try:

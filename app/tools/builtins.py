@@ -3,17 +3,17 @@ third-party package's tools do (see pyproject.toml and registry.ToolRegistry).""
 from __future__ import annotations
 
 import datetime
-from typing import Optional
+from typing import Annotated, Optional
 
 from . import calc, files
 from .registry import ToolContext
-from .schema import Tool, tool
+from .schema import Pattern, Tool, tool
 
 
 def provide(ctx: ToolContext) -> list[Tool]:
     """Built-ins for this context; the file tools only when roots are configured."""
 
-    def calculator(expression: str) -> str:
+    def calculator(expression: Annotated[str, Pattern(calc.PATTERN)]) -> str:
         """Evaluate an arithmetic expression exactly, e.g. "12.5 * (3 + 4) / 2" or "sqrt(2) ** 3".
 
         Args:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 
 MAX_EXPONENT = 1000
 MAX_DIGITS = 4000
@@ -27,6 +28,26 @@ _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCS = {"sqrt": math.sqrt, "log": math.log, "log10": math.log10, "exp": math.exp, "sin": math.sin, "cos": math.cos,
           "tan": math.tan, "abs": abs, "round": round, "floor": math.floor, "ceil": math.ceil, "min": min, "max": max}
 _CONSTS = {"pi": math.pi, "e": math.e}
+
+
+def _pattern() -> str:
+    """What an expression may contain, as a `schema.Pattern`: digits, decimal points, operators,
+    parentheses, commas, spaces and the known names, with at least one number or name.
+
+    A name that the other pieces already spell (log10 = log, 1, 0) is left out, so each
+    string splits one way only and `re` never backtracks exponentially over it."""
+    sep, digits = "-+*/%(), ", "0-9."
+
+    def build(names):
+        alts = "|".join(names)
+        return f"^[{sep}]*([{digits}]|{alts})([{sep}{digits}]|{alts})*$"
+
+    names = sorted([*_FUNCS, *_CONSTS], key=lambda n: (-len(n), n))
+    names = [n for n in names if not re.fullmatch(build([m for m in names if m != n]), n)]
+    return build(names)
+
+
+PATTERN = _pattern()
 
 
 class CalcError(ValueError):

@@ -9,7 +9,13 @@ the tools' JSON schemas, so the output is always one JSON object, either
 Small models therefore cannot write calls as prose or invent tool names. Arguments
 are validated again (jsonschema) before anything runs; errors go back to the model
 as the tool's result. A turn stops calling after `max_calls`, and a repeated
-identical call is not run twice: the model is then made to answer.
+identical call is not run twice: the model is then made to answer. Whatever did
+not come through the grammar (a remote endpoint, the unconstrained benchmark) is
+held to the same rules: a reply that tries to be a call but is not one object of
+that shape is an error fed back (and counts as a call); arguments over
+`ARGUMENT_CHARS` are refused unread; results and errors are cut at `RESULT_CHARS`;
+and a call after the model was told to answer ends the turn (finish_reason
+"tool_limit") without running.
 
 When the model's GGUF chat template renders tool definitions (found by rendering, see
 template.ChatTemplate.native_tools), the tools reach the model through its own
@@ -31,6 +37,7 @@ from .registry import ToolRegistry
 from .schema import Tool
 
 RESULT_CHARS = 4000
+ARGUMENT_CHARS = 8000  # a call's arguments, as JSON; larger ones are refused without validating
 NO_TOOL = "none"
 
 
@@ -40,7 +47,7 @@ class ToolCall:
 
     name: str
     arguments: dict
-    status: str  # "ok", "error", "denied" (policy or user), "repeated"
+    status: str  # "ok", "error" (the tool's, or a bad request), "denied" (policy or user), "repeated"
     result: str = ""
 
 
@@ -90,11 +97,47 @@ def output_schema(tools: list[Tool], allow_calls: bool = True) -> dict:
               "required": ["tool", "answer"]}
     if not allow_calls or not tools:
         return answer
-    calls = [
-        {"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters}, "required": ["tool", "arguments"]}
-        for t in tools
-    ]
-    return {"oneOf": [*calls, answer]}
+    return {"oneOf": [*(call_schema(t) for t in tools), answer]}
+
+
+def call_schema(t: Tool) -> dict:
+    """The branch of the tool-step grammar that is a call of `t`."""
+    return {"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
+            "required": ["tool", "arguments"]}
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"\n[... cut at {limit} characters]"
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _not_a_call(raw: str) -> str:
+    """Why a reply that started like JSON is not one call or answer object."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        why = f"not valid JSON ({exc.msg} at character {exc.pos})"
+    else:
+        why = ("a list: make one call per reply" if isinstance(obj, list)
+               else 'an object without "tool"' if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object")
+    return (f'your reply was {why}. Reply with exactly one object: {{"tool": "<name>", "arguments": {{...}}}} '
+            f'or {{"tool": "{NO_TOOL}", "answer": "<text>"}}.')
+
+
+def _argument_error(exc) -> str:
+    """A jsonschema error as one line naming the parameter, never echoing a long value."""
+    where = ".".join(str(p) for p in exc.absolute_path)
+    if not where:
+        return f"invalid arguments: {_clip(exc.message, 200)}"
+    if exc.instance == "" and isinstance(exc.schema, dict) and exc.schema.get("minLength", 0) >= 1:
+        return f"invalid argument {where!r}: must not be empty"
+    if exc.validator == "pattern":
+        return f"invalid argument {where!r}: {_short(exc.instance)} does not match the pattern {exc.validator_value}"
+    return f"invalid argument {where!r}: {_clip(exc.message, 200)}"
 
 
 def _partial_answer(raw: str) -> str:
@@ -151,20 +194,23 @@ class ToolLoop:
         else:
             msgs.insert(0, {"role": "system", "content": text})
 
-    def _step(self, grammar) -> tuple[dict | None, str]:
-        """One constrained generation: (the parsed object, or None if cut off; the raw text)."""
+    def _step(self, grammar) -> tuple[dict | None, str, str]:
+        """One constrained generation: (the parsed object, or None if it is not a call or answer
+        object: cut off by max_tokens, or unconstrained; the raw text; the finish reason)."""
         s = self.session
         fit = s.fit()
         s.last_fit = fit
         result = s.engine.complete(fit.prompt_tokens, replace(s.sampling, grammar=grammar))
         s.last_result = result
         try:
-            obj = json.loads(result.text)
+            # strict=False: the grammar's string rule ([^"\\] | escapes) admits raw control
+            # characters (a tab, a newline) inside strings, which strict JSON refuses.
+            obj = json.loads(result.text, strict=False)
         except json.JSONDecodeError:
             obj = None  # cut off by max_tokens before the object closed (or, unconstrained, not JSON)
         if not isinstance(obj, dict) or "tool" not in obj:
             obj = None
-        return obj, result.text
+        return obj, result.text, result.finish_reason
 
     def run(self, text: str, tainted: bool = False) -> ToolTurn:
         """One user turn with tools. `tainted`: `text` itself carries document passages."""
@@ -173,25 +219,33 @@ class ToolLoop:
         turn = ToolTurn(answer="")
         seen: dict[str, str] = {}
         grammar = self._grammar
+        closed = False  # the model was told to answer: a cap was reached or a call repeated
         while True:
-            obj, raw = self._step(grammar)
-            if obj is None:
-                turn.answer, turn.finish_reason = _partial_answer(raw), "length"
-                break
-            if obj["tool"] == NO_TOOL:
+            obj, raw, finish = self._step(grammar)
+            if obj is not None and obj["tool"] == NO_TOOL:
                 turn.answer = str(obj.get("answer", ""))
                 break
-            name, args = str(obj["tool"]), obj.get("arguments", {})
-            args = args if isinstance(args, dict) else {"_": args}
-            s.messages.append({"role": "assistant", "content": raw})
-            call = self._call(name, args, tainted, seen)
+            if obj is None and (finish == "length" or not raw.lstrip().startswith(("{", "["))):
+                # Cut off mid-object (or, unconstrained, an answer in plain words).
+                turn.answer, turn.finish_reason = _partial_answer(raw), finish
+                break
+            if closed:  # only a model outside the grammar gets here; it is not run, and not asked again
+                turn.finish_reason = "tool_limit"
+                break
+            s.messages.append({"role": "assistant", "content": _clip(raw, ARGUMENT_CHARS)})
+            if obj is None:
+                call = ToolCall("(invalid)", {}, "error", _not_a_call(raw))
+            else:
+                name, args = str(obj["tool"])[:64], obj.get("arguments", {})
+                args = args if isinstance(args, dict) else {"_": args}
+                call = self._call(name, args, tainted, seen)
             turn.calls.append(call)
             if self.on_call is not None:
                 self.on_call(call)
             tainted = True  # what comes back is data, and may carry injected instructions
             note = ""
             if call.status == "repeated" or len(turn.calls) >= self.max_calls:
-                grammar = self._answer_only
+                grammar, closed = self._answer_only, True
                 note = "\nNo more tool calls this turn: answer now."
             if self.tool_role:
                 s.messages.append({"role": "tool", "name": call.name,
@@ -202,18 +256,22 @@ class ToolLoop:
         return turn
 
     def _call(self, name: str, args: dict, tainted: bool, seen: dict[str, str]) -> ToolCall:
+        size = len(json.dumps(args, ensure_ascii=False))
+        if size > ARGUMENT_CHARS:  # refused unread: not validated, not stored, not echoed back
+            return ToolCall(name, {"(cut)": f"{size} characters"}, "error",
+                            f"the arguments are {size} characters, over the limit of {ARGUMENT_CHARS}")
         key = json.dumps([name, args], sort_keys=True)
         if key in seen:
             return ToolCall(name, args, "repeated", f"Already called with these arguments; the result was: {seen[key]}")
         t = self.registry.get(name)
         if t is None:  # the grammar makes this unreachable, but never trust output
-            return ToolCall(name, args, "error", f"there is no tool named {name!r}")
+            return ToolCall(name, args, "error", f"there is no tool named {name!r}; the tools are {', '.join(self.registry.tools)}")
         import jsonschema
 
         try:
             jsonschema.validate(args, t.parameters)
         except jsonschema.ValidationError as exc:
-            return ToolCall(name, args, "error", f"invalid arguments: {exc.message}")
+            return ToolCall(name, args, "error", _argument_error(exc))
         decision = self.policy.decide(t, tainted)
         if decision == "deny" or (decision == "ask" and not self.approve(t, args, tainted)):
             return ToolCall(name, args, "denied", "The user did not allow this call.")
@@ -222,7 +280,6 @@ class ToolLoop:
             status = "ok"
         except Exception as exc:  # the model sees the error and can recover
             result, status = f"{type(exc).__name__}: {exc}", "error"
-        if len(result) > RESULT_CHARS:
-            result = result[:RESULT_CHARS] + f"\n[... cut at {RESULT_CHARS} characters]"
+        result = _clip(result, RESULT_CHARS)
         seen[key] = result
         return ToolCall(name, args, status, result)

@@ -22,6 +22,8 @@ def confine(roots: list[str], path: str) -> Path:
     """The real path of `path` (relative paths are taken from the first root) if it is inside a root."""
     if not roots:
         raise FileAccessError("file access is off: no tool_roots configured (crofter config set tool_roots DIR)")
+    if "\x00" in path:  # os calls would raise ValueError ("embedded null byte") rather than refuse
+        raise FileAccessError(f"{path!r}: a NUL character in the path")
     real_roots = [Path(r).expanduser().resolve() for r in roots]
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():

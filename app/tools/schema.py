@@ -12,7 +12,22 @@
     {'type': 'integer', 'description': 'the first number'}
 
 Supported annotations: str, int, float, bool, list[...] of those, Literal[...],
-and Optional[...] (which makes the parameter not required).
+and Optional[...] (which makes the parameter not required). A required `str`
+parameter gets `minLength: 1`, so the grammar cannot produce an empty one.
+
+A string parameter may also carry a pattern, enforced twice: by the grammar the
+model samples under (llama.cpp's json-schema-to-grammar turns it into GBNF) and by
+jsonschema when the call is executed, so a call that did not come through the
+grammar (a native template, a remote endpoint, a script) is refused too:
+
+    >>> from typing import Annotated
+    >>> def lookup(code: Annotated[str, Pattern(r"^[A-Z]{3}[0-9]+$")]) -> str:
+    ...     "Look up an order by its code."
+    ...     return code
+    >>> tool(lookup).parameters["properties"]["code"]
+    {'type': 'string', 'minLength': 1, 'pattern': '^[A-Z]{3}[0-9]+$'}
+
+`Pattern` documents the regular-expression dialect both sides read the same way.
 """
 from __future__ import annotations
 
@@ -28,6 +43,59 @@ _JSON = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 class SchemaError(TypeError):
     """A function cannot be described as a tool; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A regular expression a whole string argument must match: `Annotated[str, Pattern(r"^...$")]`.
+
+    The dialect is the part of regular expressions that Python's `re` (on execution)
+    and llama.cpp's json-schema-to-grammar (in the grammar) read the same way:
+    anchored `^...$`; literal letters, digits and punctuation; classes `[a-z0-9_]`;
+    groups `(...)`; `|`; and `*`, `+`, `?`, `{m}`, `{m,n}`. Refused, because the
+    converter would read them differently or emit GBNF llama.cpp rejects:
+    backslashes (write `[.]`, `[+*]`, `[(]` for a literal metacharacter), `.`,
+    negated classes `[^...]`, `(?...)` groups, and double quotes (the grammar writes
+    the matched characters raw inside a JSON string). Keep it unambiguous (each
+    string splits into the repeated parts one way only): jsonschema runs it with
+    `re`, which backtracks.
+    """
+
+    regex: str
+
+    def __post_init__(self) -> None:
+        r = self.regex
+        if not (isinstance(r, str) and len(r) >= 2 and r.startswith("^") and r.endswith("$")):
+            raise SchemaError(f"pattern {r!r}: must be anchored, ^...$")
+        in_class = False
+        for i in range(1, len(r) - 1):
+            c, bad = r[i], None
+            if c == "\\":
+                bad = "backslash escapes (put the character in a class, e.g. [.])"
+            elif c == '"':
+                bad = "double quotes"
+            elif in_class:
+                in_class = c != "]"
+                if c == "[":
+                    bad = "'[' inside a class"
+            elif c == "[":
+                in_class = True
+                if r[i + 1] in "^]":
+                    bad = "negated or empty classes"
+            elif c == ".":
+                bad = "'.' outside a class (write [.] for a dot)"
+            elif c in "^$":
+                bad = f"{c!r} other than at the ends"
+            elif c == "(" and r[i + 1] == "?":
+                bad = "(?...) groups"
+            if bad:
+                raise SchemaError(f"pattern {r!r}: {bad} are not supported (at {i})")
+        if in_class:
+            raise SchemaError(f"pattern {r!r}: unclosed '['")
+        try:
+            re.compile(r)
+        except re.error as exc:
+            raise SchemaError(f"pattern {r!r}: {exc}") from None
 
 
 @dataclass
@@ -59,6 +127,16 @@ def _type_schema(annotation, where: str) -> tuple[dict, bool]:
     """(JSON schema, optional?) for one annotation."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        schema, optional = _type_schema(args[0], where)
+        patterns = [m for m in args[1:] if isinstance(m, Pattern)]
+        if len(patterns) > 1:
+            raise SchemaError(f"{where}: one Pattern per parameter")
+        if patterns:
+            if schema.get("type") != "string":
+                raise SchemaError(f"{where}: a Pattern applies to str only")
+            schema["pattern"] = patterns[0].regex
+        return schema, optional
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         if len(rest) != 1:
@@ -92,18 +170,25 @@ def tool(fn: Callable, name: str | None = None, side_effects: bool = True, priva
     description, arg_docs = _docstring_parts(fn.__doc__ or "")
     if not description:
         raise SchemaError(f"tool {name!r}: needs a docstring saying what it does")
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
     properties, required = {}, []
     for pname, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise SchemaError(f"tool {name!r}: *args/**kwargs cannot be described")
         if pname not in hints:
             raise SchemaError(f"tool {name!r}: parameter {pname!r} has no type annotation")
-        schema, optional = _type_schema(hints[pname], f"tool {name!r} parameter {pname!r}")
+        where = f"tool {name!r} parameter {pname!r}"
+        schema, optional = _type_schema(hints[pname], where)
+        if param.default is inspect.Parameter.empty and not optional:
+            required.append(pname)
+            if schema.get("type") == "string":
+                # The grammar converter honours minLength only where there is no pattern;
+                # with one, the pattern itself must refuse "" (checked here). jsonschema checks both.
+                schema = {"type": "string", "minLength": 1, **schema}
+                if "pattern" in schema and re.fullmatch(schema["pattern"], ""):
+                    raise SchemaError(f"{where}: required, but its pattern accepts an empty string (use + rather than *)")
         if pname in arg_docs:
             schema["description"] = arg_docs[pname]
         properties[pname] = schema
-        if param.default is inspect.Parameter.empty and not optional:
-            required.append(pname)
     parameters = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
     return Tool(name, description, parameters, fn, side_effects, private=private)

@@ -2,20 +2,32 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
+import jsonschema
 import pytest
 
-from app.tools.calc import CalcError, calculate
-from app.tools.files import MAX_READ_BYTES, FileAccessError, confine, list_entries, read_text
-from app.tools.schema import SchemaError, tool
+from app.tools.calc import PATTERN, CalcError, calculate
+from app.tools.files import (
+    MAX_READ_BYTES,
+    FileAccessError,
+    confine,
+    list_entries,
+    read_text,
+)
+from app.tools.schema import Pattern, SchemaError, tool
+
+COMPUTES = [("1 + 2 * 3", 7), ("2 ** 10", 1024), ("7 // 2", 3), ("-3 % 5", 2), ("sqrt(16) + abs(-2)", 6.0),
+            ("max(1, 9, 4)", 9), ("round(pi, 2)", 3.14), ("log10(1000)", 3.0), ("1.5e3 + .5", 1500.5)]
 
 
-@pytest.mark.parametrize("expr,value", [("1 + 2 * 3", 7), ("2 ** 10", 1024), ("7 // 2", 3), ("-3 % 5", 2),
-                                        ("sqrt(16) + abs(-2)", 6.0), ("max(1, 9, 4)", 9), ("round(pi, 2)", 3.14)])
+@pytest.mark.parametrize("expr,value", COMPUTES)
 def test_calculator_computes(expr, value):
     assert calculate(expr) == value
+    assert re.fullmatch(PATTERN, expr)  # the grammar's pattern lets every expression the calculator takes through
 
 
 @pytest.mark.parametrize("expr,fragment", [
@@ -37,6 +49,99 @@ def test_calculator_refuses_fast(expr, fragment):
     with pytest.raises(CalcError, match=fragment):
         calculate(expr)
     assert time.perf_counter() - t0 < 1.0
+
+
+# BI8: what a model (or an injected document) may throw at the calculator.
+BI8 = ["__import__('os')", "9**9**9", "(" * 10_000 + "1" + ")" * 10_000, "(" * 249 + "1" + ")" * 249,
+       "-" * 499 + "1", "+".join(["1"] * 250), "max(" * 99 + "1" + ")" * 99, "(10**999)**1000", "exp(1000)",
+       "sqrt(10**999)", "10**999 / 3", "*".join(["2**1000"] * 14), "().__class__.__bases__[0].__subclasses__()",
+       "lambda: 1", "[x for x in range(10**9)]", "'a' * 10**9"]
+
+
+def test_bi8_calculator_refusals_are_fast():
+    """Each case is refused (by the pattern at execution, or by the calculator itself) within
+    100 ms on an idle machine; the assertion is a generous 1 s per case for loaded CI runners.
+    The worst time is printed (pytest -s) for docs/reliability.md."""
+    from app.tools.registry import ToolContext, ToolRegistry
+
+    calc = ToolRegistry.discover(ToolContext()).tools["calculator"]
+    worst = 0.0
+    for expr in BI8:
+        t0 = time.perf_counter()
+        with pytest.raises(CalcError):  # the calculator alone, as if the pattern were not there
+            calculate(expr)
+        direct = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:  # the path a call takes: jsonschema (pattern) first, then the calculator
+            jsonschema.validate({"expression": expr}, calc.parameters)
+            calc.fn(expr)
+            refused = False
+        except (jsonschema.ValidationError, CalcError):
+            refused = True
+        tool_path = time.perf_counter() - t0
+        assert refused, expr[:40]
+        assert direct < 1.0 and tool_path < 1.0, (expr[:40], direct, tool_path)
+        worst = max(worst, direct, tool_path)
+    print(f"\nBI8: {len(BI8)} cases refused; worst {worst * 1000:.2f} ms")
+
+
+@pytest.mark.parametrize("text", ["1" * 499 + "x", " " * 499 + "x", "log" * 166 + "x", "log1" * 124 + "0x",
+                                  "(-" * 249 + "x", "e" * 499 + "_"])
+def test_calculator_pattern_never_backtracks(text):
+    """jsonschema runs the pattern with `re`: near-miss strings at the length cap fail at once."""
+    t0 = time.perf_counter()
+    assert re.fullmatch(PATTERN, text) is None
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_pattern_and_min_length_in_the_schema():
+    def look(code: Annotated[str, Pattern("^[A-Z]+[0-9]*$")], note: Optional[Annotated[str, Pattern("^[a-z]+$")]] = None,
+             word: str = "x", name: str = "") -> str:
+        """Look up."""
+
+    params = tool(look).parameters
+    assert params["properties"]["code"] == {"type": "string", "minLength": 1, "pattern": "^[A-Z]+[0-9]*$"}
+    assert params["properties"]["note"] == {"type": "string", "pattern": "^[a-z]+$"}  # optional: no minLength
+    assert params["properties"]["word"] == {"type": "string"}
+    assert params["required"] == ["code"]
+    jsonschema.validate({"code": "AB12"}, params)
+    for bad in ({"code": ""}, {"code": "ab"}, {"code": "AB", "note": "N1"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, params)
+
+
+def test_builtin_calculator_carries_the_pattern():
+    from app.tools.registry import ToolContext, ToolRegistry
+
+    expr = ToolRegistry.discover(ToolContext()).tools["calculator"].parameters["properties"]["expression"]
+    assert expr["pattern"] == PATTERN and expr["minLength"] == 1
+    for name in ("sqrt", "log", "floor", "pi", "e"):  # the calculator's names are in it
+        assert re.fullmatch(PATTERN, f"{name}(2)" if name not in ("pi", "e") else f"2 * {name}")
+    for bad in ("", "   ", "x", "os.system", "1; 2", "'1'", "1 == 1", "a" * 3):
+        assert re.fullmatch(PATTERN, bad) is None, bad
+
+
+@pytest.mark.parametrize("regex,fragment", [
+    ("[a-z]+", "anchored"), (r"^\d+$", "backslash"), ("^.+$", "'.' outside a class"), ("^[^a]+$", "negated"),
+    ("^(?i)a$", "(?...)"), ('^a"$', "double quotes"), ("^a^b$", "other than at the ends"), ("^[a-z+$", "unclosed"),
+    ("^a{2,1}$", "min repeat"), ("^[]a]$", "empty"),
+])
+def test_pattern_dialect_is_checked(regex, fragment):
+    with pytest.raises(SchemaError, match=re.escape(fragment)):
+        Pattern(regex)
+
+
+def test_pattern_misuse_names_the_parameter():
+    def maybe_empty(code: Annotated[str, Pattern("^[a-z]*$")]) -> str:
+        """Doc."""
+
+    def on_int(n: Annotated[int, Pattern("^[0-9]+$")]) -> str:
+        """Doc."""
+
+    with pytest.raises(SchemaError, match="parameter 'code': required, but its pattern accepts an empty string"):
+        tool(maybe_empty)
+    with pytest.raises(SchemaError, match="parameter 'n': a Pattern applies to str only"):
+        tool(on_int)
 
 
 @pytest.fixture
@@ -86,6 +191,49 @@ def test_devices_fifos_and_huge_files_refused(root):
         read_text([str(root)], "big.txt")
 
 
+def test_nul_in_path_refused(root):
+    for path in ("a.txt\x00../../etc/passwd", "\x00", "sub\x00"):
+        with pytest.raises(FileAccessError, match="NUL"):
+            read_text([str(root)], path)
+        with pytest.raises(FileAccessError, match="NUL"):
+            list_entries([str(root)], path)
+
+
+def _finishes(fn, timeout: float = 10.0):
+    """Run `fn` in a thread; (finished in time?, the exception it raised)."""
+    box = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except Exception as exc:
+            box.append(exc)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout)
+    return (not th.is_alive()), (box[0] if box else None)
+
+
+def test_bi7_nothing_blocks_or_reads_unbounded(root):
+    """FIFOs without a writer, /dev/zero and a 10 GB sparse file are refused at once (never block,
+    never read): each call must end within a generous 10 s, with a FileAccessError."""
+    os.mkfifo(root / "pipe")
+    os.symlink(root / "pipe", root / "pipe-link")
+    with open(root / "sparse.bin", "wb") as fh:
+        fh.truncate(10 * 1024**3)  # 10 GB, no blocks on disk
+    cases = [([str(root)], "pipe", "not a regular file"), ([str(root)], "pipe-link", "not a regular file"),
+             (["/dev"], "/dev/zero", "not a regular file"), ([str(root)], "/dev/zero", "outside"),
+             ([str(root)], "sparse.bin", "10737418240 bytes is over the")]
+    for roots, path, fragment in cases:
+        done, exc = _finishes(lambda roots=roots, path=path: read_text(roots, path))
+        assert done, f"{path}: read_text blocked"
+        assert isinstance(exc, FileAccessError) and fragment in str(exc), (path, exc)
+    done, exc = _finishes(lambda: list_entries([str(root)], "."))
+    assert done and exc is None
+
+
 def test_no_roots_no_access(root):
     with pytest.raises(FileAccessError, match="no tool_roots"):
         confine([], str(root / "a.txt"))
@@ -104,7 +252,7 @@ def test_schema_from_signature_and_docstring():
     t = tool(search, side_effects=False)
     assert t.name == "search" and t.description == "Search things." and not t.side_effects
     props = t.parameters["properties"]
-    assert props["query"] == {"type": "string", "description": "what to look for"}
+    assert props["query"] == {"type": "string", "minLength": 1, "description": "what to look for"}  # required: never ""
     assert props["k"] == {"type": "integer", "description": "how many results"}
     assert props["mode"] == {"enum": ["fast", "exact"]}
     assert props["tags"] == {"type": "array", "items": {"type": "string"}}

@@ -48,7 +48,7 @@ def test_native_template_carries_tools_and_results(engine):
         assert "- calculator(" not in prompt  # not listed twice: the template shows them
         # The model's choices are its own; script them so the result path is exercised every time.
         steps = iter([{"tool": "calculator", "arguments": {"expression": "17 * 23"}}, {"tool": "none", "answer": "391"}])
-        loop._step = lambda grammar: (lambda obj: (obj, json.dumps(obj)))(next(steps))
+        loop._step = lambda grammar: (lambda obj: (obj, json.dumps(obj), "stop"))(next(steps))
         turn = loop.run("What is 17 * 23? Use the calculator.")
         assert [c.result for c in turn.calls] == ["391"] and turn.answer == "391"
         results = [m for m in session.messages if m["role"] == "tool"]
