@@ -213,22 +213,48 @@ def write_gguf(ck: Checkpoint, vocab: Vocab, pre: str, path: Path, outtype: str,
     w.write_ti_data_to_file()
     for _, arr in extra:
         w.write_tensor_data(arr)
-    if plan:
-        from safetensors import safe_open
-
-        for done, p in enumerate(plan, 1):
-            # Open the shard per tensor: safetensors maps the file, and every page a tensor
-            # touched would otherwise stay resident until the shard is closed.
-            with safe_open(str(p.shard), framework="pt") as f:
-                arr = f.get_tensor(p.hf_name).float().numpy()
-            if ck.plan.permute_qk and (".q_proj." in p.hf_name or ".k_proj." in p.hf_name):
-                arr = permute_rows(arr, ck.n_head if ".q_proj." in p.hf_name else ck.n_head_kv)
-            w.write_tensor_data(_encode(arr, p.qtype))
-            del arr
-            if on_tensor:
-                on_tensor(done, len(plan), p.name)
+    try:
+        _write_tensors(w, ck, plan, on_tensor)
+    except BaseException:
+        for fh in w.fout or []:  # close without the writer's flush, so nothing is written after a failure
+            with contextlib.suppress(OSError):
+                fh.close()
+        raise
     w.close()
     return len(plan) + len(extra)
+
+
+def _write_tensors(w, ck: Checkpoint, plan: list[_Planned], on_tensor) -> None:
+    import gguf
+    from safetensors import safe_open
+
+    for done, p in enumerate(plan, 1):
+        # Open the shard per tensor: safetensors maps the file, and every page a tensor
+        # touched would otherwise stay resident until the shard is closed.
+        with safe_open(str(p.shard), framework="pt") as f:
+            arr = f.get_tensor(p.hf_name).float().numpy()
+        check_finite(arr, p.shard, p.hf_name)
+        if p.qtype == gguf.GGMLQuantizationType.F16 and arr.size and float(np.abs(arr).max()) > F16_MAX:
+            raise ConvertError(f"{p.shard.name}: tensor {p.hf_name!r} has values up to {float(np.abs(arr).max()):.4g}, "
+                               f"beyond F16's range (±{F16_MAX:g}); convert with --outtype bf16 or f32")
+        if ck.plan.permute_qk and (".q_proj." in p.hf_name or ".k_proj." in p.hf_name):
+            arr = permute_rows(arr, ck.n_head if ".q_proj." in p.hf_name else ck.n_head_kv)
+        w.write_tensor_data(_encode(arr, p.qtype))
+        del arr
+        if on_tensor:
+            on_tensor(done, len(plan), p.name)
+
+
+F16_MAX = 65504.0  # the largest finite float16
+
+
+def check_finite(arr: np.ndarray, shard: Path, name: str) -> None:
+    """ConvertError naming the tensor when `arr` holds NaN or Inf (a diverged or corrupt checkpoint)."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ConvertError(f"{shard.name}: tensor {name!r} has {int(bad.sum())} NaN/Inf values (first at {first}); "
+                           "refusing to convert non-finite weights")
 
 
 def hf_token_ids(tokenizer, text: str) -> list[int]:
@@ -317,8 +343,9 @@ def pick_pre_tokenizer(ck: Checkpoint, vocab: Vocab, tokenizer=None) -> str:
 def convert(folder: str | Path, out: str | Path | None = None, outtype: str = "f16",
             on_tensor: Callable[[int, int, str], None] | None = None) -> ConvertResult:
     """Convert an HF checkpoint folder to a GGUF file at `out` (atomically)."""
-    from models.atomic import atomic_path
     from models.gguf_check import check_gguf
+
+    from .output import output_file
 
     if outtype not in OUTTYPES:
         raise ConvertError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}")
@@ -327,7 +354,7 @@ def convert(folder: str | Path, out: str | Path | None = None, outtype: str = "f
     vocab = load_vocab(ck.folder, int(ck.config["vocab_size"]), ck.config)
     pre = pick_pre_tokenizer(ck, vocab)
     out = Path(out) if out else ck.folder.parent / f"{ck.folder.name}-{outtype.upper()}.gguf"
-    with atomic_path(out) as tmp:
+    with output_file(out) as tmp:
         n = write_gguf(ck, vocab, pre, tmp, outtype, on_tensor=on_tensor)
         check_gguf(tmp)  # the same structural validation every load gets
         os.chmod(tmp, 0o644)  # temp files are created 0600

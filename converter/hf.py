@@ -1,7 +1,8 @@
 """Reading a Hugging Face checkpoint folder: config, architecture plan, lazily loaded tensors.
 
-Only safetensors are read (pickled .bin/.pt weights are refused: loading them can run
-code). Tensors are opened one at a time with `safe_open`, so peak memory stays near
+Only safetensors are read: pickled .bin/.pt/.pth/.ckpt weights are never opened (loading
+one can run code), and an architecture that exists only as the checkpoint's own Python
+(`auto_map`, "trust_remote_code") is refused for the same reason. Tensors are opened one at a time with `safe_open`, so peak memory stays near
 the largest single tensor, not the model.
 """
 from __future__ import annotations
@@ -84,6 +85,12 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
         raise ConvertError(f"{cfg_path}: not valid JSON ({exc})") from None
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None and config.get("auto_map"):
+        refs = [v for vs in config["auto_map"].values() for v in (vs if isinstance(vs, list) else [vs])]
+        code = sorted({v.split("--")[-1].split(".")[0] + ".py" for v in refs if isinstance(v, str)})
+        raise ConvertError(f"{cfg_path}: architecture {archs or config.get('model_type')} exists only as the "
+                           f"checkpoint's own Python code (auto_map: {', '.join(code) or 'remote code'}); crofter never "
+                           f"runs a checkpoint's code and converts {', '.join(ARCHITECTURES)}")
     if arch is None:
         raise ConvertError(f"{cfg_path}: architecture {archs or config.get('model_type')} is not supported "
                            f"(crofter converts {', '.join(ARCHITECTURES)})")

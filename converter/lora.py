@@ -12,6 +12,7 @@ alphas (rank_pattern/alpha_pattern), and pickled adapter weights.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -56,9 +57,8 @@ def convert_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path 
     import gguf
     from safetensors import safe_open
 
-    from models.atomic import atomic_path
-
-    from .convert import _arch
+    from .convert import _arch, check_finite
+    from .output import output_file
 
     adapter = Path(adapter_dir).expanduser()
     cfg = _adapter_config(adapter)
@@ -84,29 +84,44 @@ def convert_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path 
             name = tmap.get_name(module)
             if name is None:
                 raise ConvertError(f"{weights.name}: module {module!r} has no llama.cpp name for {ck.arch_name}")
-            pairs.setdefault(name, {})[which] = f.get_tensor(key).float().numpy()
+            arr = f.get_tensor(key).float().numpy()
+            check_finite(arr, weights, key)
+            pairs.setdefault(name, {})[which] = arr
     if not pairs:
         raise ConvertError(f"{weights}: no LoRA tensors")
     out = Path(out) if out else adapter.parent / f"{adapter.name}.gguf"
-    n = 0
-    with atomic_path(out) as tmp:
+    with output_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), ck.plan.gguf_arch)
-        w.add_string(gguf.Keys.General.TYPE, "adapter")
-        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha_written)
-        w.add_name(adapter.name)
-        for name in sorted(pairs):
-            ab = pairs[name]
-            if set(ab) != {"A", "B"}:
-                raise ConvertError(f"{weights.name}: {name} has lora_{''.join(ab)} without its pair")
-            a, b = ab["A"], ab["B"]  # A: (r, in), B: (out, r)
-            if ck.plan.permute_qk and (name.endswith(".attn_q") or name.endswith(".attn_k")):
-                b = permute_rows(b, ck.n_head if name.endswith(".attn_q") else ck.n_head_kv)
-            w.add_tensor(f"{name}.weight.lora_a", np.ascontiguousarray(a, dtype=np.float32))
-            w.add_tensor(f"{name}.weight.lora_b", np.ascontiguousarray(b, dtype=np.float32))
-            n += 2
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        try:
+            n = _write_adapter(w, ck, pairs, weights, adapter.name, alpha_written)
+        except BaseException:
+            for fh in w.fout or []:  # close without the writer's flush: nothing more is written
+                with contextlib.suppress(OSError):
+                    fh.close()
+            raise
         w.close()
     return LoraResult(out, n, r, alpha_written)
+
+
+def _write_adapter(w, ck, pairs: dict[str, dict[str, np.ndarray]], weights: Path, name: str, alpha: float) -> int:
+    import gguf
+
+    w.add_string(gguf.Keys.General.TYPE, "adapter")
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    w.add_name(name)
+    n = 0
+    for tname in sorted(pairs):
+        ab = pairs[tname]
+        if set(ab) != {"A", "B"}:
+            raise ConvertError(f"{weights.name}: {tname} has lora_{''.join(ab)} without its pair")
+        a, b = ab["A"], ab["B"]  # A: (r, in), B: (out, r)
+        if ck.plan.permute_qk and (tname.endswith(".attn_q") or tname.endswith(".attn_k")):
+            b = permute_rows(b, ck.n_head if tname.endswith(".attn_q") else ck.n_head_kv)
+        w.add_tensor(f"{tname}.weight.lora_a", np.ascontiguousarray(a, dtype=np.float32))
+        w.add_tensor(f"{tname}.weight.lora_b", np.ascontiguousarray(b, dtype=np.float32))
+        n += 2
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    return n

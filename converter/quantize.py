@@ -8,13 +8,14 @@ as a NULL-terminated array of {tensor name, per-column importance, length}.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -70,8 +71,9 @@ def quantize(inp: str | Path, out: str | Path, qtype: str = "Q4_K_M", *, imatrix
     """Quantize `inp` (an F32/F16/BF16 GGUF) to `out` atomically; `on_progress(bytes_written, estimate)`."""
     import llama_cpp
 
-    from models.atomic import atomic_path
     from models.gguf_check import check_gguf
+
+    from .output import output_file, space_cause, write_error
 
     inp, out = Path(inp), Path(out)
     ftype = _ftype(qtype)
@@ -91,7 +93,7 @@ def quantize(inp: str | Path, out: str | Path, qtype: str = "Q4_K_M", *, imatrix
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     estimate = int(summary.n_params * _BPW[qtype] / 8)
     t0 = time.monotonic()
-    with atomic_path(out) as tmp:
+    with output_file(out) as tmp:
         done = threading.Event()
 
         def watch() -> None:  # llama.cpp has no progress callback: follow the file as it grows
@@ -107,18 +109,48 @@ def quantize(inp: str | Path, out: str | Path, qtype: str = "Q4_K_M", *, imatrix
         from .convert import native_stderr_quiet
 
         try:
-            # llama.cpp prints a line per tensor (and one per fallback type) straight to stderr.
-            with native_stderr_quiet(quiet):
+            # llama.cpp logs a line per tensor (and one per fallback type); keep its errors for the message.
+            with native_stderr_quiet(quiet), llama_errors(echo=not quiet) as errors:
                 rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(tmp).encode(), ctypes.byref(params))
         finally:
             done.set()
             if watcher:
                 watcher.join()
         if rc != 0:
-            raise ConvertError(f"llama.cpp could not quantize {inp} to {qtype} (error {rc})")
+            cause = space_cause(tmp, estimate)
+            if cause:
+                raise write_error(out, cause)
+            said = "; ".join(errors)[-300:] or f"error {rc}"
+            raise ConvertError(f"llama.cpp could not quantize {inp} to {qtype}: {said}")
         check_gguf(tmp)
         os.chmod(tmp, 0o644)
     del keep
     if on_progress:
         on_progress(out.stat().st_size, out.stat().st_size)
     return QuantizeResult(out, qtype, time.monotonic() - t0, out.stat().st_size, len(imatrix or {}))
+
+
+@contextlib.contextmanager
+def llama_errors(echo: bool = False) -> Iterator[list[str]]:
+    """Collect what llama.cpp logs at ERROR level (its reason when a call fails) while the block
+    runs, then give logging back to llama-cpp-python. With `echo` every log line still prints."""
+    import sys
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    errors: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, _user) -> None:
+        line = text.decode("utf-8", errors="replace")
+        if level == 3 and line.strip():  # GGML_LOG_LEVEL_ERROR
+            errors.append(line.strip())
+        if echo:
+            print(line, end="", file=sys.stderr, flush=True)
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield errors
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))

@@ -2,8 +2,9 @@
 
 - tokenizer parity: token ids of the probe corpus (convert.PROBE) equal between the HF
   tokenizer and the GGUF's vocabulary in llama.cpp;
-- logits parity (F32/F16 GGUF vs torch float32): max |difference| and top-1 agreement on
-  a few sequences, plus the greedy continuation of each;
+- logits parity (F32/F16/BF16/Q8_0 GGUF vs torch float32): top-1 agreement, max |difference|
+  and mean KL over the positions of a few sequences, judged by converter.tolerance; the
+  greedy continuation of each is reported, never judged;
 - quantization quality on a text: perplexity of both models, mean KL(base || quant) and
   the rate at which both pick the same top token.
 """
@@ -13,10 +14,32 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import (PROBE, gguf_token_ids, hf_token_ids, load_hf_tokenizer, native_stderr_quiet,
-                      reference_tokenizer, vocab_only_llama)
+from .convert import (
+    PROBE,
+    gguf_token_ids,
+    hf_token_ids,
+    load_hf_tokenizer,
+    native_stderr_quiet,
+    reference_tokenizer,
+    vocab_only_llama,
+)
+from .hf import ConvertError
+from .tolerance import TOLERANCES, judge
 
-SEQUENCES = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
+# Text the logits are compared on: prose, code, a story opening, a chat turn and a longer
+# paragraph, 180 positions in all for SmolLM2's tokenizer (each position is one top-1 vote).
+SEQUENCES = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village,",
+    "<|im_start|>user\nHow do plants make their food?<|im_end|>\n<|im_start|>assistant\n",
+    ("Rivers carry water from high ground to the sea. Along the way they cut valleys, move sand and stones, "
+     "and leave rich soil on their banks when they flood. Many of the first towns were built beside rivers, "
+     "because the water could be used for drinking, for farming and for travel. Today rivers still supply "
+     "cities with water and power, but dams and pollution have changed how many of them flow."),
+    ("import json\n\ndef load(path):\n    with open(path) as f:\n        data = json.load(f)\n    "
+     "return [row for row in data if row.get('active')]\n\nif __name__ == '__main__':\n    print(load('x.json'))"),
+]
 
 
 def _llama(path: Path, n_ctx: int = 1024, logits_all: bool = False):
@@ -48,15 +71,39 @@ def tokenizer_parity(hf_dir: Path, gguf_path: Path, tokenizer=None) -> dict:
             "mismatches": mismatches, "ok": not mismatches}
 
 
-def logits_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 16) -> dict:
+def gguf_outtype(gguf_path: Path) -> str | None:
+    """"f32", "f16", "bf16" or "q8_0": the weight type logits parity can judge; None for others
+    (k-quants and the like are judged against their base GGUF by quant_report instead)."""
+    from models.gguf_check import check_gguf
+
+    kinds = {t.name for _s, t, _o, _n in check_gguf(gguf_path).tensors.values()}
+    for outtype, allowed in (("f32", {"F32"}), ("f16", {"F32", "F16"}), ("bf16", {"F32", "BF16"}),
+                             ("q8_0", {"F32", "F16", "Q8_0"})):
+        if kinds <= allowed:
+            return outtype
+    return None
+
+
+def logits_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 16, outtype: str | None = None) -> dict:
+    """Logits of the GGUF in llama.cpp vs the HF model in torch float32 on SEQUENCES, judged by
+    converter.tolerance for `outtype` (default: read from the file's tensor types).
+
+    Per sequence and over all positions: top-1 agreement, max |logit diff| and mean
+    KL(torch || llama.cpp). The greedy continuation of each sequence is compared too, as
+    information only (see converter.tolerance)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    outtype = outtype or gguf_outtype(gguf_path)
+    if outtype not in TOLERANCES:
+        raise ConvertError(f"{gguf_path}: logits parity judges f32/f16/bf16/q8_0 files, not {outtype or 'this type'}")
     tok = load_hf_tokenizer(Path(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True)
     model.eval()
     llm = _llama(gguf_path, logits_all=True)
     rows = []
+    same = positions = 0
+    kl_sum = 0.0
     try:
         for text in SEQUENCES:
             ids = hf_token_ids(tok, text)
@@ -73,12 +120,22 @@ def logits_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 16) -> dict:
                 if len(greedy_gguf) >= len(greedy_hf) or t == llm.token_eos():
                     break
                 greedy_gguf.append(t)
-            rows.append({"text": text, "max_abs_diff": float(np.abs(ref - got).max()),
-                         "top1_agree": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+            lp, lq = _log_softmax(ref).astype(np.float64), _log_softmax(got).astype(np.float64)
+            kl = (np.exp(lp) * (lp - lq)).sum(-1)  # (positions,)
+            agree = ref.argmax(-1) == got.argmax(-1)
+            same += int(agree.sum())
+            positions += len(ids)
+            kl_sum += float(kl.sum())
+            rows.append({"text": text, "positions": len(ids), "max_abs_diff": float(np.abs(ref - got).max()),
+                         "top1_agree": float(agree.mean()), "mean_kl": float(kl.mean()),
                          "greedy_equal": greedy_hf[: len(greedy_gguf)] == greedy_gguf and len(greedy_gguf) > 0})
     finally:
         llm.close()
-    return {"sequences": rows, "ok": all(r["greedy_equal"] and r["top1_agree"] == 1.0 for r in rows)}
+    stats = {"positions": positions, "top1_agree": same / positions,
+             "max_abs_diff": max(r["max_abs_diff"] for r in rows), "mean_kl": kl_sum / positions}
+    failures = judge(stats, outtype)
+    return {"outtype": outtype, **stats, "greedy_equal": sum(r["greedy_equal"] for r in rows),
+            "tolerance": TOLERANCES[outtype].as_dict(), "failures": failures, "ok": not failures, "sequences": rows}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -48,9 +48,10 @@ def test_architecture_layouts_match_torch(hf_model, tmp_path, arch, extra):
     src = tiny(hf_model, tmp_path, arch, **extra)
     out = convert(src, tmp_path / f"{arch}.gguf", "f32").path
     lg = verify.logits_parity(src, out, new_tokens=8)
-    for row in lg["sequences"]:
-        assert row["max_abs_diff"] < 1e-2, (arch, row)
-        assert row["top1_agree"] == 1.0, (arch, row)
+    figures = {k: lg[k] for k in ("top1_agree", "max_abs_diff", "mean_kl")}
+    assert lg["ok"], (arch, lg["failures"])
+    # A layout mistake costs whole nats; what is left here is llama.cpp's F16 KV cache (~1e-6).
+    assert lg["mean_kl"] < 1e-5 and lg["top1_agree"] >= 0.99, (arch, figures)
 
 
 def _adapter(hf_model, tmp_path, **lora):

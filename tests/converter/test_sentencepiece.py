@@ -63,8 +63,7 @@ def test_sentencepiece_vocab_and_parity(spm_llama, tmp_path):
     tok = verify.tokenizer_parity(spm_llama, out)
     assert tok["reference"] == "sentencepiece" and tok["ok"], tok["mismatches"][:2]
     lg = verify.logits_parity(spm_llama, out, new_tokens=8)
-    for row in lg["sequences"]:
-        assert row["max_abs_diff"] < 0.05 and row["top1_agree"] == 1.0 and row["greedy_equal"], row
+    assert lg["outtype"] == "f32" and lg["ok"], lg["failures"]  # greedy continuations are not judged
 
 
 def test_normalizing_sentencepiece_is_refused(tmp_path):
