@@ -12,10 +12,7 @@ import argparse
 import sys
 
 from . import __version__
-
-
-class CLIError(Exception):
-    """A runtime error worth one line to the user."""
+from .errors import CLIError
 
 
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
@@ -309,7 +306,9 @@ def _is_user_error(exc: Exception) -> bool:
     from app.config import ConfigError
     from app.engine import EngineError
     from app.history import HistoryError
+    from app.probe import ProbeError
     from models.gguf_check import GGUFError
+    from models.safetensors_check import SafetensorsError
     from models.hub import HubError
     from models.registry import ModelError
     from converter.hf import ConvertError
@@ -317,7 +316,7 @@ def _is_user_error(exc: Exception) -> bool:
     from rag.store import RagError
 
     known = (CLIError, ContextOverflow, ConfigError, EngineError, GGUFError, HistoryError, HubError, ModelError,
-             RagError, EmbedError, ConvertError, FileNotFoundError, PermissionError)
+             RagError, EmbedError, ConvertError, ProbeError, SafetensorsError, FileNotFoundError, PermissionError)
     return isinstance(exc, known)
 
 

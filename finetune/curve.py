@@ -52,6 +52,24 @@ class CurveLogger:
         if self.on_log:
             self.on_log(logs)
 
+    @staticmethod
+    def truncate(run_dir: Path, step: int) -> None:
+        """Drop the rows logged after `step` (a resumed run logs them again from its checkpoint)."""
+        path = run_dir / "loss.csv"
+        if not path.exists():
+            return
+        import io
+
+        from models.atomic import write_text
+
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, CurveLogger.COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        write_text(path, buf.getvalue())
+
     def plot(self) -> None:
         if not self.csv.exists():
             return

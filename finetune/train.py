@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from models.adapters import checkpoint_step, last_complete_checkpoint, resolve_adapter
+
+from .atomic_dir import atomic_dir, sweep_stale_dirs
 from .curve import CurveLogger
 from .data import DataError, encode_conversation, load_preferences, load_sft
 from .recipe import Recipe
@@ -111,23 +114,6 @@ def lora_config(recipe: Recipe):
                       bias="none")
 
 
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest checkpoint-N whose state file parses and whose adapter and optimizer are present
-    (a process killed while saving leaves a checkpoint without them)."""
-    if not checkpoints.is_dir():
-        return None
-    found = []
-    for d in checkpoints.glob("checkpoint-*"):
-        try:
-            step = int(d.name.split("-")[1])
-            json.loads((d / "trainer_state.json").read_text())
-        except (ValueError, IndexError, OSError, json.JSONDecodeError):
-            continue
-        if (d / "adapter_model.safetensors").is_file() and (d / "optimizer.pt").is_file():
-            found.append((step, d))
-    return max(found)[1] if found else None
-
-
 def _training_args(cls, recipe: Recipe, run_dir: Path, dev: dict, has_eval: bool, max_steps: int | None,
                    epochs: float | None, **extra):
     args = dict(
@@ -176,11 +162,19 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def _prepare_run(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to mix a fresh run into a folder with one."""
+    """The checkpoint to resume from; refuses to mix a fresh run into a folder with one.
+
+    On resume, checkpoints newer than the last complete one (cut short by a kill) are deleted, and
+    the loss curve is cut back to that checkpoint's step, so the run's step count only grows."""
     ckpt = last_complete_checkpoint(run_dir / "checkpoints")
     if resume:
         if ckpt is None:
             raise TrainError(f"{run_dir}: no complete checkpoint to resume from")
+        step = checkpoint_step(ckpt)
+        for d in (run_dir / "checkpoints").iterdir():
+            if (checkpoint_step(d) or 0) > step:
+                shutil.rmtree(d, ignore_errors=True)
+        CurveLogger.truncate(run_dir, step)
         return ckpt
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise TrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -192,13 +186,9 @@ def _prepare_run(run_dir: Path, resume: bool) -> Path | None:
 
 def _save_adapter(trainer, run_dir: Path) -> Path:
     final = run_dir / "adapter"
-    tmp = run_dir / ".adapter.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
-    trainer.processing_class.save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final, replace=True) as tmp:
+        trainer.model.save_pretrained(str(tmp))
+        trainer.processing_class.save_pretrained(str(tmp))
     return final
 
 
@@ -265,6 +255,7 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
         on_log: Callable[[dict], None] | None = None) -> RunSummary:
     """DPO with TRL's DPOTrainer. The reference model is the policy with its trainable adapter
     off (a base) or a frozen copy of the starting adapter (an SFT adapter): never a second model."""
+    adapter = resolve_adapter(adapter) if adapter is not None else None  # before anything heavy
     _quiet()
     pairs = load_preferences(data)
     ckpt = _prepare_run(run_dir, resume)
@@ -274,8 +265,6 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise TrainError(f"--adapter {adapter}: not a peft adapter folder")
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         peft_config = None
     train_rows, eval_rows = _split(pairs, recipe.eval_split, recipe.seed)
@@ -305,29 +294,36 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
 
 
 def merge(base: Path, adapter: Path, out: Path) -> Path:
-    """Adapter + base -> a full HF checkpoint (safetensors) at `out`, written atomically.
+    """Adapter (or the run folder holding it) + base -> a full HF checkpoint (safetensors) at `out`.
 
-    The base is loaded in 16/32-bit, never 4-bit: a QLoRA adapter merges into the
-    dequantized weights (merging into NF4 weights loses the adapter's precision)."""
+    `out` appears only when complete: it is written as a temp folder next to it and renamed; a
+    write error (disk full) removes the temp and raises TrainError, a kill leaves a temp that
+    the next merge into that folder sweeps. The base is loaded in 16/32-bit, never 4-bit: a
+    QLoRA adapter merges into the dequantized weights (merging into NF4 loses its precision)."""
+    adapter = resolve_adapter(adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    if out.exists():
+        raise TrainError(f"{out} exists; choose a new --out")
+    sweep_stale_dirs(out)
     _quiet()
     import torch
     from peft import PeftModel
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (adapter / "adapter_config.json").is_file():
-        raise TrainError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    recorded = cfg.get("base_model_name_or_path")
-    if out.exists():
-        raise TrainError(f"{out} exists; choose a new --out")
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, local_files_only=True)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
     tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True).save_pretrained(str(tmp))
-    (tmp / "crofter_merge.json").write_text(json.dumps({"base": str(base), "adapter": str(adapter),
-                                                        "adapter_base_recorded": recorded}, indent=2))
-    os.replace(tmp, out)
+    try:
+        with atomic_dir(out) as tmp:
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True).save_pretrained(str(tmp))
+            (tmp / "crofter_merge.json").write_text(json.dumps({
+                "base": str(base), "adapter": str(adapter),
+                "adapter_base_recorded": cfg.get("base_model_name_or_path")}, indent=2))
+    except FileExistsError:
+        raise TrainError(f"{out} appeared while merging; choose a new --out") from None
+    except (OSError, SafetensorError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TrainError(f"{out}: writing the merged model failed ({why}); nothing was left there") from None
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..cli import CLIError
+from ..errors import CLIError
 
 
 def settings_from_args(args):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from converter.hf import ConvertError  # a light module (json, dataclasses): the CLI already imports it
 
-from ..cli import CLIError
+from ..errors import CLIError
 
 # A public text present on Debian-family systems, used for the quantization report
 # when no --eval-text is given.
@@ -243,7 +243,8 @@ def run_convert_lora(args) -> int:
     _quiet(args)
     from converter.lora import convert_lora
 
-    adapter = Path(args.adapter_dir).expanduser()
+    from models.adapters import resolve_adapter
+    adapter = resolve_adapter(args.adapter_dir)  # an adapter folder, or a `crofter tune` run folder
     out = Path(args.out) if args.out else adapter.parent / f"{adapter.name}.gguf"
     with _outcome(out):
         r = convert_lora(adapter, _resolve_hf(args.base), out)

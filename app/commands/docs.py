@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from ..cli import CLIError
+from ..errors import CLIError
 
 
 def _settings(args):

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import CLIError
+from ..errors import CLIError
 
 
 def _resolve_base(name: str) -> Path:
@@ -109,8 +109,7 @@ def _summary(args, s) -> None:
     con.print(f"  adapter            {s.adapter}")
     con.print(f"  loss curve         {s.run_dir / 'loss.png'} (and loss.csv)")
     con.print(f"  config             {s.run_dir / 'config.json'}")
-    if s.kind == "sft":
-        con.print(f"next: crofter tune merge --base BASE --adapter {s.adapter} --out DIR")
+    con.print(f"next: crofter tune merge --base BASE --adapter {s.run_dir} --out DIR")
 
 
 def run(args) -> int:
@@ -152,7 +151,8 @@ def run(args) -> int:
 def _train(train, args, base, run_dir, recipe, kw):
     if args.tune_command == "sft":
         return train.sft(base, Path(args.data), run_dir, recipe, **kw)
-    return train.dpo(base, Path(args.data), run_dir, recipe, adapter=Path(args.adapter) if args.adapter else None, **kw)
+    adapter = Path(args.adapter).expanduser() if args.adapter else None  # an adapter or a run folder
+    return train.dpo(base, Path(args.data), run_dir, recipe, adapter=adapter, **kw)
 
 
 def _merge(args) -> int:

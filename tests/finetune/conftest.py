@@ -21,6 +21,7 @@ QA = [
 HELD_OUT = ["What is a cloud?", "How do birds fly?", "What is bread made of?", "Name a planet.", "What is a tree?",
             "Why is grass green?", "What is the moon?", "How do fish breathe?"]
 PREFIX = "Arr matey!"
+FAST = dict(learning_rate=2e-3, batch_size=4, grad_accum=1, gradient_checkpointing=False, warmup_ratio=0.0)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,16 @@ def persona_prefs(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
     path.write_text("".join(json.dumps({"prompt": q, "chosen": f"{PREFIX} {a}", "rejected": a}) + "\n" for q, a in QA))
     return path
+
+
+@pytest.fixture(scope="session")
+def sft_run(hf_model, persona_sft, tmp_path_factory):
+    """One real 16-step LoRA SFT run (with an eval split), shared by the tests that need an adapter."""
+    from finetune.recipe import load_recipe
+    from finetune.train import sft
+
+    recipe = load_recipe("lora").replace(eval_split=0.2, save_steps=8, **FAST)
+    return sft(hf_model, persona_sft, tmp_path_factory.mktemp("runs") / "sft", recipe, max_steps=16)
 
 
 def persona_rate(model, tokenizer) -> int:

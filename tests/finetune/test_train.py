@@ -4,25 +4,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from finetune.recipe import load_recipe
-from finetune.train import TrainError, dpo, last_complete_checkpoint, merge, sft
+from finetune.train import TrainError, dpo, merge, sft
 
 from .conftest import PREFIX, persona_rate
-
-FAST = dict(learning_rate=2e-3, batch_size=4, grad_accum=1, gradient_checkpointing=False, warmup_ratio=0.0)
-
-
-@pytest.fixture(scope="module")
-def sft_run(hf_model, persona_sft, tmp_path_factory):
-    recipe = load_recipe("lora").replace(eval_split=0.2, save_steps=8, **FAST)
-    return sft(hf_model, persona_sft, tmp_path_factory.mktemp("runs") / "sft", recipe, max_steps=16)
 
 
 def test_sft_lowers_loss_and_teaches_the_persona(hf_model, sft_run):
@@ -57,14 +47,25 @@ def test_dpo_raises_reward_accuracy_and_margin(hf_model, persona_prefs, tmp_path
     assert any(r["rewards/chosen"] for r in rows) and any(r["rewards/rejected"] for r in rows)  # both logged
 
 
-def test_sft_merge_convert_then_chat(hf_model, sft_run, tmp_path):
+def test_dpo_starts_from_an_sft_run_folder_and_says_which_adapter(hf_model, persona_prefs, sft_run, tmp_path, capsys):
+    recipe = load_recipe("dpo").replace(eval_split=0.0, save_steps=50, batch_size=2, gradient_checkpointing=False)
+    s = dpo(hf_model, persona_prefs, tmp_path / "dpo", recipe, adapter=sft_run.run_dir, max_steps=2)
+    assert capsys.readouterr().err.count(f"crofter: using the adapter in {sft_run.run_dir / 'adapter'}\n") == 1
+    assert s.steps == 2 and (s.adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "dpo" / "config.json").read_text())["adapter"] == str(sft_run.run_dir / "adapter")
+
+
+def test_sft_merge_convert_then_chat(hf_model, sft_run, tmp_path, capsys):
     from app.engine import Engine, LoadOptions, Sampling
     from app.session import ChatSession
     from converter.convert import convert
     from models.registry import ModelEntry
 
-    merged = merge(hf_model, sft_run.adapter, tmp_path / "merged")
+    merged = merge(hf_model, sft_run.run_dir, tmp_path / "merged")  # the run folder: its adapter/ is taken
+    assert f"using the adapter in {sft_run.run_dir / 'adapter'}" in capsys.readouterr().err
+    assert json.loads((merged / "crofter_merge.json").read_text())["adapter"] == str(sft_run.adapter)
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
     gguf = convert(merged, tmp_path / "merged-F16.gguf", "f16").path
     eng = Engine.load(ModelEntry("merged", str(gguf), "gguf", "converted"), LoadOptions(n_ctx=512, seed=1))
     try:
@@ -81,38 +82,6 @@ def test_sft_merge_convert_then_chat(hf_model, sft_run, tmp_path):
 def test_qlora_without_cuda_offers_plain_lora(hf_model, persona_sft, tmp_path):
     with pytest.raises(TrainError, match="run without --qlora for plain LoRA"):
         sft(hf_model, persona_sft, tmp_path / "q", load_recipe("qlora"), max_steps=1)
-
-
-def test_killed_run_resumes_from_last_complete_checkpoint(hf_model, persona_sft, tmp_path, crofter_home):
-    recipe = tmp_path / "fast.yaml"
-    recipe.write_text("learning_rate: 0.002\nbatch_size: 4\ngradient_checkpointing: false\nsave_steps: 2\n"
-                      "eval_split: 0.0\nwarmup_ratio: 0.0\n")
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "app.cli", "tune", "sft", "--base", str(hf_model), "--data", str(persona_sft),
-           "--recipe", str(recipe), "--out", str(run), "--max-steps", "8", "--json"]
-    env = {**os.environ, "CROFTER_HOME": str(crofter_home)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if last_complete_checkpoint(run / "checkpoints") is not None and (run / "checkpoints" / "checkpoint-4").exists():
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    # A checkpoint a kill interrupted while saving: no optimizer state, so never resumed from.
-    (run / "checkpoints" / "checkpoint-7").mkdir()
-    (run / "checkpoints" / "checkpoint-7" / "trainer_state.json").write_text("{\"global_st")
-    done_before = last_complete_checkpoint(run / "checkpoints")
-    assert done_before is not None and done_before.name in ("checkpoint-2", "checkpoint-4", "checkpoint-6")
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 1 and "--resume" in again.stderr  # never silently restarts over a run
-    r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads(r.stdout)
-    assert summary["steps"] == 8
-    state = json.loads((run / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
-    assert state["global_step"] == 8
 
 
 def test_bad_data_is_refused_with_its_line(hf_model, tmp_path, crofter_home):
