@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from models.adapters import checkpoint_step, last_complete_checkpoint, resolve_adapter
+from models.atomic import atomic_dir, sweep_stale_partial_dirs
 
-from .atomic_dir import atomic_dir, sweep_stale_dirs
 from .curve import CurveLogger
 from .data import DataError, encode_conversation, load_preferences, load_sft
 from .recipe import Recipe
@@ -304,7 +304,7 @@ def merge(base: Path, adapter: Path, out: Path) -> Path:
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     if out.exists():
         raise TrainError(f"{out} exists; choose a new --out")
-    sweep_stale_dirs(out)
+    sweep_stale_partial_dirs(out)
     _quiet()
     import torch
     from peft import PeftModel

@@ -91,13 +91,12 @@ def sweep_stale(final: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
-    """A fresh folder under `parent` for work in progress, flock-held while in use and
-    removed after; folders that killed runs left there (no live holder) are swept first."""
+    """A fresh folder under `parent` for work in progress (a download), flock-held while in
+    use and removed after; folders that killed runs left there are swept first."""
     parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_dirs(parent)
+    _remove_unheld_dirs(parent.iterdir())
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    fd = os.open(folder, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    fd = _hold(folder)
     try:
         yield folder
     finally:
@@ -107,20 +106,72 @@ def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
             parent.rmdir()  # only when no other run is using it
 
 
-def sweep_stale_dirs(parent: Path) -> list[Path]:
-    """Delete folders under `parent` that no live `staging_dir` holds."""
+@contextlib.contextmanager
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temp folder to fill; on success it becomes `final`, on any error it is removed.
+
+    The folder is written as ``.NAME.<random>.partial`` next to `final` and renamed into place,
+    flock-held meanwhile like `atomic_path`'s files. replace=False refuses (FileExistsError)
+    when `final` appears meanwhile; replace=True swaps an existing `final` out (the old one is
+    kept until the new one is in place).
+
+    >>> with atomic_dir(Path("out/merged")) as tmp:      # doctest: +SKIP
+    ...     model.save_pretrained(tmp)
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_partial_dirs(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    fd = _hold(tmp)
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            if not replace:
+                raise FileExistsError(f"{final} exists")
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+            os.replace(final, old / "old")  # old is unlocked, so a crash here leaves it to the next sweep
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def sweep_stale_partial_dirs(final: Path) -> list[Path]:
+    """Delete ``.NAME.*.partial`` folders next to `final` that no live `atomic_dir` holds."""
+    return _remove_unheld_dirs(final.parent.glob(f".{glob.escape(final.name)}.*.partial"))
+
+
+def _hold(folder: Path) -> int:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_unheld_dirs(candidates) -> list[Path]:
+    """Delete the folders among `candidates` whose flock nobody holds (their writer was killed)."""
     removed = []
-    for p in parent.iterdir() if parent.is_dir() else []:
+    for p in candidates:
         try:
             fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer holds it
+        else:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
-        except BlockingIOError:
-            continue  # a live pull is using it
         finally:
             os.close(fd)
     return removed

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from finetune.atomic_dir import atomic_dir, sweep_stale_dirs
+from models.atomic import atomic_dir, sweep_stale_partial_dirs
 
 
 def test_the_folder_appears_only_when_the_block_completes(tmp_path):
@@ -42,15 +42,15 @@ def test_replace_swaps_an_existing_folder_and_refuses_without_it(tmp_path):
 
 def test_a_killed_writers_temp_is_swept_and_a_live_ones_is_kept(tmp_path):
     final = tmp_path / "merged"
-    code = ("import os, sys; from pathlib import Path; from finetune.atomic_dir import atomic_dir\n"
+    code = ("import os, sys; from pathlib import Path; from models.atomic import atomic_dir\n"
             "with atomic_dir(Path(sys.argv[1])) as tmp:\n"
             "    print(tmp, flush=True); sys.stdin.readline(); os._exit(9)\n")  # dies inside the block, like kill -9
     live = subprocess.Popen([sys.executable, "-c", code, str(final)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     held = live.stdout.readline().strip()
-    assert sweep_stale_dirs(final) == []  # its writer holds it
+    assert sweep_stale_partial_dirs(final) == []  # its writer holds it
     live.stdin.write("\n")
     live.stdin.flush()
     assert live.wait(timeout=60) == 9
-    assert [str(p) for p in sweep_stale_dirs(final)] == [held]
+    assert [str(p) for p in sweep_stale_partial_dirs(final)] == [held]
     assert list(tmp_path.iterdir()) == []
