@@ -58,9 +58,11 @@ def test_prefix_reuse_on_follow_up_turn(engine):
     new_tokens = len(engine.tokenize(follow_up, special=False))
     list(session.send(follow_up))
     second = session.last_result
-    # The new message plus the template tokens around it: <|im_end|>\n<|im_start|>user\n ... assistant\n
+    # What the turn adds: the new message and the template tokens around it, plus any tail of
+    # the first reply that tokenizes differently as text than it was generated (how much
+    # depends on the reply's words, which differ between CPUs). Nothing of the first prompt.
     assert second.prompt_tokens > first.prompt_tokens + first.completion_tokens
-    assert second.prompt_tokens_evaluated <= new_tokens + 12, (second, new_tokens)
+    assert new_tokens < second.prompt_tokens_evaluated <= second.prompt_tokens - first.prompt_tokens, (first, second)
 
 
 def test_stop_sequence_cuts_the_reply(engine):
