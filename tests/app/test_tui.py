@@ -136,8 +136,25 @@ async def test_a_message_sent_while_the_model_loads_waits_and_is_sent(engine):
         assert users == ["Hello there", "First after the switch", "Second after the switch"]
 
 
+class _Held(_Shared):
+    """The real engine, with its stream held after the first piece until `release` is set,
+    so a test can act while a reply is surely streaming, however fast the machine."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.release = threading.Event()
+
+    def stream(self, *args, **kwargs):
+        for i, ev in enumerate(self._engine.stream(*args, **kwargs)):
+            yield ev
+            if i == 0:
+                assert self.release.wait(120)
+
+
 async def test_a_message_sent_while_a_reply_streams_goes_back_to_the_input(engine):
-    ctl = controller(engine, max_tokens=64)
+    held = _Held(engine)
+    ctl = ChatController(HistoryStore(), Settings(temperature=0.0, max_tokens=16, n_ctx=2048),
+                         loader=lambda entry, s: held)
     app = CrofterApp(controller=ctl)
     async with app.run_test(size=SIZE) as pilot:
         await start(pilot)
@@ -148,9 +165,11 @@ async def test_a_message_sent_while_a_reply_streams_goes_back_to_the_input(engin
         prompt.load_text("not yet")
         await pilot.press("enter")
         assert prompt.text == "not yet"  # refused, and still there to send later
+        held.release.set()
         await wait_for(pilot, lambda: app.replies_done == 1)
         assert [m.content for m in ctl.store.messages(ctl.chat.id) if m.role == "user"] == [
             "Write a long story about a dragon."]
+        assert prompt.text == "not yet"
 
 
 async def test_new_switch_rename_delete_search(engine):
