@@ -259,23 +259,30 @@ async def test_markup_and_escapes_render_literally(engine):
     ctl = controller(engine)
     chat = ctl.store.new_chat(title="[red]hostile[/] \x1b[31m")
     hostile = "[bold]not bold[/] [/ \x1b[31mred\x1b[0m [link=file:///etc]x[/link] \u202eevil\u202c"
-    ctl.store.add_message(chat.id, "user", "x" * 100_000)  # one 100k-character line
-    ctl.store.add_message(chat.id, "assistant", "ok")
     ctl.store.add_message(chat.id, "user", hostile)
     ctl.store.add_message(chat.id, "assistant", "Reply with " + hostile + "\n\n```\ncode [/]\n```")
     app = CrofterApp(controller=ctl, chat_id=chat.id)
     async with app.run_test(size=SIZE) as pilot:
         await start(pilot)
-        user_box = app.query(MessageBox)[2]
+        user_box = app.query(MessageBox).first()
         plain = user_box.body.render().plain
         assert "[bold]not bold[/]" in plain and "␛[31mred" in plain and "\x1b" not in plain
         assert "⟨U+202E⟩evil⟨U+202C⟩" in plain and "\u202e" not in plain  # named, not obeyed
-        long_box = app.query(MessageBox).first()
-        assert long_box.content == "x" * 100_000 and long_box.body.render().plain.count("x") == 100_000
         shown = screen_text(app)
         assert "[bold]not bold[/]" in shown
         assert "[red]hostile[/]" in shown  # the sidebar title, literally
         assert "code [/]" in shown  # inside the reply's code block
+
+
+async def test_a_100k_character_line_renders_whole(engine):
+    ctl = controller(engine)
+    chat = ctl.store.new_chat(title="long")
+    ctl.store.add_message(chat.id, "user", "x" * 100_000)
+    app = CrofterApp(controller=ctl, chat_id=chat.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await start(pilot)
+        box = app.query(MessageBox).first()
+        assert box.content == "x" * 100_000 and box.body.render().plain.count("x") == 100_000
 
 
 async def test_errors_become_notifications(engine):
