@@ -3,63 +3,13 @@ from __future__ import annotations
 
 import gc
 import re
-import threading
-import time
 
 
-from app.chat import ChatController
-from app.config import Settings
-from app.history import HistoryStore
 from app.tui.app import CrofterApp
-from app.tui.widgets import status_text
 from app.tui.tool_turn import approve_on_screen
-from app.tui.widgets import ChatItem, MessageBox
+from app.tui.widgets import ChatItem, MessageBox, status_text
 
-SIZE = (120, 36)
-
-
-def controller(engine, **settings):
-    """A controller over the shared engine (no second copy of the model in memory)."""
-    base = dict(temperature=0.0, max_tokens=48, n_ctx=2048)
-    return ChatController(HistoryStore(), Settings(**{**base, **settings}), loader=lambda entry, s: engine)
-
-
-async def wait_for(pilot, condition, timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            app = pilot.app
-            raise AssertionError(f"timed out waiting for the app (ready={app.ready}, loading={getattr(app, 'loading', None)}, "
-                                 f"generating={app.generating}, replies_done={app.replies_done}, status={status_text(app)!r})")
-        await pilot.pause(0.05)
-
-
-async def start(pilot):
-    await wait_for(pilot, lambda: pilot.app.ready)
-    await pilot.pause()
-
-
-async def say(pilot, text):
-    app = pilot.app
-    prompt = app.query_one("#prompt")
-    prompt.focus()
-    prompt.load_text(text)
-    done = app.replies_done
-    await pilot.press("enter")
-    await wait_for(pilot, lambda: app.replies_done > done)
-
-
-def screen_text(app) -> str:
-    """What is on screen, as text: the text runs of the SVG screenshot, in order."""
-    import html
-    import re
-
-    return html.unescape("".join(re.findall(r">([^<]*)</text>", app.export_screenshot()))).replace("\xa0", " ")
-
-
-def boxes(app):
-    return [(b.role, b.content) for b in app.query(MessageBox)]
-
+from .pilot import SIZE, boxes, controller, say, screen_text, start, wait_for
 
 async def test_ask_see_streamed_answer_and_history(engine):
     ctl = controller(engine)
@@ -85,91 +35,6 @@ async def test_ask_see_streamed_answer_and_history(engine):
         assert not body.streaming and words and all(w in rendered for w in words), (words, rendered)
         assert gc.get_freeze_count() > 0  # the long-lived objects are out of the GC's way
     assert gc.get_freeze_count() == 0  # and back in it once the app is gone
-
-
-class _Shared:
-    """The session's engine as a freshly loaded one: a model switch must not close it."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def close(self):
-        pass
-
-
-async def test_a_message_sent_while_the_model_loads_waits_and_is_sent(engine):
-    gate = threading.Event()
-
-    def slow_loader(entry, settings):
-        assert gate.wait(60)
-        return _Shared(engine)
-
-    ctl = ChatController(HistoryStore(), Settings(temperature=0.0, max_tokens=8, n_ctx=2048), loader=slow_loader)
-    app = CrofterApp(controller=ctl)
-    async with app.run_test(size=SIZE) as pilot:
-        # Typed and sent at the very first frame, while the model is still loading.
-        app.query_one("#prompt").load_text("Hello there")
-        await pilot.press("enter")
-        assert app.outbox.items == ["Hello there"] and not app.ready
-        assert "your message waits; sent when the model is ready" in status_text(app)
-        gate.set()
-        await wait_for(pilot, lambda: app.replies_done == 1)
-        stored = ctl.store.messages(ctl.chat.id)
-        assert [(m.role, m.status) for m in stored] == [("user", "complete"), ("assistant", "complete")]
-        assert stored[0].content == "Hello there" and boxes(app)[0] == ("user", "Hello there")
-        assert app.outbox.items == [] and "waits" not in status_text(app)
-
-        # After a model switch: two messages wait, and go out in order.
-        gate.clear()
-        app.switch_model("smollm2-135m")
-        for text in ("First after the switch", "Second after the switch"):
-            app.query_one("#prompt").load_text(text)
-            await pilot.press("enter")
-        assert app.outbox.items == ["First after the switch", "Second after the switch"]
-        assert "2 messages wait" in status_text(app)
-        gate.set()
-        await wait_for(pilot, lambda: app.replies_done == 3)
-        users = [m.content for m in ctl.store.messages(ctl.chat.id) if m.role == "user"]
-        assert users == ["Hello there", "First after the switch", "Second after the switch"]
-
-
-class _Held(_Shared):
-    """The real engine, with its stream held after the first piece until `release` is set,
-    so a test can act while a reply is surely streaming, however fast the machine."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.release = threading.Event()
-
-    def stream(self, *args, **kwargs):
-        for i, ev in enumerate(self._engine.stream(*args, **kwargs)):
-            yield ev
-            if i == 0:
-                assert self.release.wait(120)
-
-
-async def test_a_message_sent_while_a_reply_streams_goes_back_to_the_input(engine):
-    held = _Held(engine)
-    ctl = ChatController(HistoryStore(), Settings(temperature=0.0, max_tokens=16, n_ctx=2048),
-                         loader=lambda entry, s: held)
-    app = CrofterApp(controller=ctl)
-    async with app.run_test(size=SIZE) as pilot:
-        await start(pilot)
-        prompt = app.query_one("#prompt")
-        prompt.load_text("Write a long story about a dragon.")
-        await pilot.press("enter")
-        assert app.generating
-        prompt.load_text("not yet")
-        await pilot.press("enter")
-        assert prompt.text == "not yet"  # refused, and still there to send later
-        held.release.set()
-        await wait_for(pilot, lambda: app.replies_done == 1)
-        assert [m.content for m in ctl.store.messages(ctl.chat.id) if m.role == "user"] == [
-            "Write a long story about a dragon."]
-        assert prompt.text == "not yet"
 
 
 async def test_new_switch_rename_delete_search(engine):
@@ -402,8 +267,8 @@ async def test_tool_approval_modal_answers_the_worker(engine):
         for key, expected in (("y", "yes"), ("a", "chat"), ("n", "no"), ("escape", "no")):
             worker = th.Thread(target=lambda: results.append(approve_on_screen(app, t, {"path": "~/.ssh/id_rsa"}, True)))
             worker.start()
-            await wait_for(pilot, lambda: len(app.screen_stack) > 1)
-            assert "~/.ssh/id_rsa" in screen_text(app) and "send_file" in screen_text(app)
+            await wait_for(pilot, lambda: len(app.screen_stack) > 1 and "~/.ssh/id_rsa" in screen_text(app))
+            assert "send_file" in screen_text(app)  # polled above: a loaded machine paints the dialog later
             assert "may come from them" in screen_text(app)  # the taint warning
             await pilot.press(key)
             await wait_for(pilot, lambda: not worker.is_alive())

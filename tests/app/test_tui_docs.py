@@ -8,7 +8,7 @@ from app.tui.widgets import status_text
 from app.tui.docs import PassageScreen, SourcesPanel
 from rag.loaders import extract
 
-from .test_tui import SIZE, controller, say, screen_text, start, wait_for
+from .pilot import SIZE, controller, say, screen_text, start, wait_for
 
 LICENSES = "/usr/share/common-licenses"
 

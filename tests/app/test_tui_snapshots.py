@@ -6,7 +6,7 @@ and review the SVGs in tests/app/__snapshots__/.
 from __future__ import annotations
 
 from app.tui.app import CrofterApp
-from tests.app.test_tui import controller, wait_for
+from tests.app.pilot import controller, wait_for
 
 SIZE = (110, 32)
 
