@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--no-register", action="store_true")
     tm.add_argument("--json", action="store_true")
 
+    from .commands.evaluate import add_parser as add_eval_parser  # argparse only: heavy imports wait for run()
+
+    add_eval_parser(sub)
+
     cfg = sub.add_parser("config", help="show or change settings", description="Settings live in a TOML file; flags override them.")
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", help="every setting with its value and meaning")
@@ -282,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.convert import run_convert_lora as run
         elif args.command == "verify":
             from .commands.convert import run_verify as run
+        elif args.command == "eval":
+            from .commands.evaluate import run
         else:
             from .commands.config import run
         return run(args) or 0
@@ -314,9 +320,10 @@ def _is_user_error(exc: Exception) -> bool:
     from converter.hf import ConvertError
     from rag.embed import EmbedError  # light modules: heavy imports happen inside their functions
     from rag.store import RagError
+    from finetune.evaluate.rows import EvalError
 
     known = (CLIError, ContextOverflow, ConfigError, EngineError, GGUFError, HistoryError, HubError, ModelError,
-             RagError, EmbedError, ConvertError, ProbeError, SafetensorsError, FileNotFoundError, PermissionError)
+             RagError, EmbedError, ConvertError, ProbeError, SafetensorsError, EvalError, FileNotFoundError, PermissionError)
     return isinstance(exc, known)
 
 

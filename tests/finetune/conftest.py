@@ -60,3 +60,53 @@ def persona_rate(model, tokenizer) -> int:
             out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         n += tokenizer.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip().startswith("Arr")
     return n
+
+
+# -- evaluation (finetune/evaluate) -----------------------------------------------------
+MC_ITEMS = [
+    ("What is the capital of France?", ["Paris", "Berlin", "Madrid", "Rome"], 0),
+    ("What color is the sky on a clear day?", ["green", "blue", "red", "brown"], 1),
+    ("How many legs does a dog have?", ["two", "six", "four", "eight"], 2),
+    ("What do bees make?", ["milk", "honey", "bread", "steel"], 1),
+    ("Which is the largest planet?", ["Mars", "Venus", "Mercury", "Jupiter"], 3),
+    ("What is frozen water called?", ["ice", "steam", "sand", "glass"], 0),
+    ("What do cows eat?", ["rocks", "grass", "metal", "plastic"], 1),
+    ("Which animal barks?", ["cat", "fish", "dog", "bird"], 2),
+]
+MC_TASK = """task: crofter_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: crofter_mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="session")
+def smol_f32(hf_model, tmp_path_factory):
+    """The dequantized SmolLM2 checkpoint converted back to an F32 GGUF: the same weights
+    in llama.cpp and in torch."""
+    from converter.convert import convert
+
+    return convert(hf_model, tmp_path_factory.mktemp("f32") / "smol-F32.gguf", outtype="f32").path
+
+
+@pytest.fixture(scope="session")
+def mc_tasks(tmp_path_factory):
+    """A folder with a 4-choice task the project writes itself (YAML + JSONL, relative path)."""
+    root = tmp_path_factory.mktemp("tasks")
+    (root / "crofter_mc.yaml").write_text(MC_TASK)
+    (root / "crofter_mc.jsonl").write_text("".join(
+        json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in MC_ITEMS))
+    return root

@@ -1,0 +1,92 @@
+"""What `crofter eval` hands to finetune.evaluate as callables: the chat's own turn
+(for prompt suites), a yes/no judge constrained by a grammar, and collection search
+(for retrieval suites). finetune imports nothing of app; app passes these in."""
+from __future__ import annotations
+
+import sys
+
+JUDGE_GRAMMAR = 'root ::= "yes" | "no"'
+JUDGE_SYSTEM = "You grade answers strictly. Reply with one word: yes or no."
+
+
+def load_engine(entry, settings):
+    from ..chat import default_loader
+
+    return default_loader(entry, settings)
+
+
+def suite_answer(engine, settings, store_for, allow_tools: list[str], yes: bool):
+    """answer(item) -> str: one fresh chat per prompt, the way `crofter ask` answers it
+    (documents grounded with citations, tools through the tool loop and its policy)."""
+    from ..engine import Sampling
+    from ..session import ChatSession
+
+    def answer(item) -> str:
+        system = settings.system_prompt if item.system is None else item.system
+        session = ChatSession(engine, Sampling.from_settings(settings), system=system or "")
+        search = None
+        if item.collections:
+            from .. import documents
+
+            search = documents.collection_search(store_for(), settings, list(item.collections))
+        if item.tools:
+            return _tool_answer(session, settings, search, item.prompt, allow_tools, yes)
+        prompt = item.prompt
+        if search is not None:
+            from .. import documents
+
+            budget = documents.source_budget_chars(settings.n_ctx or 4096, settings.max_tokens)
+            prompt = documents.grounded_prompt(search, item.prompt, settings.rag_top_k, budget).prompt
+        for _ in session.send(prompt):
+            pass
+        return session.last_result.text
+
+    return answer
+
+
+def _tool_answer(session, settings, search, prompt: str, allow_tools: list[str], yes: bool) -> str:
+    from models import paths
+
+    from ..tools.calling import ToolLoop
+    from ..tools.policy import Policy
+    from ..tools.registry import ToolContext, ToolRegistry
+
+    registry = ToolRegistry.discover(ToolContext(roots=settings.tool_roots, search=search), paths.data_dir() / "tools")
+    policy = Policy({name: "allow" for name in allow_tools})
+
+    def approve(tool, arguments, tainted: bool) -> bool:
+        if not yes:  # a suite runs unattended: what is not allowed is refused, never asked
+            print(f"crofter: denied {tool.name}: not allowed (use --allow-tool {tool.name} or --yes)", file=sys.stderr)
+        return yes
+
+    return ToolLoop(session, registry, policy, approve).run(prompt).answer
+
+
+def grammar_judge(engine):
+    """judge(question, prompt, answer) -> bool: the judge model says yes or no, nothing else."""
+    from llama_cpp import LlamaGrammar
+
+    from ..engine import Sampling
+
+    grammar = LlamaGrammar.from_string(JUDGE_GRAMMAR, verbose=False)
+
+    def judge(question: str, prompt: str, answer: str) -> bool:
+        messages = [{"role": "system", "content": JUDGE_SYSTEM},
+                    {"role": "user", "content": f"The prompt was:\n{prompt}\n\nThe answer was:\n{answer}\n\n"
+                                                f"{question} Reply yes or no."}]
+        s = Sampling(temperature=0.0, max_tokens=2, seed=0, grammar=grammar)
+        return engine.complete(engine.tokenize_chat(messages), s).text.strip().lower() == "yes"
+
+    return judge
+
+
+def retrieval_search(store, settings, collection: str):
+    """search(question, mode, k) -> [(source, passage)] over one collection."""
+    from .. import documents
+
+    retriever = documents.retriever(store, settings, collection)
+
+    def search(question: str, mode: str, k: int):
+        return [(h.source, h.text) for h in retriever.search(collection, question, k=k, mode=mode)]
+
+    return search

@@ -1,0 +1,122 @@
+"""crofter's lm-evaluation-harness model: the GGUF the user chats with, scored in
+llama.cpp in this process (no completions server, whose echo lm-eval's own GGUF
+backend depends on).
+
+Requests are evaluated in the order of their token ids, so every request that
+shares a context with the one before it (the endings of one multiple-choice item,
+the few-shot examples of a task) reuses the KV cache of that context and evaluates
+only its new tokens; results go back in lm-eval's order.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+
+from .scorer import GGUFScorer, log_softmax
+
+# on_progress(done, total, label): the CLI draws its bar from this.
+Progress = Callable[[int, int, str], None]
+
+
+class CrofterLM(TemplateLM):
+    def __init__(self, scorer: GGUFScorer, on_progress: Progress | None = None, max_gen_toks: int = 256):
+        super().__init__()
+        self.scorer = scorer
+        self.on_progress = on_progress
+        self.max_gen_toks = max_gen_toks
+        self.requests_done = 0
+        self.seconds = 0.0
+
+    # -- what TemplateLM asks for ---------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.scorer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # What an empty context is conditioned on: the vocabulary's BOS when it has one
+        # (even if the model does not add it to prompts), else EOS; as lm-eval's hf model.
+        bos = self.scorer.llm.token_bos()
+        return bos if bos >= 0 else self.scorer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.scorer.n_ctx
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        ids = self.scorer.tokenize(string)
+        bos = self.scorer.bos_id
+        if add_special_tokens is not False and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)  # crofter draws its own bar
+
+    def _encode_pair(self, context: str, continuation: str):
+        # Like TemplateLM's, but the BOS (when the model has one) only heads the context.
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        return ctx, whole[len(ctx):]
+
+    def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        tokens = (ctx + cont)[-(self.max_length + 1):]  # left-truncate, as lm-eval's hf model does
+        start = len(tokens) - len(cont)
+        lp = log_softmax(self.scorer.predict(tokens, start))
+        target = np.asarray(cont)
+        picked = lp[np.arange(len(cont)), target]
+        return float(picked.sum()), bool((lp.argmax(-1) == target).all())
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        order = sorted(range(len(requests)), key=lambda i: requests[i][1] + requests[i][2])
+        out: list = [None] * len(requests)
+        t0 = time.perf_counter()
+        for done, i in enumerate(order, 1):
+            _, ctx, cont = requests[i]
+            out[i] = self._score(ctx, cont) if cont else (0.0, True)
+            self._tick(done, len(order), "loglikelihood")
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for done, req in enumerate(requests, 1):
+            (text,) = req.args
+            total = 0.0
+            for ctx, pred in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
+                total += self._score(list(ctx), list(pred))[0]
+            out.append(total)
+            self._tick(done, len(requests), "loglikelihood_rolling")
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        llm = self.scorer.llm
+        out = []
+        for done, req in enumerate(requests, 1):
+            context, kw = req.args
+            kw = dict(kw or {})
+            until = kw.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_toks = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            self.scorer.forget()  # generation manages the context itself
+            prompt = self.tok_encode(context)[-(self.max_length - max_toks):]
+            text = llm.create_completion(prompt, max_tokens=max_toks, temperature=0.0, top_k=1,
+                                         stop=until or None, seed=0)["choices"][0]["text"]
+            self.scorer.forget()
+            out.append(text)
+            self._tick(done, len(requests), "generate_until")
+        return out
+
+    def _tick(self, done: int, total: int, label: str) -> None:
+        self.requests_done += 1
+        if self.on_progress:
+            self.on_progress(done, total, label)

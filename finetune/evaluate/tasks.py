@@ -1,0 +1,199 @@
+"""Benchmark tasks through lm-evaluation-harness, offline.
+
+Tasks come from lm-eval's registry when their data sets are already in the local
+Hugging Face cache (nothing is downloaded at run time), or from task YAML files in
+`--include-path` folders whose data files sit next to them. Local files are checked
+first, so a bad one gets an error naming the file and line instead of a traceback
+from deep inside lm-eval.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .rows import EvalError, Row
+
+OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def _key_lines(path: Path) -> dict[str, int]:
+    """1-based line of every top-level key (and of `dataset_kwargs.data_files`)."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=_PlainLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            lines[str(k.value)] = k.start_mark.line + 1
+            if k.value == "dataset_kwargs" and isinstance(v, yaml.MappingNode):
+                for k2, _ in v.value:
+                    lines[f"dataset_kwargs.{k2.value}"] = k2.start_mark.line + 1
+    return lines
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """Composes lm-eval's `!function` tags as plain scalars (only line numbers are wanted)."""
+
+
+_PlainLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _check_jsonl(path: Path) -> None:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    raise EvalError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+
+
+def _fix_data_files(cfg: dict, path: Path, lines: dict[str, int]) -> None:
+    """Relative data files are relative to the task file (HF datasets would read them from the cwd)."""
+    kwargs = cfg.get("dataset_kwargs") or {}
+    files = kwargs.get("data_files")
+    if files is None:
+        return
+    line = lines.get("dataset_kwargs.data_files", lines.get("dataset_kwargs", 0))
+
+    def fix(f):
+        p = Path(str(f)).expanduser()
+        p = p if p.is_absolute() else path.parent / p
+        if not p.is_file():
+            raise EvalError(f"{path}:{line}: data file {f} not found ({p})")
+        if p.suffix == ".jsonl":
+            _check_jsonl(p)
+        return str(p)
+
+    if isinstance(files, dict):
+        kwargs["data_files"] = {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in files.items()}
+    elif isinstance(files, list):
+        kwargs["data_files"] = [fix(x) for x in files]
+    else:
+        kwargs["data_files"] = fix(files)
+    cfg["dataset_kwargs"] = kwargs
+
+
+def load_task_file(path: Path) -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        cfg = load_yaml(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise EvalError(f"{path}:{mark.line + 1 if mark else 0}: not valid YAML ({e.problem or e})") from None
+    except (OSError, ValueError, ImportError, AttributeError, yaml.YAMLError) as e:
+        raise EvalError(f"{path}: {e}") from None
+    lines = _key_lines(path)
+    if "task" not in cfg and "group" not in cfg:
+        raise EvalError(f"{path}:1: a task file needs a `task:` name")
+    if "group" in cfg and "task" not in cfg:
+        return cfg
+    if not isinstance(cfg["task"], str):
+        return cfg  # a group listing its tasks under `task:`; lm-eval resolves it
+    ot = cfg.get("output_type", "generate_until")
+    if ot not in OUTPUT_TYPES:
+        raise EvalError(f"{path}:{lines.get('output_type', 1)}: output_type {ot!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+    for key in ("dataset_path", "doc_to_text"):
+        if key not in cfg:
+            raise EvalError(f"{path}:1: `{key}` is missing")
+    if not any(cfg.get(s) for s in ("test_split", "validation_split")):
+        raise EvalError(f"{path}:1: name the split to score with `test_split` or `validation_split`")
+    _fix_data_files(cfg, path, lines)
+    return cfg
+
+
+def local_tasks(include_paths: list[str | Path]) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    for root in include_paths:
+        root = Path(root)
+        if not root.is_dir():
+            raise EvalError(f"--include-path {root}: not a folder")
+        for f in sorted(root.rglob("*.yaml")) + sorted(root.rglob("*.yml")):
+            cfg = load_task_file(f)
+            name = cfg.get("task") if isinstance(cfg.get("task"), str) else cfg.get("group")
+            if isinstance(name, str):
+                found[name] = cfg
+    return found
+
+
+@contextlib.contextmanager
+def _offline():
+    """HF datasets reads only its local cache while tasks load."""
+    import datasets.config as dc
+    import huggingface_hub.constants as hc
+
+    saved = (os.environ.get("HF_DATASETS_OFFLINE"), dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE)
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    dc.HF_HUB_OFFLINE = hc.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = saved[0]
+        dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE = saved[1], saved[2]
+
+
+@dataclass
+class TaskRun:
+    rows: list[Row]                 # one per metric, with lm-eval's standard error
+    picks: dict[str, list[int]]     # multiple-choice tasks: the choice picked for each item, in item order
+
+
+def run_tasks(lm, names: list[str], model: str, include_paths: list[str | Path] = (), limit: int | None = None,
+              num_fewshot: int | None = None, bootstrap_iters: int = 1000, local: dict | None = None) -> TaskRun:
+    """Evaluate `lm` (an lm-eval LM) on the named tasks."""
+    import logging
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    local = local_tasks(list(include_paths)) if local is None else local
+    registry = [n for n in names if n not in local]
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    specs = [dict(local[n]) if isinstance(local[n].get("task"), str) else n for n in names if n in local] + registry
+    tm = TaskManager(include_path=[str(p) for p in include_paths] or None, include_defaults=bool(registry))
+    if registry:
+        known = set(tm.all_tasks)
+        unknown = [n for n in registry if n not in known]
+        if unknown:
+            raise EvalError(f"unknown task {unknown[0]!r}: not in lm-eval's registry nor in --include-path")
+    with _offline():
+        try:
+            res = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=tm, limit=limit,
+                                          num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                                          log_samples=True)
+        except (ConnectionError, OSError) as e:
+            raise EvalError(f"a task's data set is not in the local Hugging Face cache and crofter does not "
+                            f"download at run time ({str(e).splitlines()[0][:160]}); use --include-path with "
+                            "local task files") from None
+    picks = {}
+    for task, samples in (res.get("samples") or {}).items():
+        if samples and isinstance(samples[0].get("filtered_resps"), list) and samples[0]["filtered_resps"] and \
+                isinstance(samples[0]["filtered_resps"][0], (tuple, list)):
+            ordered = sorted(samples, key=lambda x: x["doc_id"])
+            picks[task] = [max(range(len(x["filtered_resps"])), key=lambda i: x["filtered_resps"][i][0]) for x in ordered]
+    return TaskRun(result_rows(res, model), picks)
+
+
+def result_rows(res: dict, model: str) -> list[Row]:
+    rows = []
+    for task, metrics in res["results"].items():
+        n = int(res.get("n-samples", {}).get(task, {}).get("effective", 0))
+        for key, value in metrics.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            se = metrics.get(f"{metric}_stderr,{filt}")
+            name = metric if filt == "none" else f"{metric}:{filt}"
+            rows.append(Row(model, "tasks", task, name, float(value),
+                            float(se) if isinstance(se, (int, float)) else None, n))
+    return rows

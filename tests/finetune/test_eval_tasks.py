@@ -1,0 +1,111 @@
+"""lm-evaluation-harness tasks, offline: crofter's llama.cpp adapter against lm-eval's own
+`hf` model on the same weights, and task files that are wrong in the ways users get them wrong."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.evaluate.rows import EvalError
+from finetune.evaluate.scorer import GGUFScorer
+from finetune.evaluate.tasks import load_task_file, local_tasks, run_tasks
+
+from .conftest import MC_ITEMS, MC_TASK
+
+
+@pytest.fixture(scope="module")
+def crofter_lm(smol_f32):
+    from finetune.evaluate.llama_lm import CrofterLM
+
+    lm = CrofterLM(GGUFScorer(smol_f32, n_ctx=512, kv_f32=True))
+    yield lm
+    lm.scorer.close()
+
+
+def test_the_f32_gguf_and_the_hf_folder_pick_the_same_answers(crofter_lm, hf_model, mc_tasks, tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    monkeypatch.chdir(tmp_path)  # relative data files resolve against the task file, not the cwd
+    ours = run_tasks(crofter_lm, ["crofter_mc"], "f32", [mc_tasks], bootstrap_iters=100)
+    theirs = run_tasks(HFLM(pretrained=str(hf_model), device="cpu", dtype="float32", batch_size=4),
+                       ["crofter_mc"], "hf", [mc_tasks], bootstrap_iters=100)
+    assert len(ours.picks["crofter_mc"]) == len(MC_ITEMS)
+    assert ours.picks == theirs.picks
+    a = {r.metric: r for r in ours.rows}
+    b = {r.metric: r for r in theirs.rows}
+    assert a["acc"].value == b["acc"].value and a["acc"].n == len(MC_ITEMS)
+    assert a["acc"].stderr == pytest.approx(b["acc"].stderr) and a["acc"].stderr > 0
+
+
+def test_the_endings_of_one_item_share_one_context_evaluation(crofter_lm, mc_tasks):
+    before = crofter_lm.scorer.decoded
+    run_tasks(crofter_lm, ["crofter_mc"], "f32", [mc_tasks], limit=4, bootstrap_iters=0)
+    evaluated = crofter_lm.scorer.decoded - before
+    contexts = sum(len(crofter_lm.tok_encode(f"Question: {q}\nAnswer:")) for q, _, _ in MC_ITEMS[:4])
+    assert evaluated < contexts * 2  # four endings each would cost four contexts
+
+
+def test_rolling_loglikelihood_matches_the_hf_model(crofter_lm, hf_model):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    text = "The miller weighed each sack and ground it between the stones."
+    req = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    ours = crofter_lm.loglikelihood_rolling(req)[0]
+    theirs = HFLM(pretrained=str(hf_model), device="cpu", dtype="float32", batch_size=1).loglikelihood_rolling(req)[0]
+    assert ours < 0 and ours == pytest.approx(theirs, abs=1e-2)
+
+
+def test_generate_until_is_greedy_llama_cpp_on_the_same_prompt(crofter_lm, smol_f32):
+    """Compared like with like on this machine: plain llama-cpp-python, greedy, same stop."""
+    from llama_cpp import Llama
+    from lm_eval.api.instance import Instance
+
+    prompt = "Question: What do bees make?\nAnswer:"
+    req = [Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 12}), 0)]
+    ours = crofter_lm.generate_until(req)[0]
+    llm = Llama(model_path=str(smol_f32), n_ctx=512, type_k=0, type_v=0, verbose=False)
+    try:
+        anchor = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1, stop=["\n"])["choices"][0]["text"]
+    finally:
+        llm.close()
+    assert ours == anchor
+    # and the scorer's kept cache is dropped, so scoring afterwards is still right
+    assert crofter_lm.scorer._tokens == []
+
+
+def _task_dir(tmp_path, yaml_text: str, rows: str | None = None):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "t.yaml").write_text(yaml_text)
+    if rows is not None:
+        (d / "crofter_mc.jsonl").write_text(rows)
+    return d
+
+
+GOOD_ROWS = "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in MC_ITEMS)
+
+
+@pytest.mark.parametrize("yaml_text, rows, message", [
+    (MC_TASK.replace("output_type: multiple_choice", "output_type: multiple_choise"), GOOD_ROWS,
+     r"t\.yaml:7: output_type 'multiple_choise'"),
+    (MC_TASK, None, r"t\.yaml:4: data file crofter_mc\.jsonl not found"),
+    (MC_TASK, GOOD_ROWS + '{"question": "broken\n', r"crofter_mc\.jsonl:9: not a JSON object"),
+    (MC_TASK.replace("doc_to_text: \"Question", "doc_to_text: [\"Question"), GOOD_ROWS, r"t\.yaml:\d+: not valid YAML"),
+    (MC_TASK.replace("task: crofter_mc", "name: crofter_mc"), GOOD_ROWS, r"t\.yaml:1: a task file needs a `task:`"),
+    (MC_TASK.replace("test_split: test\n", ""), GOOD_ROWS, r"t\.yaml:1: name the split"),
+])
+def test_bad_task_files_are_named_with_the_line(tmp_path, yaml_text, rows, message):
+    d = _task_dir(tmp_path, yaml_text, rows)
+    with pytest.raises(EvalError, match=message):
+        local_tasks([d])
+
+
+def test_a_registry_task_that_is_not_there_is_refused_by_name(crofter_lm, mc_tasks):
+    with pytest.raises(EvalError, match="unknown task 'no_such_task_anywhere'"):
+        run_tasks(crofter_lm, ["no_such_task_anywhere"], "f32", [mc_tasks])
+
+
+def test_relative_data_files_become_absolute_next_to_the_task(mc_tasks):
+    cfg = load_task_file(mc_tasks / "crofter_mc.yaml")
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str(mc_tasks / "crofter_mc.jsonl")
