@@ -1,0 +1,129 @@
+"""`crofter eval` end to end, in process: F16 and its Q4_K_M side by side, results kept
+and compared later, a prompt suite through the chat's turn with a grammar judge, a
+retrieval suite over a real collection, and the one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.cli import main
+
+from .test_eval_scores import TEXT
+
+
+@pytest.fixture(scope="module")
+def f16_and_q4(hf_model, tmp_path_factory):
+    from converter.convert import convert
+    from converter.quantize import quantize
+
+    d = tmp_path_factory.mktemp("quants")
+    f16 = convert(hf_model, d / "smol-F16.gguf", outtype="f16").path
+    q4 = d / "smol-Q4_K_M.gguf"
+    quantize(f16, q4, "Q4_K_M")
+    return f16, q4
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "mill.md"
+    p.write_text("# The mill\n\n" + TEXT)
+    return p
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def test_f16_and_q4_k_m_are_scored_stored_and_compared(f16_and_q4, text_file, mc_tasks, tmp_path, capsys):
+    f16, q4 = f16_and_q4
+    assert main(["eval", str(f16), str(q4), "--text", str(text_file), "--ctx", "64", "--tasks", "crofter_mc",
+                 "--include-path", str(mc_tasks), "--limit", "4", "--reference", str(f16), "--json"]) == 0
+    rows = _json(capsys)
+    by = {(r["model"], r["task"], r["metric"]): r for r in rows}
+    assert set(r["model"] for r in rows) == {f16.name, q4.name}
+    for m in (f16.name, q4.name):
+        ppl = by[(m, "mill.md", "ppl")]
+        assert ppl["value"] > 1 and ppl["stderr"] > 0 and ppl["n"] > 100
+        assert by[(m, "crofter_mc", "acc")]["n"] == 4
+    assert by[(f16.name, "mill.md", "kld")]["value"] < 1e-6  # against itself
+    assert by[(q4.name, "mill.md", "kld")]["value"] > by[(f16.name, "mill.md", "kld")]["value"]
+    assert set(rows[0]) == {"model", "suite", "task", "metric", "value", "stderr", "n"}
+
+    # kept: compare reads them back by name, and by the file hash's prefix
+    from finetune.evaluate.results import ResultStore
+
+    q4_hash = ResultStore().hash_of(q4)
+    assert main(["eval", "compare", f16.name, q4_hash[:12], "--json", "--plot", str(tmp_path / "cmp.png")]) == 0
+    table = _json(capsys)
+    ppl_row = next(r for r in table if r["metric"] == "ppl")
+    assert len(json.dumps(ppl_row)) > 0 and (tmp_path / "cmp.png").stat().st_size > 1000
+    assert main(["eval", "compare", f16.name, q4.name]) == 0
+    out = capsys.readouterr().out
+    assert "ppl" in out and "kld" in out and "acc" in out
+
+
+def test_speed_and_size_sit_in_the_same_table(bundled_path, capsys):
+    assert main(["eval", str(bundled_path), "--speed", "--json", "--no-store"]) == 0
+    rows = {r["metric"]: r["value"] for r in _json(capsys)}
+    assert rows["file_bytes"] == bundled_path.stat().st_size
+    assert rows["peak_rss_bytes"] > rows["file_bytes"] / 2  # the weights are mapped and touched
+    assert rows["pp_tok_s"] > 0 and rows["decode_tok_s"] > 0
+
+
+def test_a_prompt_suite_runs_through_the_chat_turn_with_a_grammar_judge(bundled_path, tmp_path, capsys):
+    from models.paths import data_dir
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: smoke\nprompts:\n"
+        "  - prompt: Say hello.\n    checks:\n      - regex: '.'\n      - judge: Is the answer a greeting?\n"
+        "  - prompt: Count from one to three.\n    checks:\n      - not_contains: '<|im_start|>'\n")
+    assert main(["eval", str(bundled_path), "--prompts", str(suite), "--judge", str(bundled_path), "--json"]) == 0
+    rows = {r["metric"]: r for r in _json(capsys)}
+    assert rows["pass_rate"]["n"] == 2 and 0.0 <= rows["pass_rate"]["value"] <= 1.0
+    assert rows["pass_rate:judge"]["value"] in (0.0, 1.0)  # yes or no, whichever the model said
+    answers = list((data_dir() / "eval" / "answers").glob("*.jsonl"))
+    assert len(answers) == 1
+    stored = [json.loads(line) for line in answers[0].read_text().splitlines()]
+    assert len(stored) == 2 and all(s["answer"] for s in stored)
+
+
+def test_a_retrieval_suite_over_a_real_collection(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "bees.md").write_text("Honey bees make honey from the nectar of flowers and store it in wax combs.")
+    (docs / "rivers.md").write_text("A river carries water from the mountains down to the sea through valleys.")
+    (docs / "trains.md").write_text("Steam locomotives pulled trains on railways before diesel engines replaced them.")
+    assert main(["ingest", str(docs), "-c", "notes", "--json"]) == 0
+    capsys.readouterr()
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps([{"question": "What do bees make from nectar?", "source": "docs/bees.md"},
+                             {"question": "What pulled trains before diesel?", "source": "trains.md",
+                              "contains": "steam locomotives"}]))
+    assert main(["eval", "--retrieval", str(q), "-c", "notes", "-k", "2", "--json"]) == 0
+    rows = {(r["task"], r["metric"]): r for r in _json(capsys)}
+    assert rows[("q/keyword", "recall@2")]["value"] == 1.0 and rows[("q/keyword", "mrr")]["value"] == 1.0
+    assert {t for t, _ in rows} == {"q/dense", "q/keyword", "q/hybrid"}
+    assert all(r["model"] == "collection:notes" for r in rows.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "smollm2-135m"], "nothing to evaluate"),
+    (["eval", "--text", "x.txt"], "name at least one MODEL"),
+    (["eval", "--retrieval", "q.json"], "needs -c COLLECTION"),
+    (["eval", "no-such-model", "--speed"], "no-such-model"),
+    (["eval", "compare"], "name the models to compare"),
+    (["eval", "compare", "never-evaluated"], "never-evaluated"),
+])
+def test_bad_invocations_get_one_line(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("crofter: error: ") and message in err[0], err
+
+
+def test_a_bad_task_file_fails_before_any_model_loads(bundled_path, tmp_path, capsys):
+    (tmp_path / "t.yaml").write_text("task: t\noutput_type: nope\n")
+    assert main(["eval", str(bundled_path), "--tasks", "t", "--include-path", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 't.yaml'}:2: output_type 'nope'" in err
