@@ -24,7 +24,7 @@ from textual.widgets import Footer, Input
 from ..render import display_safe
 from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone, forward
 from .tool_turn import toggle_tools, tool_turn
-from . import clipboard, dialogs
+from . import clipboard, compare, dialogs, keys
 from .docs import chat_boxes, docs_status, open_documents, show_sources, warn_if_index_incomplete
 from .outbox import Outbox
 from .screens import HelpScreen
@@ -48,6 +48,7 @@ class CrofterApp(App):
         Binding("ctrl+t", "settings", "Sampling"),
         Binding("ctrl+l", "toggle_tools", "Tools on/off"),
         Binding("f5", "documents", "Documents"),
+        Binding("f9", "compare", "Compare models", show=False),
         Binding("ctrl+s", "system_prompt", "System prompt", show=False),
         Binding("f2", "rename_chat", "Rename", show=False),
         Binding("f8", "delete_chat", "Delete chat", show=False),
@@ -355,10 +356,7 @@ class CrofterApp(App):
         self.query_one("#search", Input).focus()
 
     def action_help(self) -> None:
-        rows = [(b.key.replace(",", " / "), b.description) for b in self.BINDINGS]
-        rows += [("enter", "Send the message"), ("ctrl+j / alt+enter", "New line in the message"),
-                 ("up / down", "Recall sent messages"), ("ctrl+p", "Command palette")]
-        self.push_screen(HelpScreen(rows))
+        self.push_screen(HelpScreen(keys.help_rows(self.BINDINGS)))
 
     def _busy(self) -> bool:
         if not self.ready or self.loading:
@@ -384,13 +382,15 @@ class CrofterApp(App):
     # -- command palette ---------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for b in self.BINDINGS:
-            if b.action not in ("quit", "stop"):
-                yield SystemCommand(b.description, f"{b.description} ({b.key})", lambda a=b.action: self.run_action(a))
+        yield from keys.palette_commands(self)
 
     def action_documents(self) -> None:
         if not self._busy():
             open_documents(self)
+
+    def action_compare(self) -> None:
+        if not self._busy():
+            compare.open_compare(self)
 
     def on_unmount(self) -> None:
         gc.unfreeze()

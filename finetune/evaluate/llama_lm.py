@@ -16,7 +16,7 @@ import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
-from .scorer import GGUFScorer, log_softmax
+from .llama_scorer import GGUFScorer
 
 # on_progress(done, total, label): the CLI draws its bar from this.
 Progress = Callable[[int, int, str], None]
@@ -69,19 +69,33 @@ class CrofterLM(TemplateLM):
     def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
         tokens = (ctx + cont)[-(self.max_length + 1):]  # left-truncate, as lm-eval's hf model does
         start = len(tokens) - len(cont)
-        lp = log_softmax(self.scorer.predict(tokens, start))
-        target = np.asarray(cont)
-        picked = lp[np.arange(len(cont)), target]
-        return float(picked.sum()), bool((lp.argmax(-1) == target).all())
+        return _picked(self.scorer.predict(tokens, start), cont)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        order = sorted(range(len(requests)), key=lambda i: requests[i][1] + requests[i][2])
+        # Sorted by tokens, the requests that share a context sit together: each run of them
+        # is one context evaluation and its endings side by side (scorer.predict_endings).
+        order = sorted(range(len(requests)), key=lambda i: (requests[i][1], requests[i][2]))
         out: list = [None] * len(requests)
         t0 = time.perf_counter()
-        for done, i in enumerate(order, 1):
-            _, ctx, cont = requests[i]
-            out[i] = self._score(ctx, cont) if cont else (0.0, True)
+        done = 0
+        i = 0
+        while i < len(order):
+            j = i + 1
+            ctx = requests[order[i]][1]
+            if self.scorer.reuse_prefix:
+                while j < len(order) and requests[order[j]][1] == ctx:
+                    j += 1
+            group = order[i:j]
+            conts = [requests[k][2] for k in group]
+            if len(group) > 1 and all(conts) and len(ctx) + max(map(len, conts)) <= self.max_length:
+                for k, rows in zip(group, self.scorer.predict_endings(ctx, conts)):
+                    out[k] = _picked(rows, requests[k][2])
+            else:
+                for k in group:
+                    out[k] = self._score(ctx, requests[k][2]) if requests[k][2] else (0.0, True)
+            done += len(group)
             self._tick(done, len(order), "loglikelihood")
+            i = j
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -99,7 +113,6 @@ class CrofterLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        llm = self.scorer.llm
         out = []
         for done, req in enumerate(requests, 1):
             context, kw = req.args
@@ -107,12 +120,7 @@ class CrofterLM(TemplateLM):
             until = kw.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_toks = int(kw.pop("max_gen_toks", self.max_gen_toks))
-            self.scorer.forget()  # generation manages the context itself
-            prompt = self.tok_encode(context)[-(self.max_length - max_toks):]
-            text = llm.create_completion(prompt, max_tokens=max_toks, temperature=0.0, top_k=1,
-                                         stop=until or None, seed=0)["choices"][0]["text"]
-            self.scorer.forget()
-            out.append(text)
+            out.append(self.scorer.generate(self.tok_encode(context), max_toks, until))
             self._tick(done, len(requests), "generate_until")
         return out
 
@@ -120,3 +128,13 @@ class CrofterLM(TemplateLM):
         self.requests_done += 1
         if self.on_progress:
             self.on_progress(done, total, label)
+
+
+def _picked(rows: np.ndarray, cont: list[int]) -> tuple[float, bool]:
+    """(sum of log p(token), every token the argmax) from raw logits rows predicting `cont`;
+    log p = logit - logsumexp(row), never the whole log-softmax."""
+    target = np.asarray(cont)
+    m = rows.max(axis=-1)
+    lse = m.astype(np.float64) + np.log(np.exp(rows - m[:, None]).sum(axis=-1, dtype=np.float64))
+    picked = rows[np.arange(len(cont)), target].astype(np.float64) - lse
+    return float(picked.sum()), bool((rows.argmax(-1) == target).all())

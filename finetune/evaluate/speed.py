@@ -45,7 +45,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _measure_gguf(path: Path, adapter, prompt_tokens: int, decode_tokens: int, gpu_layers: int) -> dict:
-    from .scorer import GGUFScorer
+    from .llama_scorer import GGUFScorer
 
     s = GGUFScorer(path, n_ctx=prompt_tokens + decode_tokens + 8, gpu_layers=gpu_layers, lora=adapter,
                    kv_f32=False)

@@ -10,7 +10,8 @@ import pytest
 
 from finetune.evaluate.perplexity import perplexity, windows
 from finetune.evaluate.rows import EvalError
-from finetune.evaluate.scorer import GGUFScorer, HFScorer, log_softmax, open_scorer
+from finetune.evaluate.llama_scorer import GGUFScorer
+from finetune.evaluate.scorer import HFScorer, log_softmax, open_scorer
 
 TEXT = (
     "The mill stood at the bend of the river, where the water ran fast over a shelf of stone. Every morning the "
@@ -55,7 +56,7 @@ def test_open_scorer_gives_unquantized_weights_an_f32_cache(smol_f32, bundled_pa
     # F16 keys and values would move a token's log-probability by ~5e-3 against torch.
     exact, quant = open_scorer(smol_f32, n_ctx=64), open_scorer(bundled_path, n_ctx=64)
     try:
-        assert exact.llm.context_params.type_k == 0 and quant.llm.context_params.type_k != 0
+        assert exact.ctx.params.type_k == 0 and quant.ctx.params.type_k != 0
     finally:
         exact.close()
         quant.close()

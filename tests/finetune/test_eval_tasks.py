@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from finetune.evaluate.rows import EvalError
-from finetune.evaluate.scorer import GGUFScorer
+from finetune.evaluate.llama_scorer import GGUFScorer
 from finetune.evaluate.tasks import load_task_file, local_tasks, run_tasks
 
 from .conftest import MC_ITEMS, MC_TASK
@@ -35,6 +36,23 @@ def test_the_f32_gguf_and_the_hf_folder_pick_the_same_answers(crofter_lm, hf_mod
     b = {r.metric: r for r in theirs.rows}
     assert a["acc"].value == b["acc"].value and a["acc"].n == len(MC_ITEMS)
     assert a["acc"].stderr == pytest.approx(b["acc"].stderr) and a["acc"].stderr > 0
+
+
+def test_endings_side_by_side_score_what_each_scores_alone(smol_f32):
+    """predict_endings decodes the endings as sequences 1..N sharing the context's cells;
+    each must get what a fresh evaluation of context + ending gets."""
+    fresh = GGUFScorer(smol_f32, n_ctx=512, kv_f32=True, reuse_prefix=False)
+    batched = GGUFScorer(smol_f32, n_ctx=512, kv_f32=True)
+    try:
+        ctx = fresh.tokenize("Question: Which animal barks?\nAnswer:")
+        endings = [fresh.tokenize(e) for e in (" dog", " a small brown cat", " fish", " the bird in the tree", " dog")]
+        together = batched.predict_endings(ctx, endings)
+        for e, rows in zip(endings, together):
+            np.testing.assert_allclose(rows, fresh.predict(ctx + e, len(ctx)), atol=2e-4)
+        assert batched.decoded == len(ctx) + sum(len(e) - 1 for e in endings)
+    finally:
+        fresh.close()
+        batched.close()
 
 
 def test_the_endings_of_one_item_share_one_context_evaluation(crofter_lm, mc_tasks):
@@ -66,12 +84,11 @@ def test_generate_until_is_greedy_llama_cpp_on_the_same_prompt(crofter_lm, smol_
     ours = crofter_lm.generate_until(req)[0]
     llm = Llama(model_path=str(smol_f32), n_ctx=512, type_k=0, type_v=0, verbose=False)
     try:
-        anchor = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1, stop=["\n"])["choices"][0]["text"]
+        anchor = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1, repeat_penalty=1.0,
+                                       stop=["\n"])["choices"][0]["text"]
     finally:
         llm.close()
     assert ours == anchor
-    # and the scorer's kept cache is dropped, so scoring afterwards is still right
-    assert crofter_lm.scorer._tokens == []
 
 
 def _task_dir(tmp_path, yaml_text: str, rows: str | None = None):

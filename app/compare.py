@@ -1,0 +1,159 @@
+"""Compare: one prompt answered by several models in turn, for the user to pick the better.
+
+On a CPU two models do not share memory well, so the models answer one after the
+other: load, answer, close. The chat's own model, when it is one of them, answers on
+the chat's engine (already in memory; never closed here). Every model gets the same
+turn the chat uses (`ChatSession.send`, the chat's sampling settings and system
+prompt) with one seed for all, so the answers differ only by the model.
+
+    >>> cmp = Comparison("Why is the sky blue?", [entry_a, entry_b], settings,   # doctest: +SKIP
+    ...                  loader=default_loader, current=("a", chat_engine))
+    >>> for step in cmp.run():                                                    # doctest: +SKIP
+    ...     print(step.index, step.stage, step.text)
+    0 loading
+    0 answering
+    0 text Rayleigh scattering ...
+    0 done
+    1 loading
+    ...
+    >>> [(a.model, a.load_s, a.result.decode_tokens_per_s) for a in cmp.answers]  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:  # the engine (llama.cpp, numpy) is imported when a comparison is made, not before
+    from models.registry import ModelEntry
+
+    from .config import Settings
+    from .engine import Engine, Result
+
+# One comparison per process at a time: each holds a model in memory while it runs, and
+# one that was stopped may still be finishing a load it cannot interrupt.
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def running() -> bool:
+    """Whether a comparison (or the close of one that was stopped) is still in progress."""
+    return _ONE_AT_A_TIME.locked()
+
+
+@dataclass
+class Answer:
+    """One model's answer. load_s is None for the chat's own engine (already loaded)."""
+
+    model: str
+    text: str = ""
+    load_s: float | None = None
+    result: Result | None = None
+    error: str = ""
+
+    @property
+    def complete(self) -> bool:
+        """Answered to the end (a stop, EOS or the token budget), not cancelled nor failed."""
+        return self.result is not None and self.result.finish_reason != "cancelled" and not self.error
+
+    def describe(self) -> str:
+        """E.g. 'load 0.41 s · 48 tokens · 95.2 tok/s'."""
+        parts = ["in memory" if self.load_s is None else f"load {self.load_s:.2f} s"]
+        if self.result is not None:
+            parts.append(f"{self.result.completion_tokens} tokens · {self.result.decode_tokens_per_s:.1f} tok/s")
+            if self.result.finish_reason == "cancelled":
+                parts.append("stopped")
+        if self.error:
+            parts.append(f"failed: {self.error}")
+        return " · ".join(parts)
+
+
+@dataclass
+class Step:
+    """Progress of a comparison: model `index` is "loading", "answering", has more "text", or is "done"."""
+
+    index: int
+    stage: str
+    text: str = ""
+
+
+class Comparison:
+    """`prompt` answered by each of `models` in turn; `stop()` cancels from any thread."""
+
+    def __init__(self, prompt: str, models: list[ModelEntry], settings: Settings, *,
+                 loader: Callable[[ModelEntry, Settings], Engine], system: str = "",
+                 current: tuple[str, Engine] | None = None):
+        self.prompt = prompt
+        self.models = list(models)
+        self.settings = settings
+        self.system = system
+        self.loader = loader
+        self.current = current
+        # The chat's seed when it has one, else one drawn now: the same for every model.
+        from .engine import Sampling
+
+        self.seed = settings.seed if settings.seed >= 0 else random.randrange(2**31)
+        self.sampling = dataclasses.replace(Sampling.from_settings(settings), seed=self.seed)
+        self.answers = [Answer(e.name) for e in self.models]
+        self._stopped = threading.Event()
+        self._cancel = threading.Event()  # the running generation's (Engine.stream sets it when done)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        """Cancel the running generation through the engine's cancel event; load nothing more."""
+        self._stopped.set()
+        self._cancel.set()
+
+    def run(self) -> Iterator[Step]:
+        """Answer with each model in turn (run it on a worker thread); `answers` fills in."""
+        if not _ONE_AT_A_TIME.acquire(blocking=False):
+            raise RuntimeError("another comparison is still running or closing its model")
+        try:
+            for i, entry in enumerate(self.models):
+                if self.stopped:
+                    return
+                yield from self._answer(i, entry)
+        finally:
+            _ONE_AT_A_TIME.release()
+
+    def _answer(self, i: int, entry: ModelEntry) -> Iterator[Step]:
+        from .session import ChatSession
+
+        answer = self.answers[i]
+        own = self.current is not None and entry.name == self.current[0]
+        engine = None
+        yield Step(i, "loading")
+        try:
+            if own:
+                engine = self.current[1]
+                # Evaluate the whole prompt, as a freshly loaded model does: logits differ in
+                # the last bits when part of it comes from the chat's KV cache.
+                engine.reset()
+            else:
+                t0 = time.perf_counter()
+                engine = self.loader(entry, self.settings)
+                answer.load_s = time.perf_counter() - t0
+            cancel = threading.Event()
+            self._cancel = cancel
+            if self.stopped:  # stopped while loading: close it, answer nothing
+                return
+            yield Step(i, "answering")
+            session = ChatSession(engine, self.sampling, system=self.system)
+            for ev in session.send(self.prompt, cancel):
+                if ev.text:
+                    answer.text += ev.text
+                    yield Step(i, "text", ev.text)
+                if ev.done is not None:
+                    answer.result = ev.done
+                    answer.text = ev.done.text
+        except Exception as exc:  # this model failed; the others still answer
+            answer.error = str(exc)
+        finally:
+            if engine is not None and not own:
+                engine.close()
+        yield Step(i, "done")
