@@ -58,7 +58,7 @@ class ChatController:
         self.store = store
         self.settings = settings
         self.registry = registry or Registry()
-        self._loader = loader
+        self.loader = loader  # how models load (the compare view loads its models the same way)
         self.engine: Engine | None = None
         self.model: ModelEntry | None = None
         self.chat: Chat | None = None
@@ -74,7 +74,7 @@ class ChatController:
     def load_model(self, name: str) -> ModelEntry:
         """Load `name` (registry name or path), replacing the current engine."""
         entry = self.registry.resolve(name)
-        engine = self._loader(entry, self.settings)
+        engine = self.loader(entry, self.settings)
         if self.engine is not None:
             self.engine.close()
         self.engine, self.model = engine, entry

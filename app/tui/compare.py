@@ -132,8 +132,8 @@ class CompareScreen(ModalScreen[None]):
         if running():
             self.notify("the last comparison is still closing its model; try again in a moment", severity="warning")
             return
-        self.comparison = Comparison(prompt, [self.entries[n] for n in names], self.settings, loader=self.loader, system=self.system,
-                                     current=self.current)
+        self.comparison = Comparison(prompt, [self.entries[n] for n in names], self.settings, loader=self.loader,
+                                     system=self.system, current=self.current)
         self.phase = "running"
         self.query_one("#compare-setup").display = False
         columns = self.query_one("#compare-columns")
@@ -264,7 +264,6 @@ class CompareScreen(ModalScreen[None]):
 def open_compare(app, loader=None) -> None:
     """Open the compare view from the chat: GGUF models of the store, the chat's model
     preselected, the chat's draft as the prompt, the chat's sampling and system prompt."""
-    from ..chat import default_loader
     from .widgets import PromptInput
 
     ctl = app.controller
@@ -273,5 +272,5 @@ def open_compare(app, loader=None) -> None:
     if current.name not in {e.name for e in entries}:  # opened by path: listed all the same
         entries.insert(0, current)
     app.push_screen(CompareScreen(
-        entries, [current.name], app.query_one(PromptInput).text, ctl.settings, loader=loader or default_loader,
+        entries, [current.name], app.query_one(PromptInput).text, ctl.settings, loader=loader or ctl.loader,
         system=ctl.chat.system_prompt if ctl.chat else "", current=(current.name, ctl.engine)))

@@ -146,4 +146,5 @@ def test_two_writers_at_once_never_interleave(tmp_path):
     records = store.all()
     assert store.skipped == []
     for tag in ("a", "b"):
-        assert [r["prompt"] for r in records if r["prompt"].split()[1] == tag] == [f"prompt {tag} {i}" for i in range(60)]
+        mine = [r["prompt"] for r in records if r["prompt"].split()[1] == tag]
+        assert mine == [f"prompt {tag} {i}" for i in range(60)]

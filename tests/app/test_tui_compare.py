@@ -66,9 +66,17 @@ async def choose(pilot, screen, name):
     return models
 
 
+def _chat_and_compare(engine, **settings):
+    """The chat runs on the shared engine; the compare view loads the others for real
+    through the controller's loader, as the app does."""
+    ctl = controller(engine, **settings)
+    ctl.loader = lambda entry, s: engine if entry.name == "smollm2-135m" else default_loader(entry, s)
+    return ctl
+
+
 async def test_two_models_answer_in_turn_and_the_pick_is_stored_as_a_pair(engine, pirate_gguf):
     Registry().add(pirate_gguf, name="smollm2-pirate")
-    ctl = controller(engine, max_tokens=32)
+    ctl = _chat_and_compare(engine, max_tokens=32)
     app = CrofterApp(controller=ctl)
     async with app.run_test(size=SIZE) as pilot:
         await start(pilot)
@@ -124,12 +132,12 @@ async def test_one_seed_for_every_model_the_same_model_answers_the_same_and_noth
     load of the same file (like with like, on this machine) give the same words, so a pick has no
     pair to store, and says so."""
     Registry().add(bundled_path, name="smollm2-again")
-    ctl = controller(engine, temperature=0.8, seed=-1, max_tokens=24)
+    ctl = _chat_and_compare(engine, temperature=0.8, seed=-1, max_tokens=24)
     app = CrofterApp(controller=ctl)
     async with app.run_test(size=SIZE) as pilot:
         await start(pilot)
         [command] = [c for c in app.get_system_commands(app.screen) if c.title == "Compare models"]
-        command.callback()  # from the command palette
+        await command.callback()  # what the command palette runs
         screen = await opened(pilot, app)
         await choose(pilot, screen, "smollm2-again")
         screen.query_one("#compare-prompt").load_text("Write a line about rain.")
@@ -211,3 +219,20 @@ async def test_escape_during_the_second_answer_cancels_it_closes_its_model_and_s
         assert ctl.engine is engine
         await say(pilot, "Hello")
         assert ctl.store.messages(ctl.chat.id)[-1].role == "assistant"
+
+
+def test_a_model_that_fails_to_load_is_reported_in_its_column_and_the_others_still_answer(engine, tmp_path):
+    from app.compare import Comparison
+    from app.config import Settings
+    from models.registry import ModelEntry
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\xff" * 60)
+    entries = [ModelEntry("broken", str(broken), "gguf"), ModelEntry("smollm2-135m", "", "gguf", "bundled")]
+    cmp = Comparison("Say hello.", entries, Settings(temperature=0.0, max_tokens=8, n_ctx=2048),
+                     loader=default_loader, current=("smollm2-135m", engine))
+    stages = [(s.index, s.stage) for s in cmp.run() if s.stage != "text"]
+    assert stages == [(0, "loading"), (0, "done"), (1, "loading"), (1, "answering"), (1, "done")]
+    bad, good = cmp.answers
+    assert "broken.gguf" in bad.error and not bad.complete and "failed:" in bad.describe()
+    assert good.complete and good.text.strip() and good.load_s is None
