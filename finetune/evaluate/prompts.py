@@ -22,7 +22,6 @@ Text is taken as written (`contains: yes` is "yes", not a boolean); an empty val
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from referencing.exceptions import Unresolvable
 
 from models.atomic import atomic_path
 
-from .rows import EvalError, Row
+from .rows import EvalError, Row, mean_stderr, read_input
 
 CHECK_KINDS = ("contains", "not_contains", "regex", "exact", "json_schema", "judge")
 SUITE_KEYS = ("name", "system", "tools", "collections", "prompts")
@@ -105,13 +104,8 @@ class ItemResult:
 
 
 def binomial_stderr(passed: int, n: int) -> float | None:
-    """Sample standard error of a pass rate, sqrt(p(1-p)/(n-1)): the sample standard deviation
-    of the 0/1 outcomes over sqrt(n), the same as lm-eval's `mean_stderr`. None when n < 2:
-    one item says nothing about spread, and 0 would claim a certainty it does not have."""
-    if n < 2:
-        return None
-    p = passed / n
-    return math.sqrt(p * (1 - p) / (n - 1))
+    """Sample standard error of a pass rate, sqrt(p(1-p)/(n-1)); None when n < 2."""
+    return mean_stderr([1.0] * passed + [0.0] * (n - passed))
 
 
 @dataclass
@@ -154,16 +148,7 @@ def _error(path: Path, at, place: str, msg: str) -> EvalError:
 def load_suite(path: str | Path) -> Suite:
     """Parse and validate a suite file; raises EvalError naming the file and line."""
     path = w = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EvalError(f"{path}: cannot read the suite: {exc.strerror or exc}") from None
-    if len(data) > MAX_SUITE_BYTES:
-        raise EvalError(f"{path}: the suite is {len(data)} bytes; the most read is {MAX_SUITE_BYTES}")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise _error(w, data[:exc.start].count(b"\n") + 1, "", "not UTF-8 text") from None
+    text = read_input(path, "suite", MAX_SUITE_BYTES)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:

@@ -19,14 +19,12 @@ matches (Voorhees, TREC-8 QA track, 1999).
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rows import EvalError, Row
+from .rows import EvalError, Row, mean_stderr, read_input
 
 FIELDS = ("question", "source", "contains")
 MAX_QUESTIONS_BYTES = 50 * 1024 * 1024
@@ -63,17 +61,7 @@ def load_questions(path: str | os.PathLike) -> QuestionSet:
     """Read a questions file; errors name the file, the line and the field:
     ``q.json:7: item 3: "source" is missing`` (items count from 1)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EvalError(f"{path}: cannot read the questions: {exc.strerror or exc}") from None
-    if len(data) > MAX_QUESTIONS_BYTES:
-        raise EvalError(f"{path}: {len(data)} bytes; the most read is {MAX_QUESTIONS_BYTES}")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise EvalError(f"{path}:{line}: not UTF-8 text") from None
+    text = read_input(path, "questions", MAX_QUESTIONS_BYTES)
     raw = _jsonl_items(path, text) if path.suffix.lower() == ".jsonl" else _json_items(path, text)
     if not raw:
         raise EvalError(f"{path}:1: no questions: the file needs at least one")
@@ -185,14 +173,6 @@ class _Matcher:
             if self.matches(q, source, passage):
                 return r
         return None
-
-
-def mean_stderr(values: Sequence[float]) -> float | None:
-    """Sample standard deviation over sqrt(n) (lm-eval's `mean_stderr`; for 0/1 outcomes it is
-    sqrt(p(1-p)/(n-1))). None for fewer than two values: one says nothing about spread."""
-    if len(values) < 2:
-        return None
-    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def run_retrieval(questions: QuestionSet | Sequence[Question], search: Search,
