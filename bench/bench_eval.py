@@ -8,7 +8,7 @@
    window by window with logits_all (what one writes by hand), goal >= 1.0x and
    the same value.
 
-    python bench/bench_eval.py [--items 64] [--ppl-tokens 100000] [--hf-batch 8]
+    python bench/bench_eval.py [--items 64] [--ppl-tokens 100000] [--hf-batch 8] [--only loglikelihood|perplexity]
 """
 from __future__ import annotations
 
@@ -140,11 +140,14 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, default=8)
     ap.add_argument("--ppl-tokens", type=int, default=100_000)
+    ap.add_argument("--only", choices=("loglikelihood", "perplexity"), help="run one of the two parts")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         hf, q4 = build_models(Path(tmp))
-        bench_loglikelihood(hf, q4, args.items, args.hf_batch)
-        bench_perplexity(q4, args.ppl_tokens)
+        if args.only != "perplexity":
+            bench_loglikelihood(hf, q4, args.items, args.hf_batch)
+        if args.only != "loglikelihood":
+            bench_perplexity(q4, args.ppl_tokens)
     sys.stdout.flush()
 
 

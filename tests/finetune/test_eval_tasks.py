@@ -126,3 +126,10 @@ def test_a_registry_task_that_is_not_there_is_refused_by_name(crofter_lm, mc_tas
 def test_relative_data_files_become_absolute_next_to_the_task(mc_tasks):
     cfg = load_task_file(mc_tasks / "crofter_mc.yaml")
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str(mc_tasks / "crofter_mc.jsonl")
+
+
+def test_a_registry_task_whose_data_set_is_not_cached_is_refused_offline(crofter_lm, mc_tasks):
+    """arc_easy is in lm-eval's registry; its data set is not in this test's empty HF cache,
+    and nothing may be downloaded at run time."""
+    with pytest.raises(EvalError, match="not in the local Hugging Face cache"):
+        run_tasks(crofter_lm, ["arc_easy"], "f32", [mc_tasks], limit=2)
