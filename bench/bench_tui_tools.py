@@ -55,6 +55,10 @@ async def run(calls_wanted: int, max_turns: int) -> None:
         t_start = time.perf_counter()
         while calls < calls_wanted and turns < max_turns:
             turns += 1
+            await pilot.press("ctrl+n")  # a fresh chat per question: a long one talks the model out of tools
+            while ctl.chat is not None and ctl.store.messages(ctl.chat.id):
+                await pilot.pause(0.05)
+            before_calls = calls
             prompt.load_text(f"Use the calculator: what is {17 + turns} * {23 + 2 * turns}?")
             done = app.replies_done
             prompt.post_message(events.Key("enter", None))
@@ -67,7 +71,7 @@ async def run(calls_wanted: int, max_turns: int) -> None:
                 if len(prompt.text) > before:
                     latencies.append(time.perf_counter() - t0)
                 await asyncio.sleep(0.05)
-            calls = sum(1 for m in ctl.store.messages(ctl.chat.id) if m.role == "tool")
+            calls = before_calls + sum(1 for m in ctl.store.messages(ctl.chat.id) if m.role == "tool")
             print(f"turn {turns}: {calls} tool calls so far, {len(latencies)} keys typed")
         wall = time.perf_counter() - t_start
     ctl.engine.close()
