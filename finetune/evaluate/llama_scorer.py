@@ -134,10 +134,12 @@ class GGUFScorer:
             return [self.predict(context + e, c) for e in endings]
         head = self.predict(context + [0], c)[0]  # sequence 0 now holds the context
         results: list[np.ndarray | None] = [None] * len(endings)
-        todo = [i for i, e in enumerate(endings) if len(e) > 1]
+        todo = [i for i, e in enumerate(endings) if 1 < len(e) <= self.n_batch]
         for i, e in enumerate(endings):
             if len(e) <= 1:
                 results[i] = head[None, :]
+            elif len(e) > self.n_batch:  # longer than one batch: on its own, batch by batch
+                results[i] = self.predict(context + e, c)
         while todo:
             group, cells, toks = [], c, 0
             while todo and len(group) < SEQUENCES - 1:

@@ -55,6 +55,22 @@ def test_endings_side_by_side_score_what_each_scores_alone(smol_f32):
         batched.close()
 
 
+def test_an_ending_longer_than_a_batch_is_scored_on_its_own(smol_f32):
+    from tests.finetune.test_eval_scores import TEXT
+
+    s = GGUFScorer(smol_f32, n_ctx=1024, kv_f32=True)  # n_batch 512
+    try:
+        ctx = s.tokenize("The story of the mill:")
+        long_end = s.tokenize(" " + TEXT + " " + TEXT + " " + TEXT)[:600]
+        assert len(long_end) == 600
+        short, long_rows = s.predict_endings(ctx, [s.tokenize(" It burned."), long_end])
+        assert long_rows.shape == (600, s.n_vocab) and short.shape[0] == len(s.tokenize(" It burned."))
+        s.forget()
+        np.testing.assert_allclose(long_rows, s.predict(ctx + long_end, len(ctx)), atol=2e-4)
+    finally:
+        s.close()
+
+
 def test_the_endings_of_one_item_share_one_context_evaluation(crofter_lm, mc_tasks):
     before = crofter_lm.scorer.decoded
     run_tasks(crofter_lm, ["crofter_mc"], "f32", [mc_tasks], limit=4, bootstrap_iters=0)
