@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models import paths
+from models.sqlite_wal import set_wal
 from rag import sqlitedb
 
 # Ordered, named, append-only: a migration once shipped is never edited.
@@ -153,7 +154,7 @@ class HistoryStore:
         try:
             try:
                 self.db = self._connect()
-                self.db.execute("PRAGMA journal_mode=WAL")
+                set_wal(self.db)
             except sqlite3.OperationalError as exc:
                 if sqlitedb.writable(self.path.parent) or not self.path.exists():
                     raise

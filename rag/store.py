@@ -29,8 +29,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.sqlite_wal import set_wal
+
 from . import chroma_client, lock, sqlitedb, verify
-from .errors import RagError, StoreDamaged, StoreLocked  # re-exported: callers import them from here
+from .errors import (  # re-exported: callers import them from here
+    RagError,
+    StoreDamaged,
+    StoreLocked,
+)
 from .schema import MIGRATIONS
 
 CHROMA_PREFIX = "crofter-"
@@ -154,7 +160,7 @@ class Store:
             check = [r[0] for r in self.db.execute("PRAGMA quick_check(3)")]
             if check != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(r.replace("\n", " ") for r in check))
-            self.db.execute("PRAGMA journal_mode=WAL")
+            set_wal(self.db)
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             sqlitedb.migrate(self.db, path, MIGRATIONS, "migrations")

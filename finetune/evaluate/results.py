@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from models import paths
+from models.sqlite_wal import set_wal
 
 from .rows import SUITES, EvalError, Row
 
@@ -212,7 +213,7 @@ class ResultStore:
                 raise EvalError(f"{self.path}: the store needs upgrading, but its folder is read-only")
             return
         with self._errors():
-            self.db.execute("PRAGMA journal_mode = WAL")
+            set_wal(self.db)
             self.db.execute("PRAGMA foreign_keys = ON")
             # With a second migration, copy an existing store aside before changing it (F8: migrate after a backup).
             for i, (_name, sql) in enumerate(MIGRATIONS, 1):
