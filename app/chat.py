@@ -184,13 +184,10 @@ class ChatController:
     def tool_registry(self):
         key = tuple(self.chat.collections) if self.chat is not None else ()
         if self._tools is None or key != self._tools_key:
-            from models import paths
-
-            from .tools.registry import ToolContext, ToolRegistry
+            from .tools.registry import ToolRegistry
 
             search = self.documents().search(list(key)) if key else None
-            self._tools = ToolRegistry.discover(ToolContext(roots=self.settings.tool_roots, search=search),
-                                                paths.data_dir() / "tools")
+            self._tools = ToolRegistry.for_settings(self.settings, search)
             self._tools_key = key
         return self._tools
 

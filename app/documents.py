@@ -84,6 +84,12 @@ def grounded_prompt(search, question: str, k: int, max_chars: int) -> GroundedTu
     return GroundedTurn(question, prompt, sources)
 
 
+def ground(search, settings, question: str, k: int | None = None) -> GroundedTurn:
+    """The question with numbered passages, sized for `settings`' window and reply budget."""
+    budget = source_budget_chars(settings.n_ctx or 4096, settings.max_tokens)
+    return grounded_prompt(search, question, k or settings.rag_top_k, budget)
+
+
 def source_budget_chars(n_ctx: int, max_tokens: int) -> int:
     """Characters of quoted passages that fit beside the reply reserve (about 3.5 chars per token,
     with a quarter of the window kept for the system prompt, question and history)."""

@@ -83,9 +83,7 @@ def _grounded(args, settings, question: str):
     if args.chroma_url:
         settings = settings.replace(chroma_url=args.chroma_url)
     with documents.open_store(settings) as store:
-        search = documents.collection_search(store, settings, args.collection)
-        budget = documents.source_budget_chars(settings.n_ctx or 4096, settings.max_tokens)
-        return documents.grounded_prompt(search, question, args.k or settings.rag_top_k, budget)
+        return documents.ground(documents.collection_search(store, settings, args.collection), settings, question, args.k)
 
 
 def _print_sources(grounded) -> None:
@@ -152,13 +150,11 @@ def _run_with_tools(args, settings, session, entry, engine, prompt) -> int:
 
 
 def _tool_turn(args, settings, session, entry, engine, prompt, search) -> int:
-    from models import paths
-
     from ..tools.calling import ToolLoop
     from ..tools.policy import Policy
-    from ..tools.registry import ToolContext, ToolRegistry
+    from ..tools.registry import ToolRegistry
 
-    registry = ToolRegistry.discover(ToolContext(roots=settings.tool_roots, search=search), paths.data_dir() / "tools")
+    registry = ToolRegistry.for_settings(settings, search)
     for problem in registry.problems:
         print(f"crofter: warning: tool {problem}", file=sys.stderr)
     unknown = [n for n in args.allow_tool if n not in registry.tools]

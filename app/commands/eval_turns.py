@@ -35,8 +35,7 @@ def suite_answer(engine, settings, store_for, allow_tools: list[str], yes: bool)
         if search is not None:
             from .. import documents
 
-            budget = documents.source_budget_chars(settings.n_ctx or 4096, settings.max_tokens)
-            prompt = documents.grounded_prompt(search, item.prompt, settings.rag_top_k, budget).prompt
+            prompt = documents.ground(search, settings, item.prompt).prompt
         for _ in session.send(prompt):
             pass
         return session.last_result.text
@@ -45,13 +44,11 @@ def suite_answer(engine, settings, store_for, allow_tools: list[str], yes: bool)
 
 
 def _tool_answer(session, settings, search, prompt: str, allow_tools: list[str], yes: bool) -> str:
-    from models import paths
-
     from ..tools.calling import ToolLoop
     from ..tools.policy import Policy
-    from ..tools.registry import ToolContext, ToolRegistry
+    from ..tools.registry import ToolRegistry
 
-    registry = ToolRegistry.discover(ToolContext(roots=settings.tool_roots, search=search), paths.data_dir() / "tools")
+    registry = ToolRegistry.for_settings(settings, search)
     policy = Policy({name: "allow" for name in allow_tools})
 
     def approve(tool, arguments, tainted: bool) -> bool:

@@ -62,6 +62,14 @@ class ToolRegistry:
             self.problems.append(f"{origin}: {type(exc).__name__}: {exc}")
 
     @classmethod
+    def for_settings(cls, settings, search=None) -> "ToolRegistry":
+        """The tools a turn gets: built-ins, packages, and the files in `<data dir>/tools`,
+        with file access inside `tool_roots` and `search` for search_documents."""
+        from models import paths
+
+        return cls.discover(ToolContext(roots=settings.tool_roots, search=search), paths.data_dir() / "tools")
+
+    @classmethod
     def discover(cls, ctx: ToolContext, user_dir: Path | None = None) -> "ToolRegistry":
         """Every entry-point provider, then every provider file in `user_dir`."""
         reg = cls()
