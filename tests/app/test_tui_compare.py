@@ -97,8 +97,10 @@ async def test_two_models_answer_in_turn_and_the_pick_is_stored_as_a_pair(engine
         assert a.load_s is None and b.load_s > 0  # the chat's engine answered; the other was loaded
         assert a.text != b.text  # different default system prompts, different answers
         assert a.result.decode_tokens_per_s > 0 and b.result.decode_tokens_per_s > 0
+        # The labels are updated before the phase turns; the screen repaints on the next refresh.
+        await wait_for(pilot, lambda: screen_text(app).count("tok/s") == 2, timeout=10)
         shown = screen_text(app)
-        assert shown.count("tok/s") == 2 and "in memory" in shown and f"load {b.load_s:.2f} s" in shown
+        assert "in memory" in shown and f"load {b.load_s:.2f} s" in shown
         columns = {c.index: c for c in screen.query(AnswerColumn)}
         assert columns[0].reply.text == display_safe(a.text) and columns[1].reply.text == display_safe(b.text)
         # Loaded, answered, closed: no engine besides the chat's is left, and the chat keeps its own.
@@ -113,7 +115,8 @@ async def test_two_models_answer_in_turn_and_the_pick_is_stored_as_a_pair(engine
         assert display_safe(rec["rejected"]) == columns[0].reply.text
         assert (rec["prompt"], rec["chosen_model"], rec["rejected_model"]) == (
             "Tell me about the sea.", "smollm2-pirate", "smollm2-135m")
-        assert "Stored 1 preference pair" in screen_text(app) and "preferred over smollm2-135m" in screen_text(app)
+        await wait_for(pilot, lambda: "Stored 1 preference pair" in screen_text(app), timeout=10)
+        assert "preferred over smollm2-135m" in screen_text(app)
         await pilot.press("1")  # one pick per comparison
         await pilot.pause()
         assert len(PreferenceStore().all()) == 1
@@ -149,7 +152,7 @@ async def test_one_seed_for_every_model_the_same_model_answers_the_same_and_noth
         await pilot.click("#pick-1")
         await pilot.pause()
         assert screen.phase == "done" and screen.stored == [] and PreferenceStore().all() == []
-        assert "Nothing stored: every other answer is identical" in screen_text(app)
+        await wait_for(pilot, lambda: "Nothing stored: every other answer is identical" in screen_text(app), timeout=10)
 
 
 class HeldLlama:
