@@ -18,9 +18,10 @@ from models.registry import ModelEntry, Registry
 
 from .budget import reply_reserve
 from .config import Settings
-from .engine import Engine, Event, LoadOptions, Sampling
+from .engine import Engine, LoadOptions, Sampling
 from .history import Chat, HistoryStore, Message
 from .session import ChatSession
+from .turn import Done, TurnTools, run_turn
 
 TITLE_CHARS = 48
 
@@ -67,7 +68,6 @@ class ChatController:
         self._tools = None  # ToolRegistry, discovered on first use
         self._tools_key: tuple = ()  # the attached collections the registry's search_documents covers
         self._docs = None  # documents.DocsService, created on first use
-        self.last_grounded = None  # documents.GroundedTurn of the last reply over documents
         self.allowed_in_chat: set[tuple[int, str]] = set()  # (chat id, tool) the user approved for the chat
 
     # -- models ------------------------------------------------------------
@@ -124,35 +124,47 @@ class ChatController:
         return {"role": m.role, "content": m.content}
 
     # -- turns -------------------------------------------------------------
-    def _store_user(self, text: str) -> None:
+    def _store_user(self, text: str) -> Message:
         if self.chat is None:
             self.new_chat()
-        self.store.add_message(self.chat.id, "user", text)
+        message = self.store.add_message(self.chat.id, "user", text)
         if self.chat.title == "New chat":
             title = " ".join(text.split())
             self.chat = self.store.update_chat(self.chat.id, title=title[:TITLE_CHARS] + ("…" if len(title) > TITLE_CHARS else ""))
+        return message
 
-    def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Store the user's message, stream the reply, store the reply.
+    def send(self, text: str, cancel: threading.Event | None = None,
+             approve: Callable[[object, dict, bool], str] | None = None) -> Iterator:
+        """Store the user's message, run the turn (turn.run_turn), store what it produced.
 
-        With collections attached to the chat, the question goes to the model with
-        retrieved passages as numbered sources, and the reply is stored with the
-        sources it cites. Later turns see only the question, not the passages."""
-        self._store_user(text)
-        self.last_grounded = None
-        if self.chat.collections:
-            return self._grounded(text, cancel)
-        return self._stream(self.session.send(text, cancel))
+        With tools on, `approve(tool, arguments, tainted) -> "yes" | "chat" | "no"` is asked for calls
+        the policy marks `ask` ("chat" remembers the yes for this chat; no approver: no).
+        Otherwise, with collections attached, the question goes to the model with retrieved
+        passages as numbered sources and the reply is stored with the sources it cites."""
+        user = self._store_user(text)
+        uses = {}
+        if self.tools_enabled:
+            uses["tools"] = self._turn_tools(approve)
+        elif self.chat.collections:
+            uses["ground"] = self.documents().grounder(list(self.chat.collections))
+        return self._commit(run_turn(self.session, text, cancel=cancel, **uses), [user.id])
 
-    def _grounded(self, text: str, cancel) -> Iterator[Event]:
-        g = self.documents().ground(self.chat.collections, text, self.engine.n_ctx, self.settings.max_tokens)
-        self.last_grounded = g
-        for ev in self._stream(self.session.send(g.prompt, cancel), g):
-            yield ev
-        for m in reversed(self.session.messages):
-            if m["role"] == "user" and m["content"] == g.prompt:
-                m["content"] = text
-                break
+    def _turn_tools(self, approve) -> TurnTools:
+        from .tools.policy import Policy
+
+        chat_id = self.chat.id
+
+        def ask(tool, arguments, tainted: bool) -> bool:
+            # A yes remembered for the chat never covers a side-effecting call that
+            # documents or tool output may have prompted: that one is asked again.
+            if (chat_id, tool.name) in self.allowed_in_chat and not (tainted and tool.side_effects):
+                return True
+            answer = approve(tool, arguments, tainted) if approve is not None else "no"
+            if answer == "chat":
+                self.allowed_in_chat.add((chat_id, tool.name))
+            return answer in ("yes", "chat")
+
+        return TurnTools(self.tool_registry(), Policy(), ask)
 
     # -- documents ---------------------------------------------------------
     def documents(self):
@@ -160,6 +172,11 @@ class ChatController:
             from .documents import DocsService
 
             self._docs = DocsService(self.settings)
+        return self._docs
+
+    @property
+    def docs_open(self):
+        """The documents service if it was started (None: nothing opened or indexing yet)."""
         return self._docs
 
     def close_documents(self) -> None:
@@ -191,42 +208,6 @@ class ChatController:
             self._tools_key = key
         return self._tools
 
-    def send_with_tools(self, text: str, approve: Callable, on_call: Callable | None = None):
-        """One turn with tools on (not streamed): user message, each call, then the answer, all stored.
-
-        `approve(tool, arguments) -> "yes" | "chat" | "no"` is asked for calls the policy
-        marks `ask`; "chat" remembers the yes for this chat.
-        """
-        from .tools.calling import ToolLoop
-        from .tools.policy import Policy
-
-        self._store_user(text)
-        chat_id = self.chat.id
-
-        def ask(tool, arguments, tainted: bool) -> bool:
-            # A yes remembered for the chat never covers a side-effecting call that
-            # documents or tool output may have prompted: that one is asked again.
-            if (chat_id, tool.name) in self.allowed_in_chat and not (tainted and tool.side_effects):
-                return True
-            answer = approve(tool, arguments)
-            if answer == "chat":
-                self.allowed_in_chat.add((chat_id, tool.name))
-            return answer in ("yes", "chat")
-
-        loop = ToolLoop(self.session, self.tool_registry(), Policy(), ask, on_call=on_call)
-        turn = loop.run(text)
-        for call in turn.calls:
-            self.store.add_message(chat_id, "tool", json.dumps(dataclasses.asdict(call), ensure_ascii=False))
-        r = self.session.last_result
-        self.store.add_message(
-            chat_id, "assistant", turn.answer, model=self.model.name if self.model else None,
-            prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, ttft_s=r.ttft_s,
-            tokens_per_s=r.decode_tokens_per_s, status="complete",
-        )
-        self._rebuild_session()  # drop the loop's scaffolding; the store has what happened
-        self.session.last_result = r
-        return turn
-
     def pop_last_turn(self) -> str:
         """Delete the last user message and everything after it; return its text (to send again)."""
         last_user = next((m for m in reversed(self.messages()) if m.role == "user"), None)
@@ -236,42 +217,45 @@ class ChatController:
         self._rebuild_session()
         return last_user.content
 
-    def regenerate(self, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Replace the last reply with a new one (over documents: retrieved again)."""
+    def regenerate(self, cancel: threading.Event | None = None, approve=None) -> Iterator:
+        """Replace the last reply with a new one (over documents or with tools: the turn again)."""
         msgs = self.messages()
-        if self.chat.collections and any(m.role == "user" for m in msgs):
-            return self.send(self.pop_last_turn(), cancel)
+        if (self.chat.collections or self.tools_enabled) and any(m.role == "user" for m in msgs):
+            return self.send(self.pop_last_turn(), cancel, approve)
         if msgs and msgs[-1].role == "assistant":
             self.store.delete_messages_from(self.chat.id, msgs[-1].id)
-        return self._stream(self.session.regenerate(cancel))
+        return self._commit(self.session.regenerate(cancel), [])
 
-    def edit_and_resend(self, message_id: int, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
+    def edit_and_resend(self, message_id: int, text: str, cancel: threading.Event | None = None, approve=None) -> Iterator:
         """Replace a user message (and drop everything after it), then answer it."""
         target = self.store.message(message_id)
         if target.chat_id != self.chat.id or target.role != "user":
             raise ValueError("only a user message of the open chat can be edited")
         self.store.delete_messages_from(self.chat.id, message_id)
         self._rebuild_session()
-        return self.send(text, cancel)
+        return self.send(text, cancel, approve)
 
-    def _stream(self, events: Iterator[Event], grounded=None) -> Iterator[Event]:
+    def _commit(self, events: Iterator, ids: list[int]) -> Iterator:
+        """Pass the turn's events on; when it is done, store its tool calls and its reply
+        (``incomplete`` if stopped) in the history and give `Done.message_ids` their ids."""
         for ev in events:
-            if ev.done is not None:
-                r = ev.done
-                sources = None
-                if grounded is not None:
-                    grounded.finish(r.text)
-                    sources = [src.as_dict() for src in grounded.cited]
-                self.store.add_message(
-                    self.chat.id, "assistant", r.text,
-                    model=self.model.name if self.model else None,
+            if isinstance(ev, Done):
+                chat_id, model = self.chat.id, self.model.name if self.model else None
+                for call in ev.calls:
+                    ids.append(self.store.add_message(
+                        chat_id, "tool", json.dumps(dataclasses.asdict(call), ensure_ascii=False)).id)
+                r = ev.result
+                ids.append(self.store.add_message(
+                    chat_id, "assistant", ev.answer, model=model,
                     sampling={f.name: getattr(self.session.sampling, f.name) for f in dataclasses.fields(Sampling)
                               if f.name not in ("stop", "grammar")},
                     prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                     ttft_s=r.ttft_s, tokens_per_s=r.decode_tokens_per_s,
-                    status="incomplete" if r.finish_reason == "cancelled" else "complete",
-                    sources=sources,
-                )
+                    status="incomplete" if ev.finish_reason == "cancelled" else "complete",
+                    sources=[src.as_dict() for src in ev.cited] if ev.grounded else None,
+                    thinking=ev.thinking or None,
+                ).id)
+                ev.message_ids = ids
             yield ev
 
     def context_meter(self, draft: str = "") -> ContextMeter:

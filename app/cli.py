@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt", help="the prompt, or - to read it from stdin")
     ask.add_argument("-s", "--system", help="system prompt (default: config `system_prompt`)")
     ask.add_argument("--json", action="store_true", help="print one JSON object with text, usage and timings instead of streaming")
+    ask.add_argument("--show-thinking", action="store_true",
+                     help="print a reasoning model's <think> trace (to stderr) as well as the answer")
+    ask.add_argument("--grammar-file", metavar="FILE", help="constrain the reply with a llama.cpp GBNF grammar")
     dg = ask.add_argument_group("documents")
     dg.add_argument("-c", "--collection", action="append", default=[], metavar="NAME",
                     help="answer from this document collection, with cited sources (repeatable)")

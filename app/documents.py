@@ -84,10 +84,14 @@ def grounded_prompt(search, question: str, k: int, max_chars: int) -> GroundedTu
     return GroundedTurn(question, prompt, sources)
 
 
-def ground(search, settings, question: str, k: int | None = None) -> GroundedTurn:
-    """The question with numbered passages, sized for `settings`' window and reply budget."""
-    budget = source_budget_chars(settings.n_ctx or 4096, settings.max_tokens)
-    return grounded_prompt(search, question, k or settings.rag_top_k, budget)
+def grounder(search, k: int):
+    """`ground(question, n_ctx, max_tokens)` for turn.run_turn: the question with k numbered
+    passages, sized for the engine's window and reply budget (the one grounding of every turn)."""
+
+    def ground(question: str, n_ctx: int, max_tokens: int) -> GroundedTurn:
+        return grounded_prompt(search, question, k, source_budget_chars(n_ctx, max_tokens))
+
+    return ground
 
 
 def source_budget_chars(n_ctx: int, max_tokens: int) -> int:
@@ -131,9 +135,8 @@ class DocsService:
                 self._search_cache[key] = collection_search(self.store, self.settings, list(names))
             return self._search_cache[key]
 
-    def ground(self, names: list[str], question: str, n_ctx: int, max_tokens: int) -> GroundedTurn:
-        return grounded_prompt(self.search(names), question, self.settings.rag_top_k,
-                               source_budget_chars(n_ctx, max_tokens))
+    def grounder(self, names: list[str]):
+        return grounder(self.search(names), self.settings.rag_top_k)
 
     def incomplete(self, names: list[str]) -> list[str]:
         """Attached collections whose index is still being built, as "name (files done/total)"."""

@@ -132,6 +132,7 @@ class Engine:
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._to_piece = llama_cpp.llama_token_to_piece
         self._piece_buf = ctypes.create_string_buffer(64)
+        self._grammars_ok: set[str] = set()  # grammar texts llama.cpp has parsed
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"crofter-engine:{path.name}", daemon=True)
         self._worker.start()
@@ -213,6 +214,8 @@ class Engine:
         """
         if len(prompt_tokens) >= self.n_ctx:
             raise EngineError(f"the prompt is {len(prompt_tokens)} tokens but the context window is {self.n_ctx}")
+        if sampling.grammar is not None:
+            self.check_grammar(sampling.grammar)
         cancel = cancel or threading.Event()
         out: queue.Queue = queue.Queue()
         self._jobs.put((list(prompt_tokens), sampling, cancel, out))
@@ -226,6 +229,20 @@ class Engine:
                     return
         finally:
             cancel.set()
+
+    def check_grammar(self, grammar) -> None:
+        """Refuse a GBNF grammar llama.cpp cannot parse (generating with one crashes the process;
+        llama-cpp-python's LlamaGrammar does not parse it). llama.cpp prints the parse error."""
+        import llama_cpp
+
+        text = grammar._grammar
+        if text in self._grammars_ok:
+            return
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode("utf-8"), grammar._root.encode("utf-8"))
+        if not sampler:
+            raise EngineError("the grammar does not parse (llama.cpp printed why above)")
+        llama_cpp.llama_sampler_free(sampler)
+        self._grammars_ok.add(text)
 
     def complete(self, prompt_tokens: list[int], sampling: Sampling) -> Result:
         """Generate without streaming; the same text `stream` would give."""

@@ -85,6 +85,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE messages ADD COLUMN sources TEXT;
         """,
     ),
+    (
+        "004_reasoning_traces",
+        """
+        ALTER TABLE messages ADD COLUMN thinking TEXT;
+        """,
+    ),
 ]
 
 
@@ -122,6 +128,7 @@ class Message:
     status: str = "complete"
     created: float = 0.0
     sources: list | None = None  # cited document passages of a grounded answer
+    thinking: str | None = None  # the reply's reasoning trace, kept apart from its content
 
 
 @dataclass

@@ -1,12 +1,11 @@
-"""A conversation: history, context budget and the generation loop, in plain Python.
+"""A conversation: history and context budget, in plain Python.
 
-The CLI and the Textual app both drive a `ChatSession`; neither knows about
-token budgets or templates. One turn:
+Turns are run by `turn.run_turn`; `send` and `regenerate` are its shortcuts:
 
     >>> s = ChatSession(engine, Sampling(temperature=0), system="Be brief.")  # doctest: +SKIP
     >>> for ev in s.send("What is the capital of France?"):
-    ...     print(ev.text, end="")                                             # doctest: +SKIP
-    >>> s.last_fit.dropped, s.last_result.prompt_tokens_evaluated             # doctest: +SKIP
+    ...     print(getattr(ev, "text", ""), end="")                           # doctest: +SKIP
+    >>> ev.fit.dropped, ev.result.prompt_tokens_evaluated                    # doctest: +SKIP
     ([], 31)
 """
 from __future__ import annotations
@@ -15,7 +14,7 @@ import threading
 from typing import Iterator
 
 from .budget import Fit, fit_messages
-from .engine import Engine, Event, Result, Sampling
+from .engine import Engine, Sampling
 
 
 class ChatSession:
@@ -27,56 +26,32 @@ class ChatSession:
         self.messages: list[dict] = list(messages or [])
         if system and not (self.messages and self.messages[0]["role"] == "system"):
             self.messages.insert(0, {"role": "system", "content": system})
-        self._last_fit: Fit | None = None
         self.cut = 0  # messages (after the system prompt) the overflow policy has left out for good
-        self.tools: list[dict] | None = None  # tool specs for templates that render them natively
-        self.last_result: Result | None = None
 
-    @property
-    def last_fit(self) -> Fit | None:
-        """The fit of the last turn sent; setting it keeps its cut for the turns after."""
-        return self._last_fit
-
-    @last_fit.setter
-    def last_fit(self, fit: Fit | None) -> None:
-        self._last_fit = fit
-        if fit is not None:
-            self.cut = fit.cut
-
-    def fit(self, messages: list[dict] | None = None) -> Fit:
+    def fit(self, messages: list[dict] | None = None, tools: list[dict] | None = None) -> Fit:
         """What the next turn would send, after the overflow policy: turns left out earlier
         stay out, and a new cut leaves a quarter of the window free, so the prompt's prefix
-        (and llama.cpp's KV cache of it) stays the same for the turns that follow."""
+        (and llama.cpp's KV cache of it) stays the same for the turns that follow. `tools`:
+        tool specs for a template that renders them itself."""
         n_ctx = self.engine.n_ctx
         return fit_messages(
             self.messages if messages is None else messages,
-            lambda msgs: self.engine.tokenize_chat(msgs, self.tools),
+            lambda msgs: self.engine.tokenize_chat(msgs, tools),
             n_ctx,
             self.sampling.max_tokens,
             start=self.cut,
             slack=n_ctx // 4,
         )
 
-    def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Add a user message and stream the reply; the reply joins the history when done.
+    def send(self, text: str, cancel: threading.Event | None = None, **uses) -> Iterator:
+        """One turn (see turn.run_turn): the user's message, then the reply's events. A stopped
+        reply is kept with what it said so far; its `Done.finish_reason` is "cancelled"."""
+        from .turn import run_turn
 
-        A cancelled reply is kept with what it said so far; `last_result.finish_reason`
-        tells it apart.
-        """
-        self.messages.append({"role": "user", "content": text})
-        return self._reply(cancel)
+        return run_turn(self, text, cancel=cancel, **uses)
 
-    def regenerate(self, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Drop the last assistant reply and answer the last user message again."""
-        while self.messages and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        return self._reply(cancel)
+    def regenerate(self, cancel: threading.Event | None = None, **uses) -> Iterator:
+        """Answer the last user message again (the last reply is replaced)."""
+        from .turn import run_turn
 
-    def _reply(self, cancel: threading.Event | None) -> Iterator[Event]:
-        fit = self.fit()
-        self.last_fit = fit
-        for ev in self.engine.stream(fit.prompt_tokens, self.sampling, cancel):
-            if ev.done is not None:
-                self.last_result = ev.done
-                self.messages.append({"role": "assistant", "content": ev.done.text})
-            yield ev
+        return run_turn(self, None, cancel=cancel, **uses)

@@ -12,6 +12,7 @@ import argparse
 
 from app.engine import Engine, LoadOptions, Sampling
 from app.session import ChatSession
+from app.turn import finish
 from models.bundled import bundled_gguf
 from models.registry import ModelEntry
 
@@ -26,15 +27,13 @@ def main() -> None:
     session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=args.reply_tokens), system="You are a helpful assistant.")
     ttft = []
     for i in range(args.turns):
-        list(session.send(f"Question number {i:02d}: tell me one short fact about the sea."))
-        r = session.last_result
+        r = finish(session.send(f"Question number {i:02d}: tell me one short fact about the sea.")).result
         ttft.append(r.ttft_s)
         print(f"turn {i + 1:2d}: history {r.prompt_tokens:5d} tokens, evaluated {r.prompt_tokens_evaluated:3d}, ttft {r.ttft_s * 1000:6.1f} ms")
     # The same last turn again without the cache: what every turn would cost without reuse.
     session.messages = session.messages[:-2]
     engine.reset()
-    list(session.send(f"Question number {args.turns - 1:02d}: tell me one short fact about the sea."))
-    cold = session.last_result
+    cold = finish(session.send(f"Question number {args.turns - 1:02d}: tell me one short fact about the sea.")).result
     print(f"turn {args.turns} ttft / turn 1 ttft = {ttft[-1] / ttft[0]:.2f} (goal <= 1.2); "
           f"turn {args.turns} without prefix reuse: {cold.ttft_s * 1000:.1f} ms for {cold.prompt_tokens_evaluated} tokens "
           f"({cold.ttft_s / ttft[-1]:.1f}x slower)")

@@ -49,9 +49,7 @@ def run(engine, reg, constrained: bool, max_tokens: int) -> dict:
     for prompt, want_tool, want_text in CASES:
         session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=max_tokens))
         loop = ToolLoop(session, reg, Policy(), approve=lambda t, a, tainted: True, max_calls=2, constrained=constrained)
-        session.messages.append({"role": "user", "content": prompt})
-        obj, _raw, _finish = loop._step(loop._grammar)
-        session.messages.pop()
+        obj, _raw, _finish = loop.decide(session.messages + [{"role": "user", "content": prompt}])
         if obj and "tool" in obj and obj["tool"] in reg.tools:
             try:
                 jsonschema.validate(obj.get("arguments"), reg.tools[obj["tool"]].parameters)

@@ -1,8 +1,12 @@
-"""`crofter ask`: one prompt, one streamed reply (or one JSON object with --json)."""
+"""`crofter ask`: one prompt, one streamed reply (or one JSON object with --json).
+
+The turn is the chat app's own (turn.run_turn): grounded on collections with -c, through
+the tool loop with --tools; this file only prints its events."""
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 
 from ..errors import CLIError
 
@@ -23,6 +27,7 @@ def settings_from_args(args):
         repeat_penalty=args.repeat_penalty,
         seed=args.seed,
         max_tokens=args.max_tokens,
+        **({"chroma_url": args.chroma_url} if getattr(args, "chroma_url", None) else {}),
     )
 
 
@@ -30,6 +35,8 @@ def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise CLIError("the prompt is empty")
+    if args.k is not None and args.k < 1:
+        raise CLIError("-k must be at least 1")
     settings = settings_from_args(args)
     from models.registry import Registry
 
@@ -37,85 +44,156 @@ def run(args) -> int:
     from ..engine import Sampling
     from ..session import ChatSession
 
+    if args.grammar_file and args.tools:
+        raise CLIError("--grammar-file and --tools cannot be combined: tool calls have their own grammar")
     entry = Registry().resolve(settings.model)
-    engine = default_loader(entry, settings)
-
-    system = settings.system_prompt if args.system is None else args.system
-    session = ChatSession(engine, Sampling.from_settings(settings, args.stop), system=system)
-    if engine.template.warning:
-        print(f"crofter: warning: {engine.template.warning}", file=sys.stderr)
-    out = sys.stdout
-    if args.tools:
-        return _run_with_tools(args, settings, session, entry, engine, prompt)
-    grounded = None
-    if args.collection:
-        grounded = _grounded(args, settings, prompt)
-        prompt = grounded.prompt
-    for ev in session.send(prompt):
-        if ev.text and not args.json:
-            out.write(ev.text)
-            out.flush()
-    dropped = session.last_fit.describe_dropped()
-    if dropped:
-        print(f"crofter: {dropped}", file=sys.stderr)
-    r = session.last_result
-    extra = {}
-    if grounded is not None:
-        grounded.finish(r.text)
-        extra["sources"] = [s.as_dict() for s in grounded.cited]
-    if args.json:
-        _print_json(entry, r.text, r.finish_reason, r, **extra)
-    else:
-        if not r.text.endswith("\n"):
-            out.write("\n")
-        if grounded is not None:
-            _print_sources(grounded)
-    engine.close()
+    _grammar(args.grammar_file)  # a bad grammar fails before the model loads
+    with ExitStack() as stack:
+        search = _search(args, settings, stack)
+        uses = _uses(args, settings, search)
+        engine = default_loader(entry, settings)
+        stack.callback(engine.close)
+        if engine.template.warning:
+            print(f"crofter: warning: {engine.template.warning}", file=sys.stderr)
+        system = settings.system_prompt if args.system is None else args.system
+        sampling = Sampling.from_settings(settings, args.stop)
+        sampling.grammar = _grammar(args.grammar_file)
+        session = ChatSession(engine, sampling, system=system)
+        done = _print_turn(args, session.send(prompt, **uses))
+        _finish(args, entry, done)
     return 0
 
 
-def _grounded(args, settings, question: str):
-    """Retrieve passages and wrap the question with numbered sources (the store is released after)."""
+def _grammar(path: str | None):
+    """The --grammar-file as a LlamaGrammar (None without one)."""
+    if not path:
+        return None
+    from pathlib import Path
+
+    from llama_cpp import LlamaGrammar
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"--grammar-file {path}: cannot read it ({exc})") from None
+    try:
+        return LlamaGrammar.from_string(text, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(f"--grammar-file {path}: not a valid GBNF grammar ({exc})") from None
+
+
+def _search(args, settings, stack):
+    """search(query, k) over the -c collections (the store stays open for the turn), or None."""
+    if not args.collection:
+        return None
     from .. import documents
 
-    if args.k is not None and args.k < 1:
-        raise CLIError("-k must be at least 1")
-    if args.chroma_url:
-        settings = settings.replace(chroma_url=args.chroma_url)
-    with documents.open_store(settings) as store:
-        return documents.ground(documents.collection_search(store, settings, args.collection), settings, question, args.k)
+    store = stack.enter_context(documents.open_store(settings))
+    return documents.collection_search(store, settings, args.collection)
 
 
-def _print_sources(grounded) -> None:
+def _uses(args, settings, search) -> dict:
+    """What the turn may use: tools (the model searches the collections itself through
+    search_documents), else passages retrieved for the question."""
+    if args.tools:
+        from ..tools.policy import Policy
+        from ..tools.registry import ToolRegistry
+        from ..turn import TurnTools
+
+        registry = ToolRegistry.for_settings(settings, search)
+        for problem in registry.problems:
+            print(f"crofter: warning: tool {problem}", file=sys.stderr)
+        unknown = [n for n in args.allow_tool if n not in registry.tools]
+        if unknown:
+            raise CLIError(f"--allow-tool {unknown[0]}: no such tool (have: {', '.join(registry.tools)})")
+        return {"tools": TurnTools(registry, Policy({name: "allow" for name in args.allow_tool}), _approver(args))}
+    if search is not None:
+        from .. import documents
+
+        return {"ground": documents.grounder(search, args.k or settings.rag_top_k)}
+    return {}
+
+
+def _print_turn(args, events):
+    """Stream the answer to stdout (the trace and tool calls to stderr); return the Done."""
+    from ..turn import Done, TextDelta, ThinkingDelta, ToolFinished
+
+    out, done, thinking = sys.stdout, None, False
+    for ev in events:
+        if isinstance(ev, Done):
+            done = ev
+        elif args.json:
+            continue
+        elif isinstance(ev, ThinkingDelta) and args.show_thinking:
+            if not thinking:
+                print("crofter: thinking:", file=sys.stderr)
+                thinking = True
+            sys.stderr.write(ev.text)
+            sys.stderr.flush()
+        elif isinstance(ev, TextDelta):
+            if thinking:
+                print(file=sys.stderr)
+                thinking = False
+            out.write(ev.text)
+            out.flush()
+        elif isinstance(ev, ToolFinished):
+            c = ev.call
+            print(f"crofter: tool {c.name}({json.dumps(c.arguments, ensure_ascii=False)}) -> {c.status}: {c.result[:200]}",
+                  file=sys.stderr)
+    return done
+
+
+def _finish(args, entry, done) -> None:
+    dropped = done.fit.describe_dropped()
+    if dropped:
+        print(f"crofter: {dropped}", file=sys.stderr)
+    if args.json:
+        _print_json(entry, done, tools=bool(args.tools))
+        return
+    if not done.answer.endswith("\n"):
+        sys.stdout.write("\n")
+    if done.grounded:
+        _print_sources(done)
+
+
+def _print_sources(done) -> None:
     from ..render import display_safe
 
-    if not grounded.sources:
+    if not done.sources:
         print("crofter: no passage in the collection matched the question", file=sys.stderr)
         return
-    if not grounded.cited:
+    if not done.cited:
         print("\n(The answer cites no source. Retrieved passages:)")
-        listed = grounded.sources
+        listed = done.sources
     else:
         print("\nSources:")
-        listed = grounded.cited
+        listed = done.cited
     for s in listed:
         print(f"  {display_safe(s.label())}")
 
 
-def _print_json(entry, text: str, finish_reason: str, r, **extra) -> None:
+def _print_json(entry, done, tools: bool) -> None:
     """The `ask --json` object (usage and timings are those of the last generation)."""
+    from dataclasses import asdict
+
+    r = done.result
     obj = {
         "model": entry.name,
-        "text": text,
-        "finish_reason": finish_reason,
+        "text": done.answer,
+        "finish_reason": done.finish_reason,
         "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
         "timings": {
             "prompt_tokens_evaluated": r.prompt_tokens_evaluated,
             "ttft_s": round(r.ttft_s, 4),
             "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
         },
-        **extra,
     }
+    if done.thinking:
+        obj["thinking"] = done.thinking
+    if done.grounded:
+        obj["sources"] = [s.as_dict() for s in done.cited]
+    if tools:
+        obj["tool_calls"] = [asdict(c) for c in done.calls]
     print(json.dumps(obj, ensure_ascii=False))
 
 
@@ -133,40 +211,3 @@ def _approver(args):
         return sys.stdin.readline().strip().lower() in ("y", "yes")
 
     return approve
-
-
-def _run_with_tools(args, settings, session, entry, engine, prompt) -> int:
-    search, store = None, None
-    if args.collection:  # the model searches the collections itself through search_documents
-        from .. import documents
-
-        store = documents.open_store(settings.replace(chroma_url=args.chroma_url) if args.chroma_url else settings)
-        search = documents.collection_search(store, settings, args.collection)
-    try:
-        return _tool_turn(args, settings, session, entry, engine, prompt, search)
-    finally:
-        if store is not None:
-            store.close()
-
-
-def _tool_turn(args, settings, session, entry, engine, prompt, search) -> int:
-    from ..tools.calling import ToolLoop
-    from ..tools.policy import Policy
-    from ..tools.registry import ToolRegistry
-
-    registry = ToolRegistry.for_settings(settings, search)
-    for problem in registry.problems:
-        print(f"crofter: warning: tool {problem}", file=sys.stderr)
-    unknown = [n for n in args.allow_tool if n not in registry.tools]
-    if unknown:
-        raise CLIError(f"--allow-tool {unknown[0]}: no such tool (have: {', '.join(registry.tools)})")
-    policy = Policy({name: "allow" for name in args.allow_tool})
-    turn = ToolLoop(session, registry, policy, _approver(args)).run(prompt)
-    if not args.json:
-        for c in turn.calls:  # the transcript of calls goes to stderr, the answer to stdout
-            print(f"crofter: tool {c.name}({json.dumps(c.arguments, ensure_ascii=False)}) -> {c.status}: {c.result[:200]}", file=sys.stderr)
-        print(turn.answer)
-    else:
-        _print_json(entry, turn.answer, turn.finish_reason, session.last_result, tool_calls=turn.calls_json())
-    engine.close()
-    return 0

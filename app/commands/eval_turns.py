@@ -16,47 +16,42 @@ def load_engine(entry, settings):
 
 
 def suite_answer(engine, settings, store_for, allow_tools: list[str], yes: bool):
-    """answer(item) -> str: one fresh chat per prompt, the way `crofter ask` answers it
+    """answer(item) -> str: one fresh chat per prompt, through the same turn as `crofter ask`
     (documents grounded with citations, tools through the tool loop and its policy)."""
     from ..engine import Sampling
     from ..session import ChatSession
+    from ..turn import finish
 
     def answer(item) -> str:
         system = settings.system_prompt if item.system is None else item.system
         session = ChatSession(engine, Sampling.from_settings(settings), system=system or "")
-        search = None
+        uses, search = {}, None
         if item.collections:
             from .. import documents
 
             search = documents.collection_search(store_for(), settings, list(item.collections))
         if item.tools:
-            return _tool_answer(session, settings, search, item.prompt, allow_tools, yes)
-        prompt = item.prompt
-        if search is not None:
+            uses["tools"] = _suite_tools(settings, search, allow_tools, yes)
+        elif search is not None:
             from .. import documents
 
-            prompt = documents.ground(search, settings, item.prompt).prompt
-        for _ in session.send(prompt):
-            pass
-        return session.last_result.text
+            uses["ground"] = documents.grounder(search, settings.rag_top_k)
+        return finish(session.send(item.prompt, **uses)).answer
 
     return answer
 
 
-def _tool_answer(session, settings, search, prompt: str, allow_tools: list[str], yes: bool) -> str:
-    from ..tools.calling import ToolLoop
+def _suite_tools(settings, search, allow_tools: list[str], yes: bool):
     from ..tools.policy import Policy
     from ..tools.registry import ToolRegistry
-
-    registry = ToolRegistry.for_settings(settings, search)
-    policy = Policy({name: "allow" for name in allow_tools})
+    from ..turn import TurnTools
 
     def approve(tool, arguments, tainted: bool) -> bool:
         if not yes:  # a suite runs unattended: what is not allowed is refused, never asked
             print(f"crofter: denied {tool.name}: not allowed (use --allow-tool {tool.name} or --yes)", file=sys.stderr)
         return yes
 
-    return ToolLoop(session, registry, policy, approve).run(prompt).answer
+    return TurnTools(ToolRegistry.for_settings(settings, search), Policy({name: "allow" for name in allow_tools}), approve)
 
 
 def grammar_judge(engine):

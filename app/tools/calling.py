@@ -53,11 +53,14 @@ class ToolCall:
 
 @dataclass
 class ToolTurn:
-    """The outcome of one user message with tools on."""
+    """The outcome of one user message with tools on. `messages`: the transcript the model saw
+    (the instructions, each call and result, the answer)."""
 
     answer: str
     calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str = "stop"
+    thinking: str = ""
+    messages: list[dict] = field(default_factory=list)
 
     def calls_json(self) -> list[dict]:
         return [asdict(c) for c in self.calls]
@@ -159,14 +162,29 @@ def result_message(call: ToolCall) -> str:
     return f"Tool result ({call.name}, {call.status}):\n{call.result}"
 
 
+@dataclass
+class ToolOutcome:
+    """What `ToolLoop.events` returns: the turn, the last generation's result and fit, and the
+    messages the session keeps (each result as the model saw it, then the answer)."""
+
+    turn: ToolTurn
+    result: object
+    fit: object
+    added: list[dict]
+
+
 class ToolLoop:
-    """Runs one user message through model -> tool -> model ... -> answer."""
+    """Runs one user message through model -> tool -> model ... -> answer.
+
+    The session is read, never edited: the loop works on its own copy of the history with the
+    tool instructions added, and hands back what the session should keep."""
 
     def __init__(self, session: ChatSession, registry: ToolRegistry, policy: Policy,
                  approve: Callable[[Tool, dict, bool], bool], max_calls: int = 4, constrained: bool = True,
-                 on_call: Callable[[ToolCall], None] | None = None):
+                 on_call: Callable[[ToolCall], None] | None = None, defer: bool = False):
         """constrained=False drops the grammar (the instructions alone): only for the benchmark
-        that shows what the grammar buys."""
+        that shows what the grammar buys. defer=True stops at the first call without running it
+        (status "requested"): the caller runs its own tools."""
         from llama_cpp import LlamaGrammar
 
         self.session = session
@@ -175,6 +193,7 @@ class ToolLoop:
         self.approve = approve
         self.max_calls = max_calls
         self.on_call = on_call
+        self.defer = defer
         tools = list(registry.tools.values())
         self._grammar = self._answer_only = None
         if constrained:
@@ -185,23 +204,40 @@ class ToolLoop:
         # Results as role "tool" only where the template knows tools: a generic template would
         # render the unknown role, but the model was never trained to read it.
         self.tool_role = self.native and bool(getattr(template, "tool_role", False))
-        if self.native:
-            session.tools = [t.spec() for t in tools]
-        text = instructions(tools, listed=not self.native)
-        msgs = session.messages
-        if msgs and msgs[0]["role"] == "system":
-            msgs[0] = {"role": "system", "content": (msgs[0]["content"] + "\n\n" + text).strip()}
-        else:
-            msgs.insert(0, {"role": "system", "content": text})
+        self.specs = [t.spec() for t in tools] if self.native else None  # for the template to render
+        self.instructions = instructions(tools, listed=not self.native)
 
-    def _step(self, grammar) -> tuple[dict | None, str, str]:
-        """One constrained generation: (the parsed object, or None if it is not a call or answer
-        object: cut off by max_tokens, or unconstrained; the raw text; the finish reason)."""
+    def scaffold(self, history: list[dict]) -> list[dict]:
+        """`history` with the tool instructions joined to its system prompt (or as one)."""
+        msgs = list(history)
+        if msgs and msgs[0]["role"] == "system":
+            msgs[0] = {"role": "system", "content": (msgs[0]["content"] + "\n\n" + self.instructions).strip()}
+        else:
+            msgs.insert(0, {"role": "system", "content": self.instructions})
+        return msgs
+
+    def generate(self, prompt_tokens: list[int], sampling, cancel=None):
+        """The engine's stream of one step (tests script the model's replies here)."""
+        return self.session.engine.stream(prompt_tokens, sampling, cancel)
+
+    def _step(self, msgs: list[dict], grammar, cancel):
+        """One constrained generation, its answer streamed as it is written. Returns (the parsed
+        object, or None if it is not a call or answer object: cut off by max_tokens, or
+        unconstrained; the raw text; the finish reason; the result; the fit; the answer text
+        streamed so far)."""
+        from ..turn import AnswerStream, TextDelta
+
         s = self.session
-        fit = s.fit()
-        s.last_fit = fit
-        result = s.engine.complete(fit.prompt_tokens, replace(s.sampling, grammar=grammar))
-        s.last_result = result
+        fit = s.fit(msgs, self.specs)
+        stream = AnswerStream()
+        result = None
+        for ev in self.generate(fit.prompt_tokens, replace(s.sampling, grammar=grammar), cancel):
+            if ev.text:
+                delta = stream.feed(ev.text)
+                if delta:
+                    yield TextDelta(delta)
+            if ev.done is not None:
+                result = ev.done
         try:
             # strict=False: the grammar's string rule ([^"\\] | escapes) admits raw control
             # characters (a tab, a newline) inside strings, which strict JSON refuses.
@@ -210,36 +246,63 @@ class ToolLoop:
             obj = None  # cut off by max_tokens before the object closed (or, unconstrained, not JSON)
         if not isinstance(obj, dict) or "tool" not in obj:
             obj = None
-        return obj, result.text, result.finish_reason
+        return obj, result.text, result.finish_reason, result, fit, stream.text
 
-    def run(self, text: str, tainted: bool = False) -> ToolTurn:
-        """One user turn with tools. `tainted`: `text` itself carries document passages."""
-        s = self.session
-        s.messages.append({"role": "user", "content": text})
-        turn = ToolTurn(answer="")
+    def decide(self, history: list[dict], grammar=None) -> tuple[dict | None, str, str]:
+        """One step on `history` (ending with the user's message), not streamed: (the parsed
+        object or None, the raw text, the finish reason). `grammar`: the tool-step grammar."""
+        gen = self._step(self.scaffold(history), self._grammar if grammar is None else grammar, None)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value[:3]
+
+    def events(self, history: list[dict], cancel=None, tainted: bool = False):
+        """The turn as events (TextDelta of the answer, ToolStarted, ToolFinished); returns a
+        ToolOutcome. `history` ends with the user's message; `tainted`: that message itself
+        carries document passages."""
+        from ..turn import TextDelta, ToolFinished, ToolStarted
+
+        msgs = self.scaffold(history)
+        kept: list[dict] = []  # what the session keeps: results as the chat's history shows them
+        turn = ToolTurn(answer="", messages=msgs)
         seen: dict[str, str] = {}
         grammar = self._grammar
         closed = False  # the model was told to answer: a cap was reached or a call repeated
         while True:
-            obj, raw, finish = self._step(grammar)
+            obj, raw, finish, result, fit, streamed = yield from self._step(msgs, grammar, cancel)
+            if finish == "cancelled":
+                turn.answer, turn.finish_reason = streamed or _partial_answer(raw), finish
+                break
             if obj is not None and obj["tool"] == NO_TOOL:
                 turn.answer = str(obj.get("answer", ""))
+                if turn.answer.startswith(streamed) and len(turn.answer) > len(streamed):
+                    yield TextDelta(turn.answer[len(streamed):])
                 break
             if obj is None and (finish == "length" or not raw.lstrip().startswith(("{", "["))):
                 # Cut off mid-object (or, unconstrained, an answer in plain words).
                 turn.answer, turn.finish_reason = _partial_answer(raw), finish
+                if turn.answer.startswith(streamed) and len(turn.answer) > len(streamed):
+                    yield TextDelta(turn.answer[len(streamed):])
                 break
             if closed:  # only a model outside the grammar gets here; it is not run, and not asked again
                 turn.finish_reason = "tool_limit"
                 break
-            s.messages.append({"role": "assistant", "content": _clip(raw, ARGUMENT_CHARS)})
+            msgs.append({"role": "assistant", "content": _clip(raw, ARGUMENT_CHARS)})
             if obj is None:
                 call = ToolCall("(invalid)", {}, "error", _not_a_call(raw))
             else:
                 name, args = str(obj["tool"])[:64], obj.get("arguments", {})
                 args = args if isinstance(args, dict) else {"_": args}
+                if self.defer:
+                    turn.calls.append(ToolCall(name, args, "requested"))
+                    turn.finish_reason = "tool_calls"
+                    break
+                yield ToolStarted(name, args)
                 call = self._call(name, args, tainted, seen)
             turn.calls.append(call)
+            yield ToolFinished(call)
             if self.on_call is not None:
                 self.on_call(call)
             tainted = True  # what comes back is data, and may carry injected instructions
@@ -248,12 +311,25 @@ class ToolLoop:
                 grammar, closed = self._answer_only, True
                 note = "\nNo more tool calls this turn: answer now."
             if self.tool_role:
-                s.messages.append({"role": "tool", "name": call.name,
-                                   "content": f"{call.status}: {call.result}{note}"})
+                msgs.append({"role": "tool", "name": call.name, "content": f"{call.status}: {call.result}{note}"})
             else:
-                s.messages.append({"role": "user", "content": result_message(call) + note})
-        s.messages.append({"role": "assistant", "content": turn.answer})
-        return turn
+                msgs.append({"role": "user", "content": result_message(call) + note})
+            kept.append({"role": "user", "content": result_message(call)})
+        msgs.append({"role": "assistant", "content": turn.answer})
+        return ToolOutcome(turn, result, fit, kept + [{"role": "assistant", "content": turn.answer}])
+
+    def run(self, text: str, tainted: bool = False) -> ToolTurn:
+        """One user turn with tools, without the events (tests and benchmarks); the session keeps it."""
+        history = self.session.messages + [{"role": "user", "content": text}]
+        gen = self.events(history, tainted=tainted)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                outcome = stop.value
+                break
+        self.session.messages = history + outcome.added
+        return outcome.turn
 
     def _call(self, name: str, args: dict, tainted: bool, seen: dict[str, str]) -> ToolCall:
         size = len(json.dumps(args, ensure_ascii=False))

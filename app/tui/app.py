@@ -1,12 +1,9 @@
 """The crofter chat app (Textual).
 
-Layout: a sidebar of chats (search box on top), the conversation, a multi-line
-input, a status bar (model, tokens/s, context meter) and the footer. Generation
-runs in a worker thread over `ChatController`; tokens reach the screen only as
-messages, batched at a pace set by the measured cost of rendering, so long replies
-neither lag the UI nor slow the model down.
-
-Heavy imports (llama.cpp, numpy via gguf) happen in the loading worker after the first frame.
+Layout: chats (search box on top), the conversation, a multi-line input, a status bar and
+the footer. A turn (app.turn) runs in a worker thread over `ChatController`; its events reach
+the screen only as messages, paced by the measured cost of rendering, so long replies neither
+lag the UI nor slow the model. Heavy imports happen in the loading worker after the first frame.
 """
 from __future__ import annotations
 
@@ -22,8 +19,9 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input
 
 from ..render import display_safe
-from .messages import Pacer, ReplyDone, ReplyPiece, ToolCallDone, forward
-from .tool_turn import toggle_tools, tool_turn
+from .messages import Pacer, ReplyDone, ReplyPiece, ThinkingPiece, ToolCallDone, forward
+from .tools import approve_on_screen, toggle_tools
+from .turns import attach_ids, show_tool_call, toggle_thinking
 from . import clipboard, compare, dialogs, keys
 from .docs import chat_boxes, docs_status, open_documents, show_sources, warn_if_index_incomplete
 from .outbox import Outbox
@@ -48,6 +46,7 @@ class CrofterApp(App):
         Binding("ctrl+t", "settings", "Sampling"),
         Binding("ctrl+l", "toggle_tools", "Tools on/off"),
         Binding("f5", "documents", "Documents"),
+        Binding("ctrl+b", "toggle_thinking", "Thinking", show=False),
         Binding("f9", "compare", "Compare models", show=False),
         Binding("ctrl+s", "system_prompt", "System prompt", show=False),
         Binding("f2", "rename_chat", "Rename", show=False),
@@ -180,10 +179,11 @@ class CrofterApp(App):
 
     async def _send(self, text: str) -> None:
         warn_if_index_incomplete(self)
-        if self.controller.tools_enabled:
-            await self.begin_reply(tool_turn(self, text), user_text=text)
-        else:
-            await self.begin_reply(lambda cancel: self.controller.send(text, cancel), user_text=text)
+        await self.begin_reply(lambda cancel: self.controller.send(text, cancel, self.approve), user_text=text)
+
+    def approve(self, tool, arguments: dict, tainted: bool) -> str:
+        """Asked from the generation thread about a call the policy leaves to the user."""
+        return approve_on_screen(self, tool, arguments, tainted)
 
     async def _send_pending(self) -> None:
         """Send the next message that waited for the model (the rest follow, one per reply)."""
@@ -197,11 +197,7 @@ class CrofterApp(App):
             prompt.load_text(self.outbox.give_back(prompt.text))
 
     async def on_tool_call_done(self, message: ToolCallDone) -> None:
-        import json
-        from dataclasses import asdict
-
-        box = MessageBox("tool", json.dumps(asdict(message.call), ensure_ascii=False))
-        await self.query_one("#conversation", VerticalScroll).mount(box, before=self._reply_box)
+        await show_tool_call(self, message.call)
 
     def action_toggle_tools(self) -> None:
         if not self._busy():
@@ -212,6 +208,7 @@ class CrofterApp(App):
         if user_text is not None:
             await conv.mount(MessageBox("user", user_text))
         self._reply_box = MessageBox("assistant", "", note="…", streaming=True)
+        self._tool_boxes: list[MessageBox] = []
         await conv.mount(self._reply_box)
         conv.anchor()
         self._cancel = threading.Event()
@@ -223,9 +220,9 @@ class CrofterApp(App):
 
     @work(thread=True, exclusive=True, group="generate")
     def _generate(self, start, cancel: threading.Event) -> None:
-        result, error = None, None
+        done, error = None, None
         try:
-            result = forward(start(cancel), self.pacer, self.post_message)
+            done = forward(start(cancel), self.pacer, self.post_message)
         except Exception as exc:  # shown as a notification; the app keeps running
             error = str(exc)
         meter = ""
@@ -233,44 +230,46 @@ class CrofterApp(App):
             meter = self.controller.context_meter().describe()
         except Exception as exc:
             meter = f"ctx: {exc}"
-        self.post_message(ReplyDone(result, meter, error))
+        self.post_message(ReplyDone(done, meter, error))
 
     async def on_reply_piece(self, message: ReplyPiece) -> None:
         if self._reply_box is not None:
             self._reply_box.body.append(display_safe(message.text))
         self.pacer.update()
 
+    async def on_thinking_piece(self, message: ThinkingPiece) -> None:
+        if self._reply_box is not None:
+            await self._reply_box.add_thinking(display_safe(message.text))
+        self.pacer.update()
+
     async def on_reply_done(self, message: ReplyDone) -> None:
         self.generating = False
         self.query_one(PromptInput).cursor_blink = True
         self.replies_done += 1
-        r = message.result
+        done = message.done
+        r = done.result if done is not None else None
         if message.error:
             self.notify(message.error, title="Generation failed", severity="error", timeout=15)
-        if r is not None and self._reply_box is not None:
+        if done is not None and self._reply_box is not None:
             note = f"{r.completion_tokens} tokens, {r.decode_tokens_per_s:.1f} tok/s"
-            self._reply_box.set_note(("stopped · " if r.finish_reason == "cancelled" else "") + note)
-            self._reply_box.content = r.text
+            self._reply_box.set_note(("stopped · " if done.finish_reason == "cancelled" else "") + note)
+            self._reply_box.content = done.answer
+            self._reply_box.end_thinking(display_safe(done.thinking))
         if self._reply_box is not None:  # after an error, the streamed text stays as it is
-            self._reply_box.body.finish(display_safe(r.text) if r is not None else None)
-        self._attach_ids()
-        fit = self.controller.session.last_fit if self.controller.session else None
-        if fit is not None and fit.dropped:
-            self.notify(fit.describe_dropped(), severity="warning")
-        await show_sources(self)
+            self._reply_box.body.finish(display_safe(done.answer) if done is not None else None)
+        if done is not None:
+            attach_ids(self, done.message_ids)
+            if done.fit.dropped:
+                self.notify(done.fit.describe_dropped(), severity="warning")
+        await show_sources(self, done)
         speed = f"{r.decode_tokens_per_s:.1f} tok/s" if r else ""
         self.query_one(StatusBar).show(self._label(), speed, message.meter)
         self.sub_title = self.controller.chat.title
         self.refresh_sidebar()
         await self._send_pending()
 
-    def _attach_ids(self) -> None:
-        """Give boxes mounted during streaming the ids their messages got in the store."""
-        boxes = list(self.query(MessageBox))
-        stored = self.controller.messages()
-        if len(boxes) == len(stored):
-            for box, m in zip(boxes, stored):
-                box.message_id = m.id
+    def action_toggle_thinking(self) -> None:
+        toggle_thinking(self)
 
     # -- actions -----------------------------------------------------------
     def action_stop(self) -> None:

@@ -84,7 +84,7 @@ def edit_and_resend(app) -> None:
         for box in boxes[ids.index(target.id):]:
             await box.remove()
         new = text.strip()
-        await app.begin_reply(lambda cancel: ctl.edit_and_resend(target.id, new, cancel), user_text=new)
+        await app.begin_reply(lambda cancel: ctl.edit_and_resend(target.id, new, cancel, app.approve), user_text=new)
 
     app.push_screen(TextPrompt("Edit and resend", target.content, multiline=True), resend)
 
@@ -92,8 +92,6 @@ def edit_and_resend(app) -> None:
 async def regenerate(app) -> None:
     """Replace the last reply: drop its widgets (tool calls and sources panel included) and
     generate again; with tools on, the whole tool turn runs again, not a plain reply."""
-    from .tool_turn import tool_turn
-
     ctl = app.controller
     if not any(m.role == "user" for m in ctl.messages()):
         app.notify("nothing to regenerate yet", severity="warning")
@@ -102,7 +100,4 @@ async def regenerate(app) -> None:
     last_user = max((i for i, w in enumerate(children) if isinstance(w, MessageBox) and w.role == "user"), default=-1)
     for w in children[last_user + 1:]:
         await w.remove()
-    if ctl.tools_enabled:
-        await app.begin_reply(tool_turn(app, ctl.pop_last_turn()))
-    else:
-        await app.begin_reply(lambda cancel: ctl.regenerate(cancel))
+    await app.begin_reply(lambda cancel: ctl.regenerate(cancel, app.approve))

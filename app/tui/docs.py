@@ -176,37 +176,37 @@ def start_ingest(app, paths: list[str], name: str) -> None:
 def warn_if_index_incomplete(app) -> None:
     """Before a question: say so when an attached collection is still being indexed."""
     ctl = app.controller
-    if ctl.chat is not None and ctl.chat.collections and ctl._docs is not None:
-        pending = ctl._docs.incomplete(ctl.chat.collections)
+    if ctl.chat is not None and ctl.chat.collections and ctl.docs_open is not None:
+        pending = ctl.docs_open.incomplete(ctl.chat.collections)
         if pending:
             app.notify(f"the index is still incomplete: {', '.join(pending)}; the answer may miss documents",
                        severity="warning")
 
 
-async def show_sources(app) -> None:
+async def show_sources(app, done) -> None:
     """Under a reply over documents: the cited sources (Enter opens one), or a note why there are none."""
     ctl, box = app.controller, app._reply_box
-    g, ctl.last_grounded = ctl.last_grounded, None
-    if g is None or box is None:
+    g = done
+    if g is None or not g.grounded or box is None:
         return
     if not g.sources:
         box.set_note(box.note + " · no passage matched")
     elif not g.cited:
         box.set_note(box.note + f" · cites none of {len(g.sources)} retrieved passages")
     else:
-        pending = ", ".join(ctl._docs.incomplete(ctl.chat.collections)) if ctl._docs else ""
+        pending = ", ".join(ctl.docs_open.incomplete(ctl.chat.collections)) if ctl.docs_open else ""
         await app.query_one("#conversation").mount(SourcesPanel([s.as_dict() for s in g.cited], pending), after=box)
 
 
 def docs_status(ctl) -> str:
     """The status bar's documents part: attached collections and any indexing in progress."""
-    if ctl._docs is None and not (ctl.chat and ctl.chat.collections):
+    if ctl.docs_open is None and not (ctl.chat and ctl.chat.collections):
         return ""
     parts = []
     if ctl.chat and ctl.chat.collections:
         parts.append("docs: " + ", ".join(ctl.chat.collections))
-    if ctl._docs is not None:
-        for name, p in list(ctl._docs.ingesting.items()):
+    if ctl.docs_open is not None:
+        for name, p in list(ctl.docs_open.ingesting.items()):
             parts.append(f"indexing {name} {p.files_done}/{p.files_total} files, {p.chunks} chunks")
     return " · ".join(parts)
 
@@ -219,7 +219,7 @@ def chat_boxes(messages) -> list:
         note = "stopped" if m.status == "incomplete" else ""
         if m.role == "assistant" and m.tokens_per_s:
             note = (note + " · " if note else "") + f"{m.completion_tokens} tokens, {m.tokens_per_s:.1f} tok/s"
-        boxes.append(MessageBox(m.role, m.content, m.id, note))
+        boxes.append(MessageBox(m.role, m.content, m.id, note, thinking=m.thinking or ""))
         if m.sources:
             boxes.append(SourcesPanel(m.sources))
     return boxes

@@ -26,6 +26,14 @@ class ReplyPiece(Message):
         super().__init__()
 
 
+class ThinkingPiece(Message):
+    """More of the reply's reasoning trace."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__()
+
+
 class ToolCallDone(Message):
     """A tool call of the current turn finished (ok, error, denied or repeated)."""
 
@@ -35,10 +43,10 @@ class ToolCallDone(Message):
 
 
 class ReplyDone(Message):
-    """The reply ended: its Result (None after an error), the new context meter text, the error."""
+    """The turn ended: its turn.Done (None after an error), the new context meter text, the error."""
 
-    def __init__(self, result, meter: str, error: str | None = None) -> None:
-        self.result = result
+    def __init__(self, done, meter: str, error: str | None = None) -> None:
+        self.done = done
         self.meter = meter
         self.error = error
         super().__init__()
@@ -70,22 +78,36 @@ class Pacer:
 
 
 def forward(events, pacer: Pacer, post) -> object | None:
-    """Post the text of a reply's `events` as ReplyPiece messages, coalesced to one per
-    `pacer.interval`; return the final result (the event with `done`). Runs on the
-    generation thread."""
-    result = None
+    """Post a turn's events to the screen: answer and thinking text as ReplyPiece and
+    ThinkingPiece messages, each coalesced to one per `pacer.interval`, a finished tool call
+    at once; return the turn's `Done`. Runs on the generation thread."""
+    from ..turn import Done, TextDelta, ThinkingDelta, ToolFinished  # not at import: see app.py
+
+    done = None
     pending: list[str] = []
+    kind = ReplyPiece
     last_post: float | None = None  # the first piece goes out at once
+
+    def flush() -> None:
+        if pending:
+            post(kind("".join(pending)))
+            pending.clear()
+
     for ev in events:
-        if ev.text:
+        if isinstance(ev, (TextDelta, ThinkingDelta)):
+            piece = ReplyPiece if isinstance(ev, TextDelta) else ThinkingPiece
+            if piece is not kind:
+                flush()
+                kind = piece
             pending.append(ev.text)
             now = time.monotonic()
             if last_post is None or now - last_post >= pacer.interval:
-                post(ReplyPiece("".join(pending)))
-                pending.clear()
+                flush()
                 last_post = now
-        if ev.done is not None:
-            result = ev.done
-    if pending:
-        post(ReplyPiece("".join(pending)))
-    return result
+        elif isinstance(ev, ToolFinished):
+            flush()
+            post(ToolCallDone(ev.call))
+        elif isinstance(ev, Done):
+            done = ev
+    flush()
+    return done

@@ -70,13 +70,14 @@ class MessageBox(Vertical, can_focus=True):
     """One message: a role header and its body (Markdown for replies, literal text for users)."""
 
     def __init__(self, role: str, content: str, message_id: int | None = None, note: str = "",
-                 streaming: bool = False) -> None:
+                 streaming: bool = False, thinking: str = "") -> None:
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
         self.message_id = message_id
         self.note = note
         self.streaming = streaming
+        self.thinking = thinking  # the reply's reasoning trace, folded above it (Ctrl+B)
 
     def _head(self) -> Text:
         head = Text(self.role.capitalize(), style="bold")
@@ -89,6 +90,8 @@ class MessageBox(Vertical, can_focus=True):
         if self.role == "tool":
             yield from self._tool_body()
         elif self.role == "assistant":
+            if self.thinking:
+                yield self._thinking_fold(display_safe(self.thinking))
             yield ReplyView(display_safe(self.content), streaming=self.streaming, classes="body")
         else:
             yield Static(Text(display_safe(self.content)), classes="body")
@@ -105,6 +108,36 @@ class MessageBox(Vertical, can_focus=True):
             title, detail = "tool call", self.content
         with Collapsible(title=display_safe(title), collapsed=True, classes="body"):
             yield Static(Text(display_safe(detail)))
+
+    @staticmethod
+    def _thinking_fold(text: str) -> Collapsible:
+        return Collapsible(Static(Text(text), classes="thinking-text"), title=f"Thinking ({len(text.split())} words)",
+                           collapsed=True, classes="thinking")
+
+    @property
+    def has_thinking(self) -> bool:
+        return bool(self.thinking)
+
+    async def add_thinking(self, text: str) -> None:
+        """More of the trace while it streams (the fold appears with its first piece)."""
+        self.thinking += text
+        folds = self.query(".thinking")
+        if not folds:
+            await self.mount(self._thinking_fold(self.thinking), before=self.body)
+            return
+        folds.first(Collapsible).title = f"Thinking… ({len(self.thinking.split())} words)"
+        self.query_one(".thinking-text", Static).update(Text(self.thinking))
+
+    def end_thinking(self, text: str) -> None:
+        """The turn's final trace (what the history stores)."""
+        self.thinking = text
+        if text and self.query(".thinking"):
+            self.query_one(".thinking", Collapsible).title = f"Thinking ({len(text.split())} words)"
+            self.query_one(".thinking-text", Static).update(Text(text))
+
+    def toggle_thinking(self) -> None:
+        fold = self.query_one(".thinking", Collapsible)
+        fold.collapsed = not fold.collapsed
 
     @property
     def body(self) -> ReplyView | Static:

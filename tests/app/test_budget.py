@@ -6,6 +6,7 @@ import pytest
 from app.budget import ContextOverflow, fit_messages, reply_reserve
 from app.engine import Engine, LoadOptions, Sampling
 from app.session import ChatSession
+from app.turn import finish
 from models.registry import ModelEntry
 
 
@@ -59,11 +60,11 @@ def test_overflow_with_the_real_model(bundled_path):
         session = ChatSession(eng, Sampling(temperature=0, max_tokens=64), system="You are brief.")
         dropped_reports = []
         for i in range(8):
-            list(session.send(f"Tell me one fact about the number {i}. " + "Please be detailed. " * 5))
-            if session.last_fit.dropped:
-                dropped_reports.append(session.last_fit.describe_dropped())
-            assert session.last_fit.messages[0]["content"] == "You are brief."
-            assert session.last_result.prompt_tokens + session.last_fit.reserve <= 512
+            done = finish(session.send(f"Tell me one fact about the number {i}. " + "Please be detailed. " * 5))
+            if done.fit.dropped:
+                dropped_reports.append(done.fit.describe_dropped())
+            assert done.fit.messages[0]["content"] == "You are brief."
+            assert done.result.prompt_tokens + done.fit.reserve <= 512
         assert dropped_reports, "eight long turns must overflow a 512-token window"
         assert all("oldest turn" in r for r in dropped_reports)
     finally:
@@ -150,13 +151,14 @@ def test_a_2000_turn_chat_answers_and_keeps_its_cache(engine):
     ctl.open_chat(chat.id)
     assert len(ctl.messages()) == 4000
     engine.reset()
-    first = [ev.done for ev in ctl.send("And what is 7 plus 7?") if ev.done][0]
-    fit = ctl.session.last_fit
+    done = finish(ctl.send("And what is 7 plus 7?"))
+    first, fit = done.result, done.fit
     assert first.finish_reason in ("stop", "length") and first.completion_tokens > 0
     assert fit.messages[0] == {"role": "system", "content": "You are brief."}
     assert fit.dropped and "oldest turn" in fit.describe_dropped()
     assert first.prompt_tokens + fit.reserve <= 2048
-    second = [ev.done for ev in ctl.send("And 8 plus 8?") if ev.done][0]
-    assert ctl.session.last_fit.cut == fit.cut  # same prefix as the turn before
+    done = finish(ctl.send("And 8 plus 8?"))
+    second = done.result
+    assert done.fit.cut == fit.cut  # same prefix as the turn before
     assert second.prompt_tokens_evaluated < 48, second  # not the ~1,500-token window again
     assert [m.role for m in ctl.messages()[-4:]] == ["user", "assistant", "user", "assistant"]

@@ -7,6 +7,7 @@ import pytest
 
 from app.engine import Sampling
 from app.session import ChatSession
+from app.turn import finish
 from tests.anchors import raw_greedy
 
 # Greedy with the default repeat penalty: the 135M Q4_1 model loops without it.
@@ -51,13 +52,11 @@ def test_streamed_equals_non_streamed(engine):
 def test_prefix_reuse_on_follow_up_turn(engine):
     engine.reset()
     session = ChatSession(engine, GREEDY, system="You are terse.")
-    list(session.send("What is the capital of France?"))
-    first = session.last_result
+    first = finish(session.send("What is the capital of France?")).result
     assert first.prompt_tokens_evaluated == first.prompt_tokens
     follow_up = "And of Italy?"
     new_tokens = len(engine.tokenize(follow_up, special=False))
-    list(session.send(follow_up))
-    second = session.last_result
+    second = finish(session.send(follow_up)).result
     # What the turn adds: the new message and the template tokens around it, plus any tail of
     # the first reply that tokenizes differently as text than it was generated (how much
     # depends on the reply's words, which differ between CPUs). Nothing of the first prompt.

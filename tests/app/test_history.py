@@ -109,7 +109,7 @@ for i in range(3):
         pass
     print("committed", i, flush=True)
 for ev in ctl.send("Write a very long story about a dragon and a castle."):
-    if ev.text:
+    if getattr(ev, "text", ""):
         print("streaming", flush=True)
 """
 

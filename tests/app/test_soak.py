@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from app.chat import ChatController
 from app.config import Settings
 from app.history import HistoryStore
+from app.turn import finish
 
 TEXTS = st.sampled_from(["Hi.", "Name a colour.", "[bold]markup[/] stays text", "Two\nlines", "ünïcödé 你好"])
 
@@ -46,7 +47,7 @@ class Soak(RuleBasedStateMachine):
         self.ingested = 0
 
     def _send(self, text: str, cancel: threading.Event | None = None):
-        return [ev.done for ev in self.ctl.send(text, cancel) if ev.done][0]
+        return finish(self.ctl.send(text, cancel))
 
     @rule(text=TEXTS)
     def chat(self, text):
@@ -74,8 +75,8 @@ class Soak(RuleBasedStateMachine):
     @precondition(lambda self: any(m.role == "assistant" for m in self.ctl.messages()))
     @rule()
     def regenerate(self):
-        r = [ev.done for ev in self.ctl.regenerate() if ev.done][0]
-        assert self.ctl.messages()[-1].content == r.text
+        r = finish(self.ctl.regenerate())
+        assert self.ctl.messages()[-1].content == r.answer
 
     @rule()
     def delete_chat(self):

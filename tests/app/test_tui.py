@@ -6,7 +6,7 @@ import re
 
 
 from app.tui.app import CrofterApp
-from app.tui.tool_turn import approve_on_screen
+from app.tui.tools import approve_on_screen
 from app.tui.widgets import ChatItem, MessageBox, status_text
 
 from .pilot import SIZE, boxes, controller, say, screen_text, start, wait_for

@@ -73,6 +73,7 @@ def test_converted_model_chats_with_its_template_and_stops(f16):
 def test_q4_k_m_loads_answers_and_reports(hf_model, f16, tmp_path):
     from app.engine import Engine, LoadOptions, Sampling
     from app.session import ChatSession
+    from app.turn import finish
     from converter.quantize import quantize
     from models.registry import ModelEntry
 
@@ -81,8 +82,7 @@ def test_q4_k_m_loads_answers_and_reports(hf_model, f16, tmp_path):
     eng = Engine.load(ModelEntry("q", str(q.path), "gguf", "converted"), LoadOptions(n_ctx=1024, seed=1))
     try:
         s = ChatSession(eng, Sampling(temperature=0.0, max_tokens=32, repeat_penalty=1.1))
-        list(s.send("What is the capital of France?"))
-        assert s.last_result.text.strip()
+        assert finish(s.send("What is the capital of France?")).answer.strip()
     finally:
         eng.close()
     r = verify.quant_report(f16, q.path, (LICENSES / "GPL-3").read_text(), n_ctx=256, max_tokens=1024)

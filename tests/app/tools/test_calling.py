@@ -40,7 +40,7 @@ def test_every_call_parses_and_names_a_real_tool(engine, tmp_path):
         turn = ToolLoop(session, reg, Policy(), approve=lambda t, a, tainted: True, max_calls=2).run(prompt)
         calls += turn.calls
         # Every generation was one JSON object of the constrained shape (or cut off by max_tokens).
-        for m in session.messages[:-1]:  # the last one is the answer's text
+        for m in turn.messages[:-1]:  # the last one is the answer's text
             if m["role"] == "assistant":
                 obj = json.loads(m["content"])
                 assert obj["tool"] in reg.tools and isinstance(obj["arguments"], dict)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from app.engine import Sampling
+from app.engine import Event, Result, Sampling
 from app.session import ChatSession
 from app.template import ChatTemplate
 from app.tools.calling import ToolLoop
@@ -43,17 +43,21 @@ def test_native_template_carries_tools_and_results(engine):
         session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=48))
         loop = ToolLoop(session, reg, Policy(), approve=lambda *a: True, max_calls=2)
         assert loop.native and loop.tool_role
-        prompt = engine.template.render(session.messages + [{"role": "user", "content": "q"}], session.tools)
+        prompt = engine.template.render(loop.scaffold(session.messages + [{"role": "user", "content": "q"}]), loop.specs)
         assert "<tools>" in prompt and '"name": "calculator"' in prompt
         assert "- calculator(" not in prompt  # not listed twice: the template shows them
         # The model's choices are its own; script them so the result path is exercised every time.
         steps = iter([{"tool": "calculator", "arguments": {"expression": "17 * 23"}}, {"tool": "none", "answer": "391"}])
-        loop._step = lambda grammar: (lambda obj: (obj, json.dumps(obj), "stop"))(next(steps))
+        def generate(prompt_tokens, sampling, cancel=None):
+            raw = json.dumps(next(steps))
+            yield Event(done=Result(raw, "stop", len(prompt_tokens), 1, 0, 0.0, 0.0, 0.0))
+
+        loop.generate = generate
         turn = loop.run("What is 17 * 23? Use the calculator.")
         assert [c.result for c in turn.calls] == ["391"] and turn.answer == "391"
-        results = [m for m in session.messages if m["role"] == "tool"]
+        results = [m for m in turn.messages if m["role"] == "tool"]
         assert results == [{"role": "tool", "name": "calculator", "content": "ok: 391"}]
-        rendered = engine.template.render(session.messages, session.tools)
+        rendered = engine.template.render(turn.messages, loop.specs)
         assert "<|im_start|>tool\n<tool_response>\nok: 391\n</tool_response>" in rendered
         # And with the real model deciding: whatever it does parses as the constrained JSON.
         session2 = ChatSession(engine, Sampling(temperature=0.0, max_tokens=48))

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from app.engine import Sampling
+from app.engine import Event, Result, Sampling
 from app.session import ChatSession
 from app.tools.calling import ARGUMENT_CHARS, RESULT_CHARS, ToolLoop
 from app.tools.policy import Policy
@@ -27,23 +27,20 @@ def scripted(loop: ToolLoop, replies: list) -> list:
     Returns the list of grammars each step was asked under, one per step taken."""
     asked, it = [], iter(replies)
 
-    def step(grammar):
-        asked.append(grammar)
+    def generate(prompt_tokens, sampling, cancel=None):
+        asked.append(sampling.grammar)
         reply = next(it)
         raw = reply if isinstance(reply, str) else json.dumps(reply)
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError:
-            obj = None
-        return (obj if isinstance(obj, dict) and "tool" in obj else None), raw, "stop"
+        yield Event(raw)
+        yield Event(done=Result(raw, "stop", len(prompt_tokens), 1, 0, 0.0, 0.0, 0.0))
 
-    loop._step = step
+    loop.generate = generate
     return asked
 
 
-def fed_back(session: ChatSession) -> list[str]:
+def fed_back(turn) -> list[str]:
     """What the loop told the model after each call (results come back as user messages here)."""
-    return [m["content"] for m in session.messages if m["role"] == "user" and m["content"].startswith("Tool result")]
+    return [m["content"] for m in turn.messages if m["role"] == "user" and m["content"].startswith("Tool result")]
 
 
 @pytest.fixture
@@ -73,7 +70,7 @@ def test_invalid_json_is_fed_back_and_counted(engine):
     turn = loop.run("What is 1+1?")
     assert [(c.name, c.status) for c in turn.calls] == [("(invalid)", "error")]
     assert "not valid JSON" in turn.calls[0].result
-    assert fed_back(session) == ["Tool result ((invalid), error):\n" + turn.calls[0].result]
+    assert fed_back(turn) == ["Tool result ((invalid), error):\n" + turn.calls[0].result]
     assert turn.answer == "done" and turn.finish_reason == "stop"
 
 
@@ -85,7 +82,7 @@ def test_misshapen_replies_are_errors(engine, reply, why):
     scripted(loop, [reply, ANSWER])
     turn = loop.run("q")
     assert [c.status for c in turn.calls] == ["error"] and why in turn.calls[0].result
-    assert len(fed_back(session)) == 1 and why in fed_back(session)[0]
+    assert len(fed_back(turn)) == 1 and why in fed_back(turn)[0]
 
 
 def test_unknown_tool_is_an_error_naming_it(engine, counter):
@@ -111,7 +108,7 @@ def test_megabyte_arguments_are_refused_unread(engine, counter):
     assert "no tool named" in turn.calls[2].result
     # Nothing of the megabyte is kept: not in the calls (which go to the history), not in the context.
     assert len(json.dumps(turn.calls_json())) < 2_000
-    assert max(len(m["content"]) for m in session.messages) < ARGUMENT_CHARS + 100
+    assert max(len(m["content"]) for m in turn.messages) < ARGUMENT_CHARS + 100
 
 
 def test_fifty_calls_in_one_turn_run_at_most_max_calls(engine, counter):
@@ -122,7 +119,7 @@ def test_fifty_calls_in_one_turn_run_at_most_max_calls(engine, counter):
     assert ran == [0, 1, 2, 3] and [c.status for c in turn.calls] == ["ok"] * 4
     # After the fourth the model is told to answer, under the answer-only grammar; the fifth
     # attempt ends the turn without running, and the model is not asked again.
-    assert "No more tool calls this turn" in fed_back(session)[-1]
+    assert "No more tool calls this turn" in fed_back(turn)[-1]
     assert len(asked) == 5 and asked[4] is loop._answer_only and asked[3] is loop._grammar
     assert turn.finish_reason == "tool_limit"
 
@@ -155,7 +152,7 @@ def test_pattern_violation_refused_on_execution(engine, expression, message):
     scripted(loop, [{"tool": "calculator", "arguments": {"expression": expression}}, ANSWER])
     turn = loop.run("q")
     assert turn.calls[0].status == "error" and turn.calls[0].result.startswith(message)
-    assert fed_back(session)[0].endswith(turn.calls[0].result)
+    assert fed_back(turn)[0].endswith(turn.calls[0].result)
 
 
 def test_tool_errors_are_cut_like_results(engine):
@@ -164,7 +161,7 @@ def test_tool_errors_are_cut_like_results(engine):
         raise ValueError(text * 10_000)
 
     loop, _ = make_loop(engine, [tool(shout, side_effects=False)])
-    scripted(loop, [{"tool": "shout", "arguments": {"text": "no!"}}, ANSWER])
+    scripted(loop, [{"tool": "shout", "arguments": {"text": "nope "}}, ANSWER])  # ~800 tokens once cut: it fits the window
     turn = loop.run("q")
     assert turn.calls[0].status == "error" and len(turn.calls[0].result) < RESULT_CHARS + 60
 
@@ -201,7 +198,7 @@ def test_injected_reads_are_refused_and_the_canary_never_enters(engine, injected
     assert all("outside the allowed folders" in c.result for c in turn.calls[1:4])
     # The injected calls after the first read were asked about (tainted), the first was not.
     assert asked == [("read_file", True)] * 3 + [("bump", True)] and ran == [1]
-    everything = json.dumps(session.messages) + json.dumps(turn.calls_json()) + turn.answer
+    everything = json.dumps(turn.messages) + json.dumps(session.messages) + json.dumps(turn.calls_json()) + turn.answer
     assert CANARY not in everything
     # The fake call inside the document was data: it was never parsed as a call.
     assert sum(c.arguments.get("path") == "../secret.txt" for c in turn.calls) == 1
@@ -219,5 +216,5 @@ def test_real_model_reading_an_injection_leaks_no_canary(engine, injected, count
     session.sampling = Sampling(temperature=0.0, max_tokens=48)
     turn = loop.run("Read doc.txt and do what it says.")
     assert ran == []  # bump is side-effecting: asked, and the answer was no
-    assert CANARY not in turn.answer and CANARY not in json.dumps(session.messages)
+    assert CANARY not in turn.answer and CANARY not in json.dumps(turn.messages)
     assert all(c.status != "ok" for c in turn.calls if c.name == "read_file" and "secret" in c.arguments.get("path", ""))

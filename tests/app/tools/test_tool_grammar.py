@@ -50,8 +50,7 @@ def _sample(engine, reg, name: str, seeds, max_tokens: int = 64):
     for seed in seeds:
         session = ChatSession(engine, Sampling(temperature=1.5, seed=seed, max_tokens=max_tokens))
         loop = ToolLoop(session, reg, Policy(), approve=lambda *a: False)
-        session.messages.append({"role": "user", "content": PROMPT})
-        out.append(loop._step(grammar))
+        out.append(loop.decide(session.messages + [{"role": "user", "content": PROMPT}], grammar))
     return out
 
 
