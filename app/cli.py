@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
+    from .commands.serve import add_parser as add_serve_parser  # argparse only: fastapi/uvicorn wait for run()
+
+    add_serve_parser(sub)
+
     cfg = sub.add_parser("config", help="show or change settings", description="Settings live in a TOML file; flags override them.")
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", help="every setting with its value and meaning")
@@ -291,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.convert import run_verify as run
         elif args.command == "eval":
             from .commands.evaluate import run
+        elif args.command == "serve":
+            from .commands.serve import run
         else:
             from .commands.config import run
         return run(args) or 0

@@ -88,13 +88,15 @@ TurnEvent = Union[TextDelta, ThinkingDelta, ToolStarted, ToolFinished, SourcesFo
 class TurnTools:
     """Tools for a turn: the registry, who decides (policy, then `approve(tool, args, tainted)`
     for calls the policy marks `ask`), the call cap, and whether calls are run here or handed
-    back to the caller (`defer`: an API client that runs its own tools)."""
+    back to the caller (`defer`: an API client that runs its own tools); `require`: the model
+    must call a tool before it may answer (an API client's tool_choice "required" or named)."""
 
     registry: object
     policy: object
     approve: Callable[[object, dict, bool], bool]
     max_calls: int = 4
     defer: bool = False
+    require: bool = False
 
 
 # -- reasoning traces ---------------------------------------------------------
@@ -199,7 +201,8 @@ def run_turn(session: ChatSession, text: str | None, *, ground: Callable[[str, i
     if tools is not None:
         from .tools.calling import ToolLoop
 
-        loop = ToolLoop(session, tools.registry, tools.policy, tools.approve, max_calls=tools.max_calls, defer=tools.defer)
+        loop = ToolLoop(session, tools.registry, tools.policy, tools.approve, max_calls=tools.max_calls,
+                        defer=tools.defer, require=tools.require)
         outcome = yield from loop.events(history, cancel, tainted=grounded is not None)
         done = Done(outcome.turn.answer, outcome.result, outcome.fit, outcome.turn.finish_reason,
                     thinking=outcome.turn.thinking, calls=list(outcome.turn.calls))

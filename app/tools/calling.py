@@ -92,7 +92,7 @@ def instructions(tools: list[Tool], listed: bool = True) -> str:
     return "\n".join(lines)
 
 
-def output_schema(tools: list[Tool], allow_calls: bool = True) -> dict:
+def output_schema(tools: list[Tool], allow_calls: bool = True, allow_answer: bool = True) -> dict:
     # Every object starts with "tool", so the model's first choice is a tool name
     # (or "none" to answer): small models pick among names far better than they
     # decide between differently shaped objects.
@@ -100,7 +100,10 @@ def output_schema(tools: list[Tool], allow_calls: bool = True) -> dict:
               "required": ["tool", "answer"]}
     if not allow_calls or not tools:
         return answer
-    return {"oneOf": [*(call_schema(t) for t in tools), answer]}
+    calls = [call_schema(t) for t in tools]
+    if not allow_answer:  # a call is required (an API client's tool_choice "required" or a named tool)
+        return calls[0] if len(calls) == 1 else {"oneOf": calls}
+    return {"oneOf": [*calls, answer]}
 
 
 def call_schema(t: Tool) -> dict:
@@ -157,6 +160,19 @@ def _partial_answer(raw: str) -> str:
     return body
 
 
+def uses_tool_role(template, tools) -> bool:
+    """Results go back as role "tool" only where the template renders tools itself and knows
+    that role: a generic template would render the unknown role, but the model was never
+    trained to read it."""
+    return bool(tools) and bool(getattr(template, "native_tools", False)) and bool(getattr(template, "tool_role", False))
+
+
+def after_thinking(gbnf: str) -> str:
+    """A GBNF grammar that lets a reasoning trace (ended by </think>) come before `gbnf`'s root."""
+    body = re.sub(r"^root ::=", "tool-step ::=", gbnf, count=1, flags=re.M)
+    return 'root ::= think-text "</think>" [ \n]* tool-step\nthink-text ::= ([^<] | "<" [^/])*\n' + body
+
+
 def result_message(call: ToolCall) -> str:
     """How a call's result is shown to the model (a user-role message: every template has one)."""
     return f"Tool result ({call.name}, {call.status}):\n{call.result}"
@@ -181,10 +197,10 @@ class ToolLoop:
 
     def __init__(self, session: ChatSession, registry: ToolRegistry, policy: Policy,
                  approve: Callable[[Tool, dict, bool], bool], max_calls: int = 4, constrained: bool = True,
-                 on_call: Callable[[ToolCall], None] | None = None, defer: bool = False):
+                 on_call: Callable[[ToolCall], None] | None = None, defer: bool = False, require: bool = False):
         """constrained=False drops the grammar (the instructions alone): only for the benchmark
         that shows what the grammar buys. defer=True stops at the first call without running it
-        (status "requested"): the caller runs its own tools."""
+        (status "requested"): the caller runs its own tools. require=True: the first step must be a call."""
         from llama_cpp import LlamaGrammar
 
         self.session = session
@@ -194,16 +210,25 @@ class ToolLoop:
         self.max_calls = max_calls
         self.on_call = on_call
         self.defer = defer
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        from ..turn import opens_thinking
+
         tools = list(registry.tools.values())
-        self._grammar = self._answer_only = None
-        if constrained:
-            self._grammar = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools)), verbose=False)
-            self._answer_only = LlamaGrammar.from_json_schema(json.dumps(output_schema(tools, False)), verbose=False)
         template = getattr(session.engine, "template", None)
+        # A reasoning model whose template opens <think> writes its trace first; the call grammar
+        # then applies after </think>.
+        self.thinks = template is not None and opens_thinking(template.render([{"role": "user", "content": "?"}]))
+        self._grammar = self._answer_only = self._first = None
+        if constrained:
+            def grammar(schema: dict):
+                text = json_schema_to_gbnf(json.dumps(schema))
+                return LlamaGrammar.from_string(after_thinking(text) if self.thinks else text, verbose=False)
+
+            self._grammar, self._answer_only = grammar(output_schema(tools)), grammar(output_schema(tools, False))
+            self._first = grammar(output_schema(tools, allow_answer=False)) if require and tools else self._grammar
         self.native = bool(getattr(template, "native_tools", False)) and bool(tools)
-        # Results as role "tool" only where the template knows tools: a generic template would
-        # render the unknown role, but the model was never trained to read it.
-        self.tool_role = self.native and bool(getattr(template, "tool_role", False))
+        self.tool_role = uses_tool_role(template, tools)
         self.specs = [t.spec() for t in tools] if self.native else None  # for the template to render
         self.instructions = instructions(tools, listed=not self.native)
 
@@ -225,28 +250,44 @@ class ToolLoop:
         object, or None if it is not a call or answer object: cut off by max_tokens, or
         unconstrained; the raw text; the finish reason; the result; the fit; the answer text
         streamed so far)."""
-        from ..turn import AnswerStream, TextDelta
+        from ..turn import AnswerStream, TextDelta, ThinkingDelta, ThinkSplit
 
         s = self.session
         fit = s.fit(msgs, self.specs)
-        stream = AnswerStream()
+        stream, split = AnswerStream(), ThinkSplit(opened=True) if self.thinks else None
         result = None
+
+        def pieces(text: str):
+            """The step's text: the trace as it is, the object's answer decoded as it comes."""
+            for ev in (split.feed(text) if split is not None and text else split.close() if split is not None
+                       else [TextDelta(text)]):
+                if isinstance(ev, ThinkingDelta):
+                    yield ev
+                else:
+                    delta = stream.feed(ev.text)
+                    if delta:
+                        yield TextDelta(delta)
+
         for ev in self.generate(fit.prompt_tokens, replace(s.sampling, grammar=grammar), cancel):
             if ev.text:
-                delta = stream.feed(ev.text)
-                if delta:
-                    yield TextDelta(delta)
+                yield from pieces(ev.text)
             if ev.done is not None:
                 result = ev.done
+        if not stream.raw and not (split and split.trace) and result.text:
+            yield from pieces(result.text)  # a stream that gave its text only with the result
+        if split is not None:
+            yield from pieces("")
+        raw = stream.raw
+        thinking = "".join(split.trace) if split is not None else ""
         try:
             # strict=False: the grammar's string rule ([^"\\] | escapes) admits raw control
             # characters (a tab, a newline) inside strings, which strict JSON refuses.
-            obj = json.loads(result.text, strict=False)
+            obj = json.loads(raw, strict=False)
         except json.JSONDecodeError:
             obj = None  # cut off by max_tokens before the object closed (or, unconstrained, not JSON)
         if not isinstance(obj, dict) or "tool" not in obj:
             obj = None
-        return obj, result.text, result.finish_reason, result, fit, stream.text
+        return obj, raw, result.finish_reason, result, fit, stream.text, thinking
 
     def decide(self, history: list[dict], grammar=None) -> tuple[dict | None, str, str]:
         """One step on `history` (ending with the user's message), not streamed: (the parsed
@@ -268,10 +309,11 @@ class ToolLoop:
         kept: list[dict] = []  # what the session keeps: results as the chat's history shows them
         turn = ToolTurn(answer="", messages=msgs)
         seen: dict[str, str] = {}
-        grammar = self._grammar
+        grammar = self._first
         closed = False  # the model was told to answer: a cap was reached or a call repeated
         while True:
-            obj, raw, finish, result, fit, streamed = yield from self._step(msgs, grammar, cancel)
+            obj, raw, finish, result, fit, streamed, thinking = yield from self._step(msgs, grammar, cancel)
+            turn.thinking += thinking
             if finish == "cancelled":
                 turn.answer, turn.finish_reason = streamed or _partial_answer(raw), finish
                 break
@@ -306,6 +348,7 @@ class ToolLoop:
             if self.on_call is not None:
                 self.on_call(call)
             tainted = True  # what comes back is data, and may carry injected instructions
+            grammar = self._grammar
             note = ""
             if call.status == "repeated" or len(turn.calls) >= self.max_calls:
                 grammar, closed = self._answer_only, True

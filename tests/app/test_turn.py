@@ -196,3 +196,43 @@ def test_a_deferred_call_is_handed_back_unrun(engine):
     assert (turn.finish_reason, [(c.name, c.arguments, c.status) for c in turn.calls]) == (
         "tool_calls", [("bump", {"n": 7}, "requested")])
     assert ran == [] and asked == []
+
+
+def test_a_reasoning_model_thinks_before_its_tool_call(r1_engine):
+    """With a template that opens <think>, the call grammar applies after </think>: the trace
+    streams as thinking, the object after it is parsed as the call."""
+    reg = ToolRegistry.discover(ToolContext())
+    session = ChatSession(r1_engine, Sampling(temperature=0.0, max_tokens=64))
+    loop = ToolLoop(session, reg, Policy(), lambda *a: True)
+    assert loop.thinks and "</think>" in loop._grammar._grammar
+    r1_engine.check_grammar(loop._grammar)  # llama.cpp parses the combined grammar
+    r1_engine.check_grammar(loop._answer_only)
+    replies = iter(["Multiply.\n</think>\n\n" + json.dumps({"tool": "calculator", "arguments": {"expression": "17 * 23"}}),
+                    "It is known.</think>" + json.dumps({"tool": "none", "answer": "391"})])
+
+    def generate(prompt_tokens, sampling, cancel=None):
+        raw = next(replies)
+        for i in range(0, len(raw), 4):
+            yield Event(raw[i:i + 4])
+        yield Event(done=Result(raw, "stop", len(prompt_tokens), 1, 0, 0.0, 0.0, 0.0))
+
+    loop.generate = generate
+    events = []
+    gen = loop.events(session.messages + [{"role": "user", "content": "17 * 23?"}])
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        outcome = stop.value
+    assert [(c.name, c.status, c.result) for c in outcome.turn.calls] == [("calculator", "ok", "391")]
+    assert outcome.turn.answer == "391" and outcome.turn.thinking == "Multiply.\nIt is known."
+    assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)) == outcome.turn.thinking
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "391"
+
+
+def test_with_tools_required_the_first_step_must_call(engine):
+    reg = ToolRegistry.discover(ToolContext())
+    session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=256))  # room for any call object
+    done = finish(run_turn(session, "Hello there!", tools=TurnTools(reg, Policy(), lambda *a: False, defer=True, require=True)))
+    # A greeting needs no tool, but the grammar leaves the model no answer branch.
+    assert done.finish_reason == "tool_calls" and done.calls[0].name in reg.tools and done.calls[0].status == "requested"

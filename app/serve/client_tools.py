@@ -1,0 +1,78 @@
+"""The client's functions as tools: the turn constrains the model to them, the client runs them.
+
+A tool in an OpenAI request is a name, a description and a JSON schema, with no Python
+behind it: here it becomes a `tools.schema.Tool` whose function refuses to run (the turn
+runs with `TurnTools(defer=True)`, so it never is) and the call goes back to the client as
+OpenAI `tool_calls`.
+
+`tool_choice` "required" or a named function must produce a call: `TurnTools(require=True)`
+drops the answer branch from the loop's first grammar (a named function: a registry of that one).
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from .errors import ApiError
+
+
+def _not_here(**_):
+    raise RuntimeError("a client tool runs on the client")
+
+
+def registry_for(specs, only: str | None = None):
+    """A ToolRegistry of the request's function specs (`only`: just that one); a schema the
+    grammar cannot express is a 400 naming the tool."""
+    from llama_cpp import LlamaGrammar
+
+    from ..tools.calling import call_schema
+    from ..tools.registry import ToolRegistry
+    from ..tools.schema import Tool
+
+    reg = ToolRegistry()
+    for i, spec in enumerate(specs):
+        f = spec.function
+        if only is not None and f.name != only:
+            continue
+        params = dict(f.parameters or {})
+        if params.get("type", "object") != "object":
+            raise ApiError(400, f"tools.{i}.function.parameters: must be a JSON schema of type object", f"tools.{i}.function.parameters")
+        params.setdefault("type", "object")
+        if not isinstance(params.get("properties", {}), dict):
+            raise ApiError(400, f"tools.{i}.function.parameters.properties: must be an object", f"tools.{i}.function.parameters")
+        params.setdefault("properties", {})
+        t = Tool(f.name, f.description or f.name, params, _not_here, side_effects=True)
+        try:
+            LlamaGrammar.from_json_schema(json.dumps(call_schema(t)), verbose=False)
+        except Exception as exc:  # the converter's own message names the construct
+            raise ApiError(400, f"tools.{i}.function.parameters: cannot be turned into a grammar ({exc})",
+                           f"tools.{i}.function.parameters") from None
+        reg.register(t, "client")
+        if reg.problems:
+            raise ApiError(400, f"tools.{i}.function.name: {reg.problems[-1]}", f"tools.{i}.function.name")
+    if only is not None and only not in reg.tools:
+        raise ApiError(400, f"tool_choice: no tool named {only!r} in tools", "tool_choice")
+    return reg
+
+
+def choice_of(tool_choice) -> tuple[str, str | None]:
+    """("none" | "auto" | "required", the named function or None)."""
+    if tool_choice is None:
+        return "auto", None
+    if isinstance(tool_choice, str):
+        return tool_choice, None
+    name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, 'tool_choice: expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+                       "tool_choice")
+    return "named", name
+
+
+def call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def openai_calls(calls) -> list[dict]:
+    """Requested `ToolCall`s as OpenAI `tool_calls` (arguments are a JSON string)."""
+    return [{"id": call_id(), "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for c in calls]

@@ -1,0 +1,41 @@
+"""What `crofter serve` was started with (the command's flags, or a test's choices)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+BODY_LIMIT = 10 * 1024 * 1024  # bytes; a larger request body gets a 413 before it is read whole
+
+
+@dataclass
+class ServeOptions:
+    """How the server behaves. `loader(entry) -> Engine` loads a model (the command passes one
+    built from Settings); `scorer(path, n_ctx)` makes a prompt scorer with `predict(tokens,
+    start) -> logits` for /v1/completions logprobs (None: prompt logprobs are refused)."""
+
+    settings: object
+    """config.Settings: the default sampling, n_ctx, embedder and store location."""
+    loader: Callable
+    """entry -> app.engine.Engine, called on a worker thread the first time a model is used."""
+    models: list[str] = field(default_factory=list)
+    """Registry names the server offers; empty: every GGUF model in the store."""
+    api_key: str = ""
+    """When set, every request needs `Authorization: Bearer <api_key>`."""
+    cors: list[str] = field(default_factory=list)
+    """Origins allowed by CORS; empty: no CORS headers at all."""
+    max_models: int = 1
+    """Engines resident at once; the least recently used idle one is closed to load another."""
+    queue: int = 32
+    """Requests that may wait for one model besides the one running; more get a 429."""
+    body_limit: int = BODY_LIMIT
+    """Largest request body in bytes (413 above it)."""
+    scorer: Callable | None = None
+    """(gguf path, n_ctx) -> a scorer (finetune.evaluate.llama_scorer.GGUFScorer), made per model on first use."""
+    retry_after_s: int = 1
+    """The Retry-After a 429 carries."""
+
+    def __post_init__(self) -> None:
+        if self.max_models < 1:
+            raise ValueError(f"max_models: must be at least 1, not {self.max_models}")
+        if self.queue < 0:
+            raise ValueError(f"queue: must be 0 or more, not {self.queue}")

@@ -1,0 +1,212 @@
+"""`crofter serve` against its anchors: `crofter ask` and llama-cpp-python's own server.
+
+1. Streaming decode tok/s through `serve` vs `crofter ask --json` on the same model, prompt and
+   seed (greedy), rounds alternating which goes first (goal: median ratio >= 0.97), and the time
+   to first token's overhead: serve's TTFT seen by the client minus ask's engine TTFT (goal
+   <= 15 ms). Each round's system message differs, so neither side reuses a cached prompt.
+2. vs `python -m llama_cpp.server` on the same GGUF: single-stream client-side tok/s
+   (goal >= 1.0x), then C clients x R streamed requests at once on each server: p50/p95
+   latency side by side and how many completed (llama_cpp.server interrupts the stream in
+   flight when another request arrives, by default). Its `[server]` extra may live in another
+   venv: `--llama-server-python PATH`; without it importable this part is skipped, saying so.
+
+    python bench/bench_serve.py [--rounds 6] [--tokens 256] [--clients 8] [--requests 10]
+    python bench/bench_serve.py --quick        # a smoke run: 1 round, 24 tokens, 2 clients x 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_crofter(model: str, n_ctx: int, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--models", model,
+                             "--n-ctx", str(n_ctx), "--threads", str(threads), "--queue", "64"],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_ready(url, proc)
+    return proc, url
+
+
+def start_llama_server(python: str, gguf: str, n_ctx: int, threads: int) -> tuple[subprocess.Popen, str] | None:
+    probe = subprocess.run([python, "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(f"llama_cpp.server: not importable with {python} ({probe.stderr.strip().splitlines()[-1:]}); "
+              "install llama-cpp-python[server] in a venv and pass --llama-server-python; skipped")
+        return None
+    port = free_port()
+    proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", gguf, "--n_ctx", str(n_ctx), "--port", str(port),
+                             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--model_alias", "anchor"],
+                            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_ready(url, proc)
+    return proc, url
+
+
+def stream_chat(url: str, model: str, system: str, tokens: int, seed: int) -> dict:
+    """One streamed greedy chat: client-side TTFT, decode tok/s, total latency, finished or not."""
+    body = {"model": model, "messages": [{"role": "system", "content": system}, {"role": "user", "content": PROMPT}],
+            "max_tokens": tokens, "temperature": 0, "seed": seed, "stream": True}
+    t0 = time.perf_counter()
+    first = last = None
+    n, finish = 0, None
+    try:
+        with httpx.stream("POST", url + "/chat/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ch = json.loads(line[6:])
+                if "error" in ch:
+                    finish = "error"
+                    break
+                for c in ch.get("choices", []):
+                    if c["delta"].get("content"):
+                        now = time.perf_counter()
+                        first = first or now
+                        last = now
+                        n += 1
+                    finish = c.get("finish_reason") or finish
+    except httpx.HTTPError:
+        finish = "dropped"
+    end = time.perf_counter()
+    rate = (n - 1) / (last - first) if first and last and last > first else 0.0
+    return {"ttft": (first or end) - t0, "tok_s": rate, "latency": end - t0, "chunks": n, "finish": finish}
+
+
+def ask_once(model: str, system: str, tokens: int, seed: int, n_ctx: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "app.cli", "ask", PROMPT, "-s", system, "--json", "-m", model, "-t", "0",
+                          "--seed", str(seed), "-n", str(tokens), "--n-ctx", str(n_ctx), "--threads", str(threads)],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    obj = json.loads(out)
+    return {"ttft": obj["timings"]["ttft_s"], "tok_s": obj["timings"]["decode_tokens_per_s"]}
+
+
+def fan_out(url: str, model: str, clients: int, requests: int, tokens: int) -> dict:
+    latencies, finishes, lock = [], [], threading.Lock()
+
+    def client(i: int) -> None:
+        for j in range(requests):
+            r = stream_chat(url, model, f"Client {i}, request {j}.", tokens, seed=1000 * i + j)
+            with lock:
+                finishes.append(r["finish"])
+                if r["finish"] in ("stop", "length"):
+                    latencies.append(r["latency"])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19 or [float("nan")] * 19
+    return {"completed": len(latencies), "asked": clients * requests, "p50": statistics.median(latencies) if latencies else float("nan"),
+            "p95": q[18], "finishes": {f: finishes.count(f) for f in set(finishes)}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=10)
+    ap.add_argument("--fan-tokens", type=int, default=64, help="max_tokens of each fan-out request")
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for every side (0: all)")
+    ap.add_argument("--llama-server-python", default=sys.executable, help="a python with llama-cpp-python[server]")
+    ap.add_argument("--quick", action="store_true", help="a smoke run")
+    a = ap.parse_args()
+    if a.quick:
+        a.rounds, a.tokens, a.clients, a.requests, a.fan_tokens = 1, 24, 2, 2, 8
+    threads = a.threads or len(os.sched_getaffinity(0))
+    sys.path.insert(0, str(ROOT))
+    from models.registry import Registry
+
+    gguf = Registry().get(a.model).path
+    print(f"model {a.model} ({gguf}), {threads} threads, {a.tokens} tokens, {a.rounds} rounds")
+
+    proc, url = start_crofter(a.model, a.n_ctx, threads)
+    try:
+        stream_chat(url, a.model, "Warm-up.", 8, 1)
+        ratios, serve_rates, ask_rates, overheads = [], [], [], []
+        for r in range(a.rounds):
+            system = f"Round {r}: you are a storyteller."
+            order = ("serve", "ask") if r % 2 == 0 else ("ask", "serve")
+            got = {}
+            for side in order:
+                got[side] = (stream_chat(url, a.model, system, a.tokens, 7) if side == "serve"
+                             else ask_once(a.model, system, a.tokens, 7, a.n_ctx, threads))
+            s, k = got["serve"], got["ask"]
+            serve_rates.append(s["tok_s"])
+            ask_rates.append(k["tok_s"])
+            ratios.append(s["tok_s"] / k["tok_s"] if k["tok_s"] else float("nan"))
+            overheads.append((s["ttft"] - k["ttft"]) * 1000)
+            print(f"  round {r}: serve {s['tok_s']:.1f} tok/s, ask {k['tok_s']:.1f} tok/s, ratio {ratios[-1]:.3f}, "
+                  f"TTFT serve {s['ttft'] * 1000:.1f} ms vs ask {k['ttft'] * 1000:.1f} ms")
+        print(f"decode serve/ask: median ratio {statistics.median(ratios):.3f} (goal >= 0.97); ratio of medians "
+              f"{statistics.median(serve_rates) / statistics.median(ask_rates):.3f}")
+        print(f"TTFT overhead over ask: median {statistics.median(overheads):.1f} ms (goal <= 15 ms)")
+        crofter_single = stream_chat(url, a.model, "Single stream.", a.tokens, 7)
+        crofter_fan = fan_out(url, a.model, a.clients, a.requests, a.fan_tokens)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    anchor = start_llama_server(a.llama_server_python, gguf, a.n_ctx, threads)
+    if anchor is None:
+        print(f"crofter serve alone: single stream {crofter_single['tok_s']:.1f} tok/s; {a.clients}x{a.requests}: "
+              f"{crofter_fan['completed']}/{crofter_fan['asked']} completed, p50 {crofter_fan['p50']:.2f} s, "
+              f"p95 {crofter_fan['p95']:.2f} s")
+        return 0
+    aproc, aurl = anchor
+    try:
+        stream_chat(aurl, "anchor", "Warm-up.", 8, 1)
+        anchor_single = stream_chat(aurl, "anchor", "Single stream.", a.tokens, 7)
+        anchor_fan = fan_out(aurl, "anchor", a.clients, a.requests, a.fan_tokens)
+    finally:
+        aproc.terminate()
+        aproc.wait(timeout=30)
+    ratio = crofter_single["tok_s"] / anchor_single["tok_s"] if anchor_single["tok_s"] else float("nan")
+    print(f"single stream: crofter {crofter_single['tok_s']:.1f} tok/s, llama_cpp.server {anchor_single['tok_s']:.1f} "
+          f"tok/s, ratio {ratio:.3f} (goal >= 1.0)")
+    for name, f in (("crofter serve", crofter_fan), ("llama_cpp.server", anchor_fan)):
+        print(f"{a.clients} clients x {a.requests}: {name:16s} completed {f['completed']}/{f['asked']}, "
+              f"p50 {f['p50']:.2f} s, p95 {f['p95']:.2f} s, finishes {f['finishes']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
