@@ -478,3 +478,35 @@ def test_crofter_collections_ground_the_answer_and_return_the_sources(crofter_ho
         bad = httpx.post(s.url + "/chat/completions", timeout=60, json={
             "model": MODEL, "messages": [{"role": "user", "content": "x"}], "crofter": {"collections": ["nope"]}})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "crofter.collections"
+
+
+def test_slow_clients_do_not_hold_up_the_others(server, client):
+    """BI12, slowloris-style: 40 connections trickle a request's headers and 2 more a JSON body a
+    byte at a time; meanwhile a normal chat request is answered as usual, and the slow ones hold
+    no model (the body is read before a request joins a model's line)."""
+    import socket
+
+    port = int(server.url.split(":")[2].split("/")[0])
+    slow = []
+    try:
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # headers never end
+            slow.append(s)
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        for i in range(2):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:5])
+            slow.append(s)
+        t0 = time.monotonic()
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert time.monotonic() - t0 < 60  # a generous cap for a loaded CI machine: it is ~0.1 s here
+        for s in slow[40:]:
+            s.sendall(b" ")  # still trickling
+    finally:
+        for s in slow:
+            s.close()
+    # And the server still answers after they all went away.
+    assert client.models.list().data

@@ -12,11 +12,10 @@ import subprocess
 import sys
 
 import pytest
-from llama_cpp import LlamaGrammar
 
 from app.chat import ChatController
 from app.config import Settings
-from app.engine import Engine, Event, LoadOptions, Result, Sampling
+from app.engine import Event, Result, Sampling
 from app.history import HistoryStore
 from app.session import ChatSession
 from app.tools.calling import ToolLoop
@@ -25,15 +24,9 @@ from app.tools.registry import ToolContext, ToolRegistry
 from app.tools.schema import tool
 from app.turn import (AnswerStream, Done, TextDelta, ThinkingDelta, ThinkSplit, ToolFinished, ToolStarted,
                       TurnTools, finish, opens_thinking, run_turn)
-from models.registry import ModelEntry, Registry
+from models.registry import Registry
 
-R1_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-)
-TRACE = "The user wants a colour. Blue is a colour."
-# The template opened the trace; the grammar writes it, closes it and answers.
-GRAMMAR = f'root ::= "{TRACE}" "\\n</think>\\n\\n" "Answer: blue" [.]'
+from .reasoning import GRAMMAR, TRACE, forced  # the r1_gguf and r1_engine fixtures: tests/app/conftest.py
 
 
 def split_all(chunks, opened=False):
@@ -74,25 +67,6 @@ def test_an_answer_object_streams_its_decoded_string(size):
     assert "".join(out) == answer and stream.closed
     call = AnswerStream()
     assert call.feed(json.dumps({"tool": "calculator", "arguments": {"expression": "1+1"}})) == ""
-
-
-@pytest.fixture(scope="module")
-def r1_gguf(bundled_path, tmp_path_factory):
-    path = tmp_path_factory.mktemp("r1") / "smollm2-r1.gguf"
-    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(bundled_path), str(path),
-                    "--chat-template", R1_TEMPLATE, "--force"], check=True, capture_output=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def r1_engine(r1_gguf):
-    eng = Engine.load(ModelEntry("smollm2-r1", str(r1_gguf), "gguf"), LoadOptions(n_ctx=1024, seed=1))
-    yield eng
-    eng.close()
-
-
-def forced(max_tokens=64) -> Sampling:
-    return Sampling(temperature=0.0, max_tokens=max_tokens, grammar=LlamaGrammar.from_string(GRAMMAR, verbose=False))
 
 
 def test_a_reasoning_model_thinks_apart_and_later_turns_never_see_it(r1_engine):
