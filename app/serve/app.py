@@ -158,6 +158,18 @@ def create_app(options: ServeOptions) -> FastAPI:
             raise ApiError(404, f"model {model_id!r} does not exist", "model", "model_not_found")
         return model_card(model_id, pool.entries[model_id])
 
+    async def answer(request, req, make, whole, first, for_event):
+        """Run `make` on the model's line; the whole answer as one JSON body, or SSE events
+        (`first`, then `for_event(ev)` for each event); 499 if the client left first."""
+        try:
+            started = await start(pool, request, req.model, make)
+        except ClientGone:
+            return Response(status_code=499)
+        if not req.stream:
+            events = await _rest_or_gone(started, request)
+            return Response(status_code=499) if events is None else JSONResponse(whole(events))
+        return EventSourceResponse(_sse(started, first, for_event), sep="\n")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse(ChatRequest, await read_json(request, options.body_limit))
@@ -170,17 +182,9 @@ def create_app(options: ServeOptions) -> FastAPI:
             events = _recorded(plan.events(engine, cancel), finishes, cid, "chat", req.model)
             return events if req.stream else _finals(events)
 
-        try:
-            started = await start(pool, request, req.model, make)
-        except ClientGone:
-            return Response(status_code=499)
-        if not req.stream:
-            events = await _rest_or_gone(started, request)
-            if events is None:
-                return Response(status_code=499)
-            return JSONResponse(chat_mod.completion(events[-1], req.model, cid))
         chunks = chat_mod.Chunks(req.model, cid, include_usage)
-        return EventSourceResponse(_sse(started, chunks.first(), chunks.for_event), sep="\n")
+        return await answer(request, req, make, lambda events: chat_mod.completion(events[-1], req.model, cid),
+                            chunks.first(), chunks.for_event)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -193,22 +197,15 @@ def create_app(options: ServeOptions) -> FastAPI:
             events = _recorded(plan.events(engine, cancel, slot), finishes, cid, "completions", req.model)
             return events if req.stream else _finals(events)
 
-        try:
-            started = await start(pool, request, req.model, make)
-        except ClientGone:
-            return Response(status_code=499)
-        if not req.stream:
-            events = await _rest_or_gone(started, request)
-            if events is None:
-                return Response(status_code=499)
-            return JSONResponse(comp_mod.body([e for e in events if isinstance(e, comp_mod.ChoiceDone)], req.model, cid))
-
         def for_event(ev):
             if isinstance(ev, comp_mod.TextPiece):
                 return [comp_mod.chunk(req.model, cid, ev.index, ev.text)]
             return [comp_mod.chunk(req.model, cid, ev.index, "", ev.choice["finish_reason"])]
 
-        return EventSourceResponse(_sse(started, None, for_event), sep="\n")
+        def whole(events):
+            return comp_mod.body([e for e in events if isinstance(e, comp_mod.ChoiceDone)], req.model, cid)
+
+        return await answer(request, req, make, whole, None, for_event)
 
     @app.post("/v1/embeddings")
     async def embed(request: Request):
