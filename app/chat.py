@@ -4,7 +4,8 @@
 it ties the history store, the loaded engine and a `ChatSession` together, so
 that widgets only render and route. Commit rules: the user's message is stored
 before generation starts; the reply is stored in one transaction when it ends,
-marked ``incomplete`` if the user stopped it, and absent if the process died.
+marked ``incomplete`` if the user stopped it (or a remote model's stream broke), and absent if
+the process died.
 """
 from __future__ import annotations
 
@@ -48,6 +49,11 @@ class ContextMeter:
 
 
 def default_loader(entry: ModelEntry, settings: Settings) -> Engine:
+    """The engine of `entry`: a GGUF loaded here, or a remote server's model (app/remote.py)."""
+    if entry.kind == "remote":
+        from .remote import RemoteEngine
+
+        return RemoteEngine.connect(entry)
     return Engine.load(entry, LoadOptions.from_settings(settings))
 
 
@@ -111,11 +117,11 @@ class ChatController:
         return self.store.messages(self.chat.id) if self.chat else []
 
     def _rebuild_session(self) -> None:
-        history = [self._for_model(m) for m in self.store.messages(self.chat.id)]
+        history = [self.for_model(m) for m in self.store.messages(self.chat.id)]
         self.session = ChatSession(self.engine, self.sampling(), system=self.chat.system_prompt, messages=history)
 
     @staticmethod
-    def _for_model(m: Message) -> dict:
+    def for_model(m: Message) -> dict:
         """A stored message as the model sees it: tool calls come back as their results."""
         if m.role == "tool":
             from .tools.calling import ToolCall, result_message
@@ -142,12 +148,15 @@ class ChatController:
         Otherwise, with collections attached, the question goes to the model with retrieved
         passages as numbered sources and the reply is stored with the sources it cites."""
         user = self._store_user(text)
-        uses = {}
+        return self._commit(run_turn(self.session, text, cancel=cancel, **self._uses(approve)), [user.id])
+
+    def _uses(self, approve) -> dict:
+        """What a turn of this chat may use: tools (when on), else its collections' passages."""
         if self.tools_enabled:
-            uses["tools"] = self._turn_tools(approve)
-        elif self.chat.collections:
-            uses["ground"] = self.documents().grounder(list(self.chat.collections))
-        return self._commit(run_turn(self.session, text, cancel=cancel, **uses), [user.id])
+            return {"tools": self._turn_tools(approve)}
+        if self.chat.collections:
+            return {"ground": self.documents().grounder(list(self.chat.collections))}
+        return {}
 
     def _turn_tools(self, approve) -> TurnTools:
         from .tools.policy import Policy
@@ -208,23 +217,46 @@ class ChatController:
             self._tools_key = key
         return self._tools
 
-    def pop_last_turn(self) -> str:
-        """Delete the last user message and everything after it; return its text (to send again)."""
-        last_user = next((m for m in reversed(self.messages()) if m.role == "user"), None)
-        if last_user is None:
-            raise ValueError("no user message to redo")
-        self.store.delete_messages_from(self.chat.id, last_user.id)
-        self._rebuild_session()
-        return last_user.content
-
     def regenerate(self, cancel: threading.Event | None = None, approve=None) -> Iterator:
-        """Replace the last reply with a new one (over documents or with tools: the turn again)."""
+        """Answer the last user message again (over documents: retrieved again; with tools: the
+        whole tool turn). The reply it replaces is kept as an alternative: `browse_reply` and
+        `mark_reply` turn them into preference data (chat_export)."""
         msgs = self.messages()
-        if (self.chat.collections or self.tools_enabled) and any(m.role == "user" for m in msgs):
-            return self.send(self.pop_last_turn(), cancel, approve)
-        if msgs and msgs[-1].role == "assistant":
-            self.store.delete_messages_from(self.chat.id, msgs[-1].id)
-        return self._commit(self.session.regenerate(cancel), [])
+        user = next((m for m in reversed(msgs) if m.role == "user"), None)
+        if user is None:
+            raise ValueError("no user message to answer again")
+        after = [m for m in msgs if m.id > user.id]
+        replies = [m for m in after if m.role == "assistant" and m.content.strip()]
+        if replies:
+            self.store.set_aside(replies[-1], user.id)
+        if after:
+            self.store.delete_messages_from(self.chat.id, after[0].id)
+        self._rebuild_session()
+        self.session.messages.pop()  # the turn adds the user's message back (grounded again, if it was)
+        return self._commit(run_turn(self.session, user.content, cancel=cancel, **self._uses(approve)), [])
+
+    def alternatives(self):
+        """(the last reply, the earlier replies to its user message), for browsing."""
+        msgs = self.messages()
+        user = next((m for m in reversed(msgs) if m.role == "user"), None)
+        reply = msgs[-1] if msgs and msgs[-1].role == "assistant" else None
+        if user is None or reply is None:
+            return reply, []
+        return reply, self.store.alternatives(self.chat.id, user.id)
+
+    def browse_reply(self, step: int = 1) -> tuple[Message, int]:
+        """Show the next (1) or previous (-1) of the last reply's versions in its place (the chat
+        continues from whichever is shown); returns it and how many versions there are."""
+        reply, alts = self.alternatives()
+        if reply is None or not alts:
+            raise ValueError("the last reply has no earlier versions (Ctrl+R answers again and keeps this one)")
+        message = self.store.rotate(reply, alts, step)
+        self._rebuild_session()
+        return message, len(alts) + 1
+
+    def mark_reply(self, message_id: int, mark: int | None = None, preferred: bool | None = None) -> Message:
+        """Thumbs up (1) / down (-1) / none; `preferred`: this reply over its alternatives."""
+        return self.store.mark(message_id, mark, preferred)
 
     def edit_and_resend(self, message_id: int, text: str, cancel: threading.Event | None = None, approve=None) -> Iterator:
         """Replace a user message (and drop everything after it), then answer it."""
@@ -248,10 +280,11 @@ class ChatController:
                 ids.append(self.store.add_message(
                     chat_id, "assistant", ev.answer, model=model,
                     sampling={f.name: getattr(self.session.sampling, f.name) for f in dataclasses.fields(Sampling)
-                              if f.name not in ("stop", "grammar")},
+                              if f.name not in ("stop", "grammar", "json_schema")},
                     prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                     ttft_s=r.ttft_s, tokens_per_s=r.decode_tokens_per_s,
-                    status="incomplete" if ev.finish_reason == "cancelled" else "complete",
+                    # "error": a remote model's stream broke mid-reply; what came is kept, marked.
+                    status="incomplete" if ev.finish_reason in ("cancelled", "error") else "complete",
                     sources=[src.as_dict() for src in ev.cited] if ev.grounded else None,
                     thinking=ev.thinking or None,
                 ).id)

@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     ma = msub.add_parser("add", help="register a GGUF file or an HF checkpoint folder (validated first)")
     ma.add_argument("path")
     ma.add_argument("--name", help="registry name (default: from the file name)")
+    mar = msub.add_parser(
+        "add-remote", help="register a model of an OpenAI-compatible server (vLLM, llama-server, Ollama, crofter serve)",
+        description="Chat with a model served elsewhere as with a local GGUF: the chat app, ask, tools and documents "
+        "work with it. The server is checked (GET /models) unless --no-check; the API key is read from an "
+        "environment variable at each use, never stored.",
+        epilog="Example:  vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000   then   crofter models add-remote big "
+        "--base-url http://gpu-box:8000/v1 --model Qwen/Qwen2.5-7B-Instruct")
+    mar.add_argument("name")
+    mar.add_argument("--base-url", required=True, metavar="URL", help="the server's OpenAI base URL, e.g. http://host:8000/v1")
+    mar.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (sent as Bearer)")
+    mar.add_argument("--model", metavar="ID", help="the server's model id (default: the one model it offers)")
+    mar.add_argument("--n-ctx", type=int, metavar="N", help="the server's context window (default: what it reports, else 4096)")
+    mar.add_argument("--no-check", action="store_true", help="register without contacting the server")
     mr = msub.add_parser("rm", help="unregister a model (files crofter downloaded are deleted)")
     mr.add_argument("name")
     md = msub.add_parser("default", help="set the model used when none is named")
@@ -112,10 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     cse.add_argument("query")
     cse.add_argument("--limit", type=int, default=50)
     cse.add_argument("--json", action="store_true", help="machine-readable output")
-    cex = chsub.add_parser("export", help="one chat as Markdown or JSON")
-    cex.add_argument("id", type=int)
+    cex = chsub.add_parser("export", help="one chat as Markdown or JSON, or preference data from the chats",
+                           description="Export one chat (ID), or the preferences the chat app recorded: "
+                           "--prefs writes DPO pairs (a reply marked preferred vs each alternative a regenerate kept), "
+                           "--marks the thumbs up/down replies (KTO-style prompt/completion/label).",
+                           epilog="Example:  crofter chats export --prefs prefs.jsonl && crofter tune dpo --base HF_DIR --data prefs.jsonl")
+    cex.add_argument("id", type=int, nargs="?", help="the chat to export (with --prefs/--marks: see --chat)")
     cex.add_argument("--format", choices=("md", "json"), default="md")
     cex.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    cex.add_argument("--prefs", metavar="FILE.jsonl", help="write preference pairs for `crofter tune dpo --data`")
+    cex.add_argument("--marks", metavar="FILE.jsonl", help="write the thumbs-marked replies (prompt, completion, label)")
+    cex.add_argument("--chat", type=int, action="append", default=[], metavar="ID",
+                     help="only these chats (repeatable; default: every chat)")
+    cex.add_argument("--with-compare", action="store_true", help="add the compare view's picks to --prefs")
     crm = chsub.add_parser("rm", help="delete chats")
     crm.add_argument("ids", type=int, nargs="+", metavar="ID")
 

@@ -51,6 +51,9 @@ class Sampling:
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)
     grammar: object = None  # a llama_cpp.LlamaGrammar that constrains the output (tool calls)
+    # The JSON schema `grammar` was built from, when it was (the tool loop's steps): a remote
+    # engine sends it as response_format json_schema, which servers without GBNF understand.
+    json_schema: dict | None = None
 
     @classmethod
     def from_settings(cls, settings, stop: list[str] | tuple = ()) -> "Sampling":

@@ -24,7 +24,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models import paths
@@ -91,6 +91,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE messages ADD COLUMN thinking TEXT;
         """,
     ),
+    (
+        "005_alternatives_and_marks",
+        """
+        CREATE TABLE alternatives (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            prompt_id INTEGER NOT NULL,
+            content TEXT NOT NULL,
+            model TEXT,
+            thinking TEXT,
+            created REAL NOT NULL
+        );
+        CREATE INDEX alternatives_by_prompt ON alternatives(chat_id, prompt_id, id);
+        ALTER TABLE messages ADD COLUMN mark INTEGER CHECK (mark IN (-1, 1));
+        ALTER TABLE messages ADD COLUMN preferred INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 
@@ -129,6 +146,21 @@ class Message:
     created: float = 0.0
     sources: list | None = None  # cited document passages of a grounded answer
     thinking: str | None = None  # the reply's reasoning trace, kept apart from its content
+    mark: int | None = None  # the user's thumbs: 1 up, -1 down
+    preferred: int = 0  # 1: the user prefers this reply over its alternatives
+
+
+@dataclass
+class Alternative:
+    """An earlier reply to the user message `prompt_id`, set aside by a regenerate."""
+
+    id: int
+    chat_id: int
+    prompt_id: int
+    content: str
+    model: str | None
+    thinking: str | None
+    created: float
 
 
 @dataclass
@@ -283,9 +315,49 @@ class HistoryStore:
         return [_message(r) for r in rows]
 
     def delete_messages_from(self, chat_id: int, message_id: int) -> int:
-        """Delete a message and every later one in its chat (edit-and-resend, regenerate)."""
-        (cur,) = self._tx([("DELETE FROM messages WHERE chat_id = ? AND id >= ?", (chat_id, message_id))])
+        """Delete a message and every later one in its chat (edit-and-resend, regenerate), and
+        the alternative replies to the user messages deleted."""
+        cur, _ = self._tx([("DELETE FROM messages WHERE chat_id = ? AND id >= ?", (chat_id, message_id)),
+                           ("DELETE FROM alternatives WHERE chat_id = ? AND prompt_id >= ?", (chat_id, message_id))])
         return cur.rowcount
+
+    # -- alternatives and marks (preference data from the chats) ------------
+    def set_aside(self, reply: Message, prompt_id: int) -> None:
+        """Keep `reply` as an alternative answer to `prompt_id` (unless the same text is kept
+        already), then delete it and what followed."""
+        self._tx([("INSERT INTO alternatives (chat_id, prompt_id, content, model, thinking, created) SELECT ?, ?, ?, ?, ?, ? "
+                   "WHERE NOT EXISTS (SELECT 1 FROM alternatives WHERE chat_id = ? AND prompt_id = ? AND content = ?)",
+                   (reply.chat_id, prompt_id, reply.content, reply.model, reply.thinking, time.time(),
+                    reply.chat_id, prompt_id, reply.content)),
+                  ("DELETE FROM messages WHERE chat_id = ? AND id >= ?", (reply.chat_id, reply.id))])
+
+    def alternatives(self, chat_id: int, prompt_id: int) -> list[Alternative]:
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM alternatives WHERE chat_id = ? AND prompt_id = ? ORDER BY id",
+                                   (chat_id, prompt_id)).fetchall()
+        return [Alternative(**dict(r)) for r in rows]
+
+    def rotate(self, reply: Message, alternatives: list[Alternative], step: int = 1) -> Message:
+        """Browse: the next (step 1) or previous (-1) alternative takes `reply`'s place and the
+        rest move round, in one transaction, so repeated steps visit every reply in turn. The
+        reply's mark and preference stay with the text they were given to: cleared here."""
+        ring = [(reply.content, reply.model, reply.thinking)] + [(a.content, a.model, a.thinking) for a in alternatives]
+        ring = ring[step % len(ring):] + ring[:step % len(ring)]
+        (content, model, thinking), rest = ring[0], ring[1:]
+        self._tx([("UPDATE messages SET content = ?, model = ?, thinking = ?, mark = NULL, preferred = 0 WHERE id = ?",
+                   (content, model, thinking, reply.id))]
+                 + [("UPDATE alternatives SET content = ?, model = ?, thinking = ? WHERE id = ?", (*r, a.id))
+                    for r, a in zip(rest, alternatives)])
+        return self.message(reply.id)
+
+    def mark(self, message_id: int, mark: int | None = None, preferred: bool | None = None) -> Message:
+        """Thumbs up (1), down (-1) or none (None); `preferred`: over the reply's alternatives."""
+        m = self.message(message_id)
+        if m.role != "assistant":
+            raise HistoryError(f"message {message_id} is not a reply: only replies are marked")
+        self._tx([("UPDATE messages SET mark = ?, preferred = ? WHERE id = ?",
+                   (mark, int(m.preferred if preferred is None else preferred), message_id))])
+        return self.message(message_id)
 
     # -- search and export ----------------------------------------------
     def search(self, text: str, limit: int = 50) -> list[Hit]:
@@ -302,26 +374,6 @@ class HistoryStore:
                 (q, limit),
             ).fetchall()
         return [Hit(r[0], r[1], r[2], r[3], r[4]) for r in rows]
-
-    def export_json(self, chat_id: int) -> dict:
-        chat = self.chat(chat_id)
-        return {"chat": asdict(chat), "messages": [asdict(m) for m in self.messages(chat_id)]}
-
-    def export_markdown(self, chat_id: int) -> str:
-        chat = self.chat(chat_id)
-        lines = [f"# {chat.title}", "", f"- model: {chat.model or '-'}",
-                 f"- created: {time.strftime('%Y-%m-%d %H:%M', time.localtime(chat.created))}", ""]
-        if chat.system_prompt:
-            lines += ["## System", "", chat.system_prompt, ""]
-        for m in self.messages(chat_id):
-            head = m.role.capitalize() + (" (incomplete)" if m.status == "incomplete" else "")
-            lines += [f"## {head}", "", m.content, ""]
-            if m.sources:
-                lines += ["Sources:", ""] + [
-                    f"- [{s['n']}] {s['source']}" + (f" p. {s['page']}" if s.get("page") else "")
-                    + (f" > {s['heading']}" if s.get("heading") else "") + f", chars {s['start']}-{s['end']}"
-                    for s in m.sources] + [""]
-        return "\n".join(lines)
 
 
 def _message(row: sqlite3.Row) -> Message:

@@ -102,15 +102,18 @@ class PreferenceStore:
         [system, user] the models answered), "chosen" and "rejected" (text), and the
         metadata fields, which the DPO loader ignores. The file appears at `path` only
         when complete."""
-        pairs = self.all()
+        pairs = self.exportable()
         if not pairs:
             raise PreferenceError(f"{self.path}: no preference pairs to export")
-        lines = []
-        for rec in pairs:
-            out = dict(rec)
-            if rec.get("system"):
-                out["prompt"] = [{"role": "system", "content": rec["system"]},
-                                 {"role": "user", "content": rec["prompt"]}]
-            lines.append(json.dumps(out, ensure_ascii=False) + "\n")
-        atomic.write_text(Path(path), "".join(lines))
+        atomic.write_text(Path(path), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
         return len(pairs)
+
+    def exportable(self) -> list[dict]:
+        """Every readable pair as the DPO loader reads it (see `export`)."""
+        out = []
+        for rec in self.all():
+            rec = dict(rec)
+            if rec.get("system"):
+                rec["prompt"] = [{"role": "system", "content": rec["system"]}, {"role": "user", "content": rec["prompt"]}]
+            out.append(rec)
+        return out

@@ -1,4 +1,4 @@
-"""The registry of local models: a name for each GGUF file or HF checkpoint folder.
+"""The registry of models: a name for each GGUF file, HF checkpoint folder or remote server model.
 
 Stored as ``models.json`` in the data dir, rewritten atomically under a file lock.
 The bundled SmolLM2 is always listed as ``smollm2-135m`` unless its package is
@@ -7,6 +7,8 @@ missing; it cannot be removed.
     >>> reg = Registry()                                  # doctest: +SKIP
     >>> reg.add("~/Downloads/qwen2.5-0.5b-q4_k_m.gguf")   # doctest: +SKIP
     ModelEntry(name='qwen2.5-0.5b-q4_k_m', kind='gguf', ...)
+    >>> reg.add_remote("big", "http://gpu-box:8000/v1", model="Qwen/Qwen2.5-7B-Instruct")  # doctest: +SKIP
+    ModelEntry(name='big', path='http://gpu-box:8000/v1', kind='remote', ...)
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from .gguf_check import check_gguf
 from .safetensors_check import SafetensorsError, check_safetensors
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")
+_URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -39,9 +43,10 @@ class ModelError(Exception):
 class ModelEntry:
     """One registered model.
 
-    kind: "gguf" (a single file llama.cpp loads) or "hf" (a transformers
-    checkpoint folder with safetensors weights, for fine-tuning and conversion).
-    source: "bundled", "local" (added by path) or "hub:<repo>" (pulled).
+    kind: "gguf" (a single file llama.cpp loads), "hf" (a transformers
+    checkpoint folder with safetensors weights, for fine-tuning and conversion) or
+    "remote" (a model of an OpenAI-compatible server; `path` is its base URL).
+    source: "bundled", "local" (added by path), "hub:<repo>" (pulled) or "remote".
     probed: fingerprint ("size:mtime_ns") of the file when it last loaded cleanly in a
     test process (app/probe.py); "" when it has not, or not since it changed.
     quarantine: why the file crashed or failed that test load; "" when it did not.
@@ -55,6 +60,12 @@ class ModelEntry:
     added: float = 0.0
     probed: str = ""
     quarantine: str = ""
+    model: str = ""
+    """remote: the server's model id ("": the one model the server offers)."""
+    api_key_env: str = ""
+    """remote: the environment variable the API key is read from (the key is never stored)."""
+    n_ctx: int = 0
+    """remote: the server's context window in tokens (0: what the server reports, else 4096)."""
 
     @classmethod
     def from_record(cls, name: str, rec: dict) -> "ModelEntry":
@@ -180,14 +191,39 @@ class Registry:
         p = Path(path).expanduser().resolve()
         kind = detect_kind(p)
         name = name or slug(p.stem if kind == "gguf" else p.name)
-        if not _NAME_RE.match(name):
-            raise ModelError(f"invalid model name {name!r}: use lower-case letters, digits, '.', '_', ':' or '-'")
-        if name == BUNDLED_NAME:
-            raise ModelError(f"{name!r} is the bundled model's name; pick another with --name")
+        self._check_name(name)
         entry = ModelEntry(name, str(p), kind, source, time.time())
         with self._editing() as models:
             models[name] = {k: v for k, v in asdict(entry).items() if k != "name"}
         return entry
+
+    def add_remote(self, name: str, base_url: str, model: str = "", api_key_env: str = "", n_ctx: int = 0) -> ModelEntry:
+        """Register `model` of the OpenAI-compatible server at `base_url` (e.g. http://host:8000/v1)
+        under `name`. Nothing is contacted here (the CLI checks the server first)."""
+        entry = self.remote_entry(name, base_url, model, api_key_env, n_ctx)
+        with self._editing() as models:
+            models[name] = {k: v for k, v in asdict(entry).items() if k != "name"}
+        return entry
+
+    @classmethod
+    def remote_entry(cls, name: str, base_url: str, model: str = "", api_key_env: str = "", n_ctx: int = 0) -> ModelEntry:
+        """The entry `add_remote` would store, validated (ModelError naming the bad field)."""
+        url = base_url.strip().rstrip("/")
+        if not _URL_RE.match(url):
+            raise ModelError(f"--base-url {base_url!r}: not an http(s) URL like http://host:8000/v1")
+        if api_key_env and not _ENV_RE.match(api_key_env):
+            raise ModelError(f"--api-key-env {api_key_env!r}: not an environment variable name")
+        if n_ctx < 0 or n_ctx > 1 << 24:
+            raise ModelError(f"--n-ctx {n_ctx}: must be 0 (ask the server) to {1 << 24}")
+        cls._check_name(name)
+        return ModelEntry(name, url, "remote", "remote", time.time(), model=model, api_key_env=api_key_env, n_ctx=n_ctx)
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not _NAME_RE.match(name):
+            raise ModelError(f"invalid model name {name!r}: use lower-case letters, digits, '.', '_', ':' or '-'")
+        if name == BUNDLED_NAME:
+            raise ModelError(f"{name!r} is the bundled model's name; pick another with --name")
 
     def remove(self, name: str) -> ModelEntry:
         """Unregister `name`; files that crofter itself downloaded are deleted too."""
@@ -197,6 +233,8 @@ class Registry:
             if name not in models:
                 self.get(name)  # raises with a suggestion
             rec = models.pop(name)
+        if rec.get("kind") == "remote":  # a URL: no files of ours
+            return ModelEntry.from_record(name, rec)
         owned = paths.models_dir().resolve()
         target = Path(rec["path"]).resolve()
         if owned in target.parents:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from models import atomic
 
+from .. import chat_export
+from ..errors import CLIError
 from ..history import HistoryStore
 
 
@@ -28,9 +30,9 @@ def run(args) -> int:
         return 0
     if action == "show":
         if args.json:
-            print(json.dumps(store.export_json(args.id), indent=2, ensure_ascii=False))
+            print(json.dumps(chat_export.as_json(store, args.id), indent=2, ensure_ascii=False))
         else:
-            print(store.export_markdown(args.id))
+            print(chat_export.as_markdown(store, args.id))
         return 0
     if action == "search":
         hits = store.search(args.query, limit=args.limit)
@@ -40,10 +42,14 @@ def run(args) -> int:
             print(f"chat {h.chat_id:>4} ({h.chat_title}) {h.role}: {h.snippet}")
         return 0 if hits or args.json else 1
     if action == "export":
+        if args.prefs or args.marks:
+            return _export_preferences(store, args)
+        if args.id is None:
+            raise CLIError("chats export: give a chat ID (see `crofter chats list`), or --prefs/--marks FILE")
         if args.format == "json":
-            text = json.dumps(store.export_json(args.id), indent=2, ensure_ascii=False) + "\n"
+            text = json.dumps(chat_export.as_json(store, args.id), indent=2, ensure_ascii=False) + "\n"
         else:
-            text = store.export_markdown(args.id)
+            text = chat_export.as_markdown(store, args.id)
         if args.output:
             atomic.write_text(Path(args.output), text)
             print(f"wrote {args.output}", file=sys.stderr)
@@ -56,3 +62,24 @@ def run(args) -> int:
             print(f"deleted chat {chat_id}")
         return 0
     raise AssertionError(action)
+
+
+def _export_preferences(store: HistoryStore, args) -> int:
+    """--prefs / --marks: JSONL files, each written whole or not at all."""
+    def write(path: str, records: list[dict], what: str) -> None:
+        if not records:
+            raise CLIError(f"no {what} in {'chat ' + ', '.join(map(str, args.chat)) if args.chat else 'any chat'}: "
+                           "mark a reply preferred after a regenerate (or thumbs up/down) in the chat app first")
+        atomic.write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        print(f"wrote {len(records)} {what} to {path}", file=sys.stderr)
+
+    if args.prefs:
+        pairs = chat_export.preference_pairs(store, args.chat or None)
+        if args.with_compare:
+            from ..preferences import PreferenceStore
+
+            pairs += PreferenceStore().exportable()
+        write(args.prefs, pairs, "preference pairs")
+    if args.marks:
+        write(args.marks, chat_export.marks(store, args.chat or None), "marked replies")
+    return 0

@@ -1,4 +1,4 @@
-"""`crofter models list|info|add|rm|default|pull`."""
+"""`crofter models list|info|add|add-remote|rm|default|pull`."""
 from __future__ import annotations
 
 import json
@@ -20,16 +20,40 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def run(args) -> int:
+def _describe(entry) -> dict:
+    """`models.info.describe`, or for a remote model what was registered (no network)."""
+    if entry.kind == "remote":
+        return {"name": entry.name, "path": entry.path, "kind": "remote", "source": "remote", "base_url": entry.path,
+                "model": entry.model or "(the server's only model)", "api_key_env": entry.api_key_env or None,
+                "context_length": entry.n_ctx or None}
     from models.info import describe
 
+    return describe(entry)
+
+
+def add_remote(args, reg) -> int:
+    """Register a server's model; unless --no-check, the server must answer GET /models first
+    (one that does not leaves the registry as it was)."""
+    entry = reg.remote_entry(args.name, args.base_url, args.model or "", args.api_key_env or "", args.n_ctx or 0)
+    model, served = entry.model, 0
+    if not args.no_check:
+        from ..remote import api_key, check_server
+
+        model, served = check_server(entry.path, api_key(entry), entry.model, entry.api_key_env)
+    entry = reg.add_remote(entry.name, entry.path, model, entry.api_key_env, entry.n_ctx or served)
+    ctx = f", n_ctx {entry.n_ctx}" if entry.n_ctx else ""
+    print(f"added {entry.name} (remote): {entry.model or 'the server model'} at {entry.path}{ctx}")
+    return 0
+
+
+def run(args) -> int:
     from .. import config
 
     reg = Registry()
     action = args.models_command
     if action == "list":
         default = config.load().model
-        rows = [{**describe(e), "default": e.name == default} for e in reg.entries()]
+        rows = [{**_describe(e), "default": e.name == default} for e in reg.entries()]
         if args.json:
             _print_json(rows)
             return 0
@@ -44,19 +68,19 @@ def run(args) -> int:
                 "*" if r["default"] else "",
                 r["name"],
                 r["kind"],
-                r.get("architecture", r.get("error", "?")),
+                r["model"] if r["kind"] == "remote" else r.get("architecture", r.get("error", "?")),
                 r.get("parameters_human", "-"),
                 r.get("quantization") or r.get("dtype") or "-",
                 str(r.get("context_length") or "-"),
                 _size(r.get("size_bytes")),
-                r["source"],
+                r["base_url"] if r["kind"] == "remote" else r["source"],
                 style="red" if "error" in r else None,
             )
         # Names and paths are shown literally, never read as markup.
         Console(markup=False, highlight=False).print(table)
         return 0
     if action == "info":
-        facts = describe(reg.resolve(args.name))
+        facts = _describe(reg.resolve(args.name))
         if args.json:
             _print_json(facts)
         else:
@@ -68,6 +92,8 @@ def run(args) -> int:
         e = reg.add(args.path, name=args.name)
         print(f"added {e.name} ({e.kind}): {e.path}")
         return 0
+    if action == "add-remote":
+        return add_remote(args, reg)
     if action == "rm":
         e = reg.remove(args.name)
         print(f"removed {e.name}")

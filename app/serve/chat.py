@@ -13,7 +13,8 @@ Translation of the history (what the chat template can render):
 
 Tools (`tools` + `tool_choice`) run the turn's tool loop with `TurnTools(defer=True)`: the
 model's first call comes back as OpenAI `tool_calls` with finish_reason "tool_calls".
-`response_format` json_object/json_schema become a llama.cpp grammar in Sampling.grammar.
+`response_format` json_object/json_schema become a llama.cpp grammar in Sampling.grammar, as
+does a GBNF `grammar` field (llama-server's extension; crofter's remote engine sends it).
 A reasoning trace (`<think>`) is `reasoning_content`. `crofter.collections` grounds the turn
 on the user's documents; the response's `crofter` field carries the sources.
 """
@@ -107,6 +108,16 @@ def grammar_for(fmt):
                        "response_format.json_schema.schema") from None
 
 
+def gbnf_grammar(text: str):
+    """The request's `grammar` field as a LlamaGrammar (parsed by the engine before it runs)."""
+    from llama_cpp import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_string(text, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise ApiError(400, f"grammar: not a valid GBNF grammar ({exc})", "grammar") from None
+
+
 def sampling_for(req, settings, grammar=None):
     """The request's sampling over the server's defaults (Settings)."""
     from ..engine import Sampling
@@ -135,6 +146,10 @@ class ChatPlan:
             raise ApiError(400, "response_format: cannot be combined with tools (the tool loop has its own grammar)",
                            "response_format")
         self.grammar = grammar_for(req.response_format)
+        if req.grammar is not None:
+            if self.registry is not None or self.grammar is not None:
+                raise ApiError(400, "grammar: cannot be combined with tools or a response_format", "grammar")
+            self.grammar = gbnf_grammar(req.grammar)
         self.collections = list(req.crofter.collections) if req.crofter else []
         if self.collections and self.mode in ("required", "named"):
             raise ApiError(400, "crofter.collections: cannot be combined with a forced tool_choice", "crofter.collections")
@@ -143,11 +158,17 @@ class ChatPlan:
 
     def events(self, engine, cancel):
         """The turn's events (run on the job thread)."""
+        from ..engine import EngineError
         from ..session import ChatSession
         from ..tools.calling import uses_tool_role
         from ..tools.policy import Policy
         from ..turn import TurnTools, run_turn
 
+        if self.req.grammar is not None:
+            try:  # a grammar llama.cpp cannot parse is the client's mistake: a 400, before the turn
+                engine.check_grammar(self.grammar)
+            except EngineError as exc:
+                raise ApiError(400, f"grammar: {exc}", "grammar") from None
         tools = self.registry.tools if self.registry is not None else {}
         history, text = translate(self.req.messages, uses_tool_role(engine.template, tools))
         session = ChatSession(engine, sampling_for(self.req, self.settings, self.grammar), messages=history)

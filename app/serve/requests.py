@@ -104,6 +104,8 @@ class ChatRequest(_Sampled):
     response_format: Optional[ResponseFormat] = None
     logprobs: Optional[bool] = None
     crofter: Optional[CrofterExtension] = None
+    grammar: Optional[str] = Field(default=None, min_length=1, max_length=100_000)
+    """A llama.cpp GBNF grammar for the reply (llama-server's extension field; crofter's remote engine sends it)."""
 
 
 class CompletionRequest(_Sampled):

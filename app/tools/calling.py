@@ -35,10 +35,11 @@ from ..session import ChatSession
 from .policy import Policy
 from .registry import ToolRegistry
 from .schema import Tool
+# call_schema and uses_tool_role are used by crofter serve and the tests through this module too.
+from .step import NO_TOOL, after_thinking, call_schema, instructions, output_schema, uses_tool_role  # noqa: F401
 
 RESULT_CHARS = 4000
 ARGUMENT_CHARS = 8000  # a call's arguments, as JSON; larger ones are refused without validating
-NO_TOOL = "none"
 
 
 @dataclass
@@ -64,52 +65,6 @@ class ToolTurn:
 
     def calls_json(self) -> list[dict]:
         return [asdict(c) for c in self.calls]
-
-
-def instructions(tools: list[Tool], listed: bool = True) -> str:
-    """The system text that explains the call format (and, unless the template shows the
-    tools itself, lists them)."""
-    lines = [
-        "You can use tools. Reply with exactly one JSON object.",
-        f'To call a tool: {{"tool": "<name>", "arguments": {{...}}}}. To answer the user: {{"tool": "{NO_TOOL}", "answer": "<text>"}}.',
-        "Call a tool when it helps (arithmetic, dates, files); after a tool result, answer using it.",
-    ]
-    if listed:
-        lines.append("Tools:")
-        for t in tools:
-            params = ", ".join(f"{k}: {v.get('type', 'enum')}" for k, v in t.parameters["properties"].items())
-            lines.append(f"- {t.name}({params}): {t.description}")
-    else:
-        lines.append(f"The tools are described above: {', '.join(t.name for t in tools)}.")
-    # One worked exchange: small models follow an example far better than a rule.
-    lines += [
-        "Example:",
-        "User: What is 12 * 7?",
-        'You: {"tool": "calculator", "arguments": {"expression": "12 * 7"}}',
-        "User: Tool result (calculator, ok):\n84",
-        f'You: {{"tool": "{NO_TOOL}", "answer": "12 * 7 = 84."}}',
-    ]
-    return "\n".join(lines)
-
-
-def output_schema(tools: list[Tool], allow_calls: bool = True, allow_answer: bool = True) -> dict:
-    # Every object starts with "tool", so the model's first choice is a tool name
-    # (or "none" to answer): small models pick among names far better than they
-    # decide between differently shaped objects.
-    answer = {"type": "object", "properties": {"tool": {"const": NO_TOOL}, "answer": {"type": "string"}},
-              "required": ["tool", "answer"]}
-    if not allow_calls or not tools:
-        return answer
-    calls = [call_schema(t) for t in tools]
-    if not allow_answer:  # a call is required (an API client's tool_choice "required" or a named tool)
-        return calls[0] if len(calls) == 1 else {"oneOf": calls}
-    return {"oneOf": [*calls, answer]}
-
-
-def call_schema(t: Tool) -> dict:
-    """The branch of the tool-step grammar that is a call of `t`."""
-    return {"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
-            "required": ["tool", "arguments"]}
 
 
 def _clip(text: str, limit: int) -> str:
@@ -160,19 +115,6 @@ def _partial_answer(raw: str) -> str:
     return body
 
 
-def uses_tool_role(template, tools) -> bool:
-    """Results go back as role "tool" only where the template renders tools itself and knows
-    that role: a generic template would render the unknown role, but the model was never
-    trained to read it."""
-    return bool(tools) and bool(getattr(template, "native_tools", False)) and bool(getattr(template, "tool_role", False))
-
-
-def after_thinking(gbnf: str) -> str:
-    """A GBNF grammar that lets a reasoning trace (ended by </think>) come before `gbnf`'s root."""
-    body = re.sub(r"^root ::=", "tool-step ::=", gbnf, count=1, flags=re.M)
-    return 'root ::= think-text "</think>" [ \n]* tool-step\nthink-text ::= ([^<] | "<" [^/])*\n' + body
-
-
 def result_message(call: ToolCall) -> str:
     """How a call's result is shown to the model (a user-role message: every template has one)."""
     return f"Tool result ({call.name}, {call.status}):\n{call.result}"
@@ -220,10 +162,13 @@ class ToolLoop:
         # then applies after </think>.
         self.thinks = template is not None and opens_thinking(template.render([{"role": "user", "content": "?"}]))
         self._grammar = self._answer_only = self._first = None
+        self._schema_of: dict[int, dict] = {}  # id(grammar) -> its JSON schema (what a remote engine sends)
         if constrained:
             def grammar(schema: dict):
                 text = json_schema_to_gbnf(json.dumps(schema))
-                return LlamaGrammar.from_string(after_thinking(text) if self.thinks else text, verbose=False)
+                g = LlamaGrammar.from_string(after_thinking(text) if self.thinks else text, verbose=False)
+                self._schema_of[id(g)] = schema
+                return g
 
             self._grammar, self._answer_only = grammar(output_schema(tools)), grammar(output_schema(tools, False))
             self._first = grammar(output_schema(tools, allow_answer=False)) if require and tools else self._grammar
@@ -268,7 +213,8 @@ class ToolLoop:
                     if delta:
                         yield TextDelta(delta)
 
-        for ev in self.generate(fit.prompt_tokens, replace(s.sampling, grammar=grammar), cancel):
+        sampling = replace(s.sampling, grammar=grammar, json_schema=self._schema_of.get(id(grammar)))
+        for ev in self.generate(fit.prompt_tokens, sampling, cancel):
             if ev.text:
                 yield from pieces(ev.text)
             if ev.done is not None:
@@ -314,7 +260,7 @@ class ToolLoop:
         while True:
             obj, raw, finish, result, fit, streamed, thinking = yield from self._step(msgs, grammar, cancel)
             turn.thinking += thinking
-            if finish == "cancelled":
+            if finish in ("cancelled", "error"):  # stopped, or a remote stream broke: keep what came
                 turn.answer, turn.finish_reason = streamed or _partial_answer(raw), finish
                 break
             if obj is not None and obj["tool"] == NO_TOOL:

@@ -14,6 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ListItem, ListView, SelectionList, Static
 
 from ..render import display_safe
+from .feedback import describe
 from .widgets import MessageBox
 
 
@@ -219,7 +220,9 @@ def chat_boxes(messages) -> list:
         note = "stopped" if m.status == "incomplete" else ""
         if m.role == "assistant" and m.tokens_per_s:
             note = (note + " · " if note else "") + f"{m.completion_tokens} tokens, {m.tokens_per_s:.1f} tok/s"
-        boxes.append(MessageBox(m.role, m.content, m.id, note, thinking=m.thinking or ""))
+        box = MessageBox(m.role, m.content, m.id, note, thinking=m.thinking or "")
+        box.marks = describe(m)
+        boxes.append(box)
         if m.sources:
             boxes.append(SourcesPanel(m.sources))
     return boxes

@@ -12,8 +12,11 @@ INPUT_KEYS = [("enter", "Send the message"), ("ctrl+j / alt+enter", "New line in
 
 
 def help_rows(bindings) -> list[tuple[str, str]]:
-    """(key, what it does) for every binding, then the input's own keys."""
-    return [(b.key.replace(",", " / "), b.description) for b in bindings] + INPUT_KEYS
+    """(key, what it does) for every binding, then the input's own keys and a focused reply's."""
+    from .feedback import REPLY_KEYS
+
+    return ([(b.key.replace(",", " / "), b.description) for b in bindings] + INPUT_KEYS
+            + [(key, text) for key, _, text in REPLY_KEYS])
 
 
 def palette_commands(app) -> Iterator[SystemCommand]:

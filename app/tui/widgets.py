@@ -15,6 +15,7 @@ from textual.message import Message
 from textual.widgets import Collapsible, Input, Label, ListItem, ListView, Static, TextArea
 
 from ..render import display_safe
+from .feedback import REPLY_KEYS
 from .reply import ReplyView
 
 
@@ -67,7 +68,10 @@ class PromptInput(TextArea):
 
 
 class MessageBox(Vertical, can_focus=True):
-    """One message: a role header and its body (Markdown for replies, literal text for users)."""
+    """One message: a role header and its body (Markdown for replies, literal text for users).
+    A focused reply takes marks (see tui/feedback.py)."""
+
+    BINDINGS = [Binding(key, action, text, show=False) for key, action, text in REPLY_KEYS]
 
     def __init__(self, role: str, content: str, message_id: int | None = None, note: str = "",
                  streaming: bool = False, thinking: str = "") -> None:
@@ -78,12 +82,37 @@ class MessageBox(Vertical, can_focus=True):
         self.note = note
         self.streaming = streaming
         self.thinking = thinking  # the reply's reasoning trace, folded above it (Ctrl+B)
+        self.marks = ""  # the user's marks on a reply, shown in its header
 
     def _head(self) -> Text:
         head = Text(self.role.capitalize(), style="bold")
         if self.note:
             head.append(" · " + self.note, style="dim")
+        if self.marks:
+            head.append(" · " + self.marks, style="bold")
         return head
+
+    def set_mark_note(self, marks: str) -> None:
+        self.marks = marks
+        self.query_one(".role", Label).update(self._head())
+
+    def _reply_action(self, action: str, step: int = 0) -> None:
+        if self.role == "assistant":
+            from .feedback import apply
+
+            apply(self.app, self, action, step)
+
+    def action_mark_up(self) -> None:
+        self._reply_action("mark_up")
+
+    def action_mark_down(self) -> None:
+        self._reply_action("mark_down")
+
+    def action_prefer(self) -> None:
+        self._reply_action("prefer")
+
+    def action_browse(self, step: int) -> None:
+        self._reply_action("browse", step)
 
     def compose(self) -> ComposeResult:
         yield Label(self._head(), classes="role")

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from app import chat_export
 from app.history import MIGRATIONS, HistoryError, HistoryStore
 
 
@@ -81,10 +82,10 @@ def test_exports(store):
     store.add_message(c.id, "assistant", "hello", model="smollm2-135m", sampling={"temperature": 0.0},
                       prompt_tokens=10, completion_tokens=2, ttft_s=0.1, tokens_per_s=50.0)
     store.add_message(c.id, "assistant", "partial", status="incomplete")
-    md = store.export_markdown(c.id)
+    md = chat_export.as_markdown(store, c.id)
     assert md.startswith("# Export me") and "## System\n\nBe terse." in md
     assert "hi [bold]there[/]" in md and "## Assistant (incomplete)" in md
-    data = json.loads(json.dumps(store.export_json(c.id)))
+    data = json.loads(json.dumps(chat_export.as_json(store, c.id)))
     assert data["chat"]["title"] == "Export me"
     assert [m["role"] for m in data["messages"]] == ["user", "assistant", "assistant"]
     assert data["messages"][1]["sampling"] == {"temperature": 0.0}

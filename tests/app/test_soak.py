@@ -112,7 +112,7 @@ class Soak(RuleBasedStateMachine):
 
     @invariant()
     def the_session_is_the_stored_chat(self):
-        stored = [ChatController._for_model(m) for m in self.ctl.messages()]
+        stored = [ChatController.for_model(m) for m in self.ctl.messages()]
         session = [m for m in self.ctl.session.messages if m["role"] != "system"]
         assert session == stored
 

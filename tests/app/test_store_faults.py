@@ -153,14 +153,15 @@ def test_history_from_a_newer_crofter_is_refused_untouched(tmp_path, how):
     path = tmp_path / "history.db"
     HistoryStore(path).close()
     db = sqlite3.connect(path)
+    future = len(MIGRATIONS) + 1  # one migration past this crofter's last
     if how == "migration":
-        db.execute("INSERT INTO _migrations VALUES ('004_from_the_future', 0)")
-    db.execute("PRAGMA user_version = 9" if how == "user_version" else "PRAGMA user_version = 4")
+        db.execute(f"INSERT INTO _migrations VALUES ('{future:03d}_from_the_future', 0)")
+    db.execute(f"PRAGMA user_version = {future + 5}" if how == "user_version" else f"PRAGMA user_version = {future}")
     db.commit()
     db.close()
     before = _sha(path)
-    want = (r"schema version 4, migration '004_from_the_future'" if how == "migration" else
-            r"schema version 9, user_version 9")
+    want = (rf"schema version {future}, migration '{future:03d}_from_the_future'" if how == "migration" else
+            rf"schema version {future + 5}, user_version {future + 5}")
     with pytest.raises(HistoryError, match=rf"written by a newer crofter \({want}\); this crofter reads schema "
                                            rf"version {len(MIGRATIONS)} or older.*nothing was changed"):
         HistoryStore(path)

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from app import chat_export
 from app.chat import ChatController
 from app.config import Settings
 from app.engine import Event, Result, Sampling
@@ -96,7 +97,7 @@ def test_the_history_stores_the_trace_apart(r1_gguf, r1_engine):
     assert (reply.content, reply.thinking) == ("Answer: blue.", TRACE + "\n")
     ctl.open_chat(ctl.chat.id)  # reopened: the model's history has the answer only
     assert ctl.session.messages[-1] == {"role": "assistant", "content": "Answer: blue."}
-    assert HistoryStore().export_json(ctl.chat.id)["messages"][1]["thinking"] == TRACE + "\n"
+    assert chat_export.as_json(HistoryStore(), ctl.chat.id)["messages"][1]["thinking"] == TRACE + "\n"
 
 
 def _ask(r1_gguf, tmp_path, *flags):
