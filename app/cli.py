@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser(
         "convert", help="HF safetensors checkpoint -> GGUF (verified, registered in the model store)",
-        description="Convert an HF checkpoint (Llama, Mistral, Qwen2 families; byte-level BPE tokenizers) to GGUF "
+        description="Convert an HF checkpoint (Llama, Mistral, Qwen2 families and GPT-2; byte-level BPE and SentencePiece tokenizers) to GGUF "
         "with no llama.cpp build. Afterwards the tokenizer is checked on a probe corpus and, for f32/f16/bf16, the "
         "logits and greedy continuation are compared with transformers.",
         epilog="Example:  crofter convert ./my-finetune --outtype f16 && crofter quantize my-finetune-f16 --type Q4_K_M")
@@ -225,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-verify", action="store_true", help="skip the checks that run after writing")
     for p in (cv, cq, cl, cver):
         p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    imp = sub.add_parser("import", help="bring your own model in: a nanoGPT ckpt.pt -> an HF GPT-2 folder",
+                         description="Import a checkpoint trained outside crofter into an HF folder that `crofter "
+                         "convert` and `crofter tune` take.")
+    isub = imp.add_subparsers(dest="import_command", metavar="FORMAT", required=True)
+    ing_ = isub.add_parser(
+        "nanogpt", help="a nanoGPT checkpoint (model, model_args) -> GPT2LMHeadModel safetensors + tokenizer",
+        description="Read a nanoGPT ckpt.pt with torch.load(weights_only=True) (checkpoints needing arbitrary "
+        "unpickling are refused), strip torch.compile's _orig_mod. prefix, transpose the Linear weights into HF's "
+        "Conv1D, give bias=False models zero biases, tie lm_head, and drop nanoGPT's vocabulary padding rows "
+        "(50304 -> the tokenizer's 50257) so model and tokenizer agree.",
+        epilog="Example:  crofter import nanogpt out/ckpt.pt --tokenizer ~/gpt2-tokenizer --out my-gpt2 && "
+        "crofter convert my-gpt2")
+    ing_.add_argument("checkpoint", metavar="CKPT.pt")
+    ing_.add_argument("--tokenizer", required=True, metavar="DIR", help="the HF tokenizer folder the model was trained with")
+    ing_.add_argument("--out", required=True, metavar="HF_DIR", help="the folder to write (must not exist)")
+    ing_.add_argument("--json", action="store_true", help="print the report as JSON")
 
     tune = sub.add_parser("tune", help="fine-tune an HF checkpoint: LoRA/QLoRA SFT, DPO, merge",
                           description="Fine-tuning with transformers, peft and TRL. Runs on CUDA when present (bf16 "
@@ -307,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.docs import run_search as run
         elif args.command == "tune":
             from .commands.tune import run
+        elif args.command == "import":
+            from .commands.importing import run
         elif args.command == "convert":
             from .commands.convert import run_convert as run
         elif args.command == "quantize":

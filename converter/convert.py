@@ -61,8 +61,6 @@ def _arch(name: str):
 
 
 def _add_metadata(w, ck: Checkpoint, vocab: Vocab, pre: str, ftype: int, name: str) -> None:
-    import gguf
-
     c = ck.config
     w.add_name(name)
     # Where the weights came from, so `crofter quantize --calibration` and `crofter verify`
@@ -73,6 +71,19 @@ def _add_metadata(w, ck: Checkpoint, vocab: Vocab, pre: str, ftype: int, name: s
     w.add_block_count(ck.n_layers)
     w.add_feed_forward_length(int(c["intermediate_size"]))
     w.add_head_count(ck.n_head)
+    if ck.plan.gguf_arch == "gpt2":  # learned positions and LayerNorm: no RoPE or RMS keys
+        w.add_layer_norm_eps(float(c.get("layer_norm_epsilon") or 1e-5))
+    else:
+        _add_rope_hparams(w, ck)
+    w.add_vocab_size(len(vocab.tokens))
+    w.add_file_type(ftype)
+    _add_vocab(w, vocab, pre)
+
+
+def _add_rope_hparams(w, ck: Checkpoint) -> None:
+    import gguf
+
+    c = ck.config
     w.add_head_count_kv(ck.n_head_kv)
     w.add_rope_dimension_count(ck.head_dim)
     if ck.head_dim * ck.n_head != int(c["hidden_size"]):
@@ -80,8 +91,6 @@ def _add_metadata(w, ck: Checkpoint, vocab: Vocab, pre: str, ftype: int, name: s
         w.add_value_length(ck.head_dim)
     w.add_rope_freq_base(ck.rope_theta())
     w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps") or 1e-6))
-    w.add_vocab_size(len(vocab.tokens))
-    w.add_file_type(ftype)
     rs = ck.rope_scaling()
     if rs is not None:
         kind = rs["rope_type"]
@@ -95,7 +104,6 @@ def _add_metadata(w, ck: Checkpoint, vocab: Vocab, pre: str, ftype: int, name: s
         elif kind != "llama3":  # llama3 travels as the rope_freqs tensor
             raise ConvertError(f"{ck.folder}/config.json: rope scaling {kind!r} is not supported "
                                "(crofter converts linear, yarn and llama3)")
-    _add_vocab(w, vocab, pre)
 
 
 def _add_vocab(w, vocab: Vocab, pre: str) -> None:
@@ -170,6 +178,8 @@ def _plan(ck: Checkpoint, outtype: str) -> list[_Planned]:
                     raise ConvertError(f"{shard.name}: tensor {hf_name!r} has no llama.cpp name for "
                                        f"{ck.arch_name}; refusing to write an incomplete model")
                 shape = tuple(f.get_slice(hf_name).get_shape())
+                if len(shape) == 2 and hf_name.endswith(ck.plan.transpose):
+                    shape = shape[::-1]  # Conv1D (in, out) is written as (out, in)
                 qtype = want if len(shape) == 2 else gguf.GGMLQuantizationType.F32
                 block, size = gguf.GGML_QUANT_SIZES[qtype]
                 if shape[-1] % block:
@@ -237,6 +247,8 @@ def _write_tensors(w, ck: Checkpoint, plan: list[_Planned], on_tensor) -> None:
         if p.qtype == gguf.GGMLQuantizationType.F16 and arr.size and float(np.abs(arr).max()) > F16_MAX:
             raise ConvertError(f"{p.shard.name}: tensor {p.hf_name!r} has values up to {float(np.abs(arr).max()):.4g}, "
                                f"beyond F16's range (±{F16_MAX:g}); convert with --outtype bf16 or f32")
+        if arr.ndim == 2 and p.hf_name.endswith(ck.plan.transpose):
+            arr = arr.T
         if ck.plan.permute_qk and (".q_proj." in p.hf_name or ".k_proj." in p.hf_name):
             arr = permute_rows(arr, ck.n_head if ".q_proj." in p.hf_name else ck.n_head_kv)
         w.write_tensor_data(_encode(arr, p.qtype))

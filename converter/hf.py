@@ -24,15 +24,26 @@ class ConvertError(Exception):
 class ArchPlan:
     gguf_arch: str  # name in gguf.MODEL_ARCH_NAMES
     permute_qk: bool  # HF rotate-half q/k rows -> llama.cpp's interleaved RoPE pairs
+    transpose: tuple[str, ...] = ()  # weights HF keeps as Conv1D (in, out); llama.cpp wants (out, in)
+    aliases: tuple[tuple[str, str], ...] = ()  # (the Llama-style config key, this family's own key)
 
+
+# GPT-2's config.json spells the sizes its own way (n_embd, n_layer, ...).
+GPT2_ALIASES = (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head"),
+                ("max_position_embeddings", "n_positions"), ("intermediate_size", "n_inner"))
 
 # What crofter converts, and how. Mistral is written as llama (same graph in llama.cpp);
-# Qwen2 uses NEOX-style RoPE in llama.cpp, so its q/k rows stay as they are.
+# Qwen2 uses NEOX-style RoPE in llama.cpp, so its q/k rows stay as they are. GPT-2 has
+# learned positions (no RoPE), fused q/k/v (`c_attn`) and Conv1D layers stored transposed.
 ARCHITECTURES = {
     "LlamaForCausalLM": ArchPlan("llama", True),
     "MistralForCausalLM": ArchPlan("llama", True),
     "Qwen2ForCausalLM": ArchPlan("qwen2", False),
+    "GPT2LMHeadModel": ArchPlan("gpt2", False, (".c_attn.weight", ".c_proj.weight", ".c_fc.weight"), GPT2_ALIASES),
 }
+# llama.cpp's GPT-2 graph: GELU (tanh form, which "gelu" differs from by < 1e-3 per activation),
+# 1/sqrt(head_dim) attention scale, nothing layer-dependent.
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
 
 
 @dataclass
@@ -94,6 +105,10 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     if arch is None:
         raise ConvertError(f"{cfg_path}: architecture {archs or config.get('model_type')} is not supported "
                            f"(crofter converts {', '.join(ARCHITECTURES)})")
+    plan = ARCHITECTURES[arch]
+    config = _normalized(config, plan)
+    if plan.gguf_arch == "gpt2":
+        _check_gpt2(config, cfg_path)
     shards = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if not shards:
@@ -104,7 +119,30 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if not isinstance(config.get(key), int) or config[key] <= 0:
             raise ConvertError(f"{cfg_path}: field {key!r} missing or not a positive integer")
-    return Checkpoint(folder, config, arch, ARCHITECTURES[arch], shards)
+    return Checkpoint(folder, config, arch, plan, shards)
+
+
+def _normalized(config: dict, plan: ArchPlan) -> dict:
+    """A copy of `config` with the Llama-style size keys filled in from the family's own."""
+    c = dict(config)
+    for std, own in plan.aliases:
+        if c.get(std) is None and c.get(own) is not None:
+            c[std] = c[own]
+    if plan.gguf_arch == "gpt2" and c.get("intermediate_size") is None and isinstance(c.get("hidden_size"), int):
+        c["intermediate_size"] = 4 * c["hidden_size"]  # n_inner null means 4 x n_embd
+    return c
+
+
+def _check_gpt2(config: dict, cfg_path: Path) -> None:
+    """GPT-2 variants whose graph llama.cpp's `gpt2` does not compute are refused, naming the field."""
+    act = config.get("activation_function", "gelu_new")
+    if act not in GPT2_ACTIVATIONS:
+        raise ConvertError(f"{cfg_path}: activation_function {act!r} is not GPT-2's GELU; llama.cpp's gpt2 graph "
+                           f"computes {', '.join(GPT2_ACTIVATIONS)} only")
+    for key, want in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
+                      ("add_cross_attention", False)):
+        if bool(config.get(key, want)) != want:
+            raise ConvertError(f"{cfg_path}: {key}={config.get(key)} is not computed by llama.cpp's gpt2 graph")
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:

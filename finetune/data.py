@@ -11,6 +11,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The chat format given to a base model that has none (GPT-2, a nanoGPT import): plain-text role
+# markers, so no token is added to the vocabulary (and none to the embedding), and the assistant's
+# turn ends with the tokenizer's own end-of-text token, which llama.cpp stops at. Renders as
+#   <|user|>\nWhat is ice?\n<|assistant|>\nFrozen water.<|endoftext|>
+# and is prefix-preserving (see encode_conversation).
+PLAIN_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{- '<|' + m['role'] + '|>\n' + m['content'] -}}"
+    "{%- if m['role'] == 'assistant' -%}{{- eos_token -}}{%- else -%}{{- '\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ROLES = ("system", "user", "assistant")
 

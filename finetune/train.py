@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,13 @@ from models.adapters import checkpoint_step, last_complete_checkpoint, resolve_a
 from models.atomic import atomic_dir, sweep_stale_partial_dirs
 
 from .curve import CurveLogger
-from .data import DataError, encode_conversation, load_preferences, load_sft
+from .data import (
+    PLAIN_TEMPLATE,
+    DataError,
+    encode_conversation,
+    load_preferences,
+    load_sft,
+)
 from .recipe import Recipe
 
 
@@ -80,7 +87,13 @@ def load_base(base: Path, recipe: Recipe, dev: dict):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
-        raise TrainError(f"{base}: the tokenizer has no chat template; crofter trains chat models")
+        if tok.eos_token is None:
+            raise TrainError(f"{base}: the tokenizer has neither a chat template nor an end-of-text token to end turns with")
+        # A base model (GPT-2, a nanoGPT import): train it on plain-text role markers. The adapter and
+        # the merged model save this tokenizer, template included, so the converted GGUF chats with it.
+        tok.chat_template = PLAIN_TEMPLATE
+        print(f"crofter: {base} has no chat template; using a plain-text one (<|user|> / <|assistant|> markers, "
+              f"turns end with {tok.eos_token}), saved with the adapter", file=sys.stderr)
     kwargs: dict = {"local_files_only": True}
     if recipe.qlora:
         if dev["device"] != "cuda":
@@ -106,12 +119,19 @@ def load_base(base: Path, recipe: Recipe, dev: dict):
     return model, tok
 
 
-def lora_config(recipe: Recipe):
+# GPT-2's layers are HF Conv1D (weights stored (in, out)): peft needs fan_in_fan_out for them.
+CONV1D_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
+def lora_config(recipe: Recipe, model_type: str | None = None):
     from peft import LoraConfig
 
+    targets, conv1d = recipe.target_modules, model_type in CONV1D_TARGETS
+    if conv1d and targets == "all-linear":
+        targets = CONV1D_TARGETS[model_type]
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      use_rslora=recipe.use_rslora, target_modules=recipe.target_modules, task_type="CAUSAL_LM",
-                      bias="none")
+                      use_rslora=recipe.use_rslora, target_modules=targets, task_type="CAUSAL_LM",
+                      bias="none", fan_in_fan_out=conv1d)
 
 
 def _training_args(cls, recipe: Recipe, run_dir: Path, dev: dict, has_eval: bool, max_steps: int | None,
@@ -206,29 +226,31 @@ def sft(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, max_steps: int
     ckpt = _prepare_run(run_dir, resume)
     dev = device_info()
     model, tok = load_base(base, recipe, dev)
+    # Never past the model's positions (GPT-2's learned position table has no row beyond them).
+    max_length = min(recipe.max_length, getattr(model.config, "max_position_embeddings", None) or recipe.max_length)
     rows, truncated = [], 0
     for i, msgs in enumerate(conversations):
         try:
-            ids, mask, cut = encode_conversation(tok, msgs, recipe.max_length)
+            ids, mask, cut = encode_conversation(tok, msgs, max_length)
         except DataError as exc:
             raise DataError(f"{data.name} record {i + 1}: {exc}") from None
         truncated += cut
         if any(mask):
             rows.append({"input_ids": ids, "assistant_masks": mask})
     if not rows:
-        raise TrainError(f"{data}: every example lost its answer to --max-length {recipe.max_length}")
+        raise TrainError(f"{data}: every example lost its answer to --max-length {max_length}")
     train_rows, eval_rows = _split(rows, recipe.eval_split, recipe.seed)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     args = _training_args(SFTConfig, recipe, run_dir, dev, bool(eval_rows), max_steps, epochs,
-                          packing=recipe.packing, max_length=recipe.max_length, dataset_num_proc=None)
+                          packing=recipe.packing, max_length=max_length, dataset_num_proc=None)
     _write_config(run_dir, kind="sft", base=str(base), data=str(data), recipe=recipe.as_dict(), device=dev,
                   examples=len(rows), truncated=truncated, max_steps=args.max_steps, epochs=args.num_train_epochs)
     curve = CurveLogger(run_dir, on_log)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
-                         peft_config=lora_config(recipe), callbacks=[curve.callback])
+                         peft_config=lora_config(recipe, model.config.model_type), callbacks=[curve.callback])
     t0 = time.monotonic()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     seconds = time.monotonic() - t0
@@ -261,7 +283,7 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
     ckpt = _prepare_run(run_dir, resume)
     dev = device_info()
     model, tok = load_base(base, recipe, dev)
-    peft_config = lora_config(recipe)
+    peft_config = lora_config(recipe, model.config.model_type)
     if adapter is not None:
         from peft import PeftModel
 

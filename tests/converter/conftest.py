@@ -66,3 +66,11 @@ def fsize_limit(limit: int) -> str:
     """Child preamble: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored), as on a full disk."""
     return ("import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """A GPT-2-style byte-level BPE (1000 tokens, no chat template) trained on the license texts."""
+    from .nanogpt_build import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("gpt2-tokenizer"))

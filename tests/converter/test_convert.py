@@ -136,11 +136,11 @@ def test_refusals(hf_model, tmp_path):
         os.symlink(hf_model / "model.safetensors", d / "model.safetensors")
         return d
 
-    gpt2 = clone("gpt2")
-    cfg = json.loads((gpt2 / "config.json").read_text())
-    (gpt2 / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ConvertError, match="GPT2LMHeadModel.*not supported"):
-        convert(gpt2, tmp_path / "x.gguf")
+    neox = clone("neox")
+    cfg = json.loads((neox / "config.json").read_text())
+    (neox / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(ConvertError, match="GPTNeoXForCausalLM.*not supported"):
+        convert(neox, tmp_path / "x.gguf")
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -110,3 +110,16 @@ def mc_tasks(tmp_path_factory):
     (root / "crofter_mc.jsonl").write_text("".join(
         json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in MC_ITEMS))
     return root
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(tmp_path_factory):
+    """A user's own model: a random nanoGPT checkpoint (n_embd 128, GPT-2-style BPE trained on the
+    license texts, no chat template) imported with `converter.nanogpt` into an HF GPT-2 folder."""
+    from converter.nanogpt import import_nanogpt
+    from tests.converter.nanogpt_build import train_tokenizer, write_nanogpt
+
+    root = tmp_path_factory.mktemp("gpt2-base")
+    tok = train_tokenizer(root / "tokenizer")
+    ckpt, _, _ = write_nanogpt(root / "ckpt.pt", 1000, n_embd=128, n_head=4, seed=3)
+    return import_nanogpt(ckpt, tok, root / "hf").path

@@ -58,6 +58,7 @@ def test_dpo_starts_from_an_sft_run_folder_and_says_which_adapter(hf_model, pers
 def test_sft_merge_convert_then_chat(hf_model, sft_run, tmp_path, capsys):
     from app.engine import Engine, LoadOptions, Sampling
     from app.session import ChatSession
+    from app.turn import finish
     from converter.convert import convert
     from models.registry import ModelEntry
 
@@ -70,9 +71,9 @@ def test_sft_merge_convert_then_chat(hf_model, sft_run, tmp_path, capsys):
     eng = Engine.load(ModelEntry("merged", str(gguf), "gguf", "converted"), LoadOptions(n_ctx=512, seed=1))
     try:
         s = ChatSession(eng, Sampling(temperature=0.0, max_tokens=24))
-        list(s.send("What is a cloud?"))
-        assert s.last_result.text.startswith(PREFIX.split()[0]), s.last_result.text
-        assert s.last_result.finish_reason == "stop"
+        done = finish(s.send("What is a cloud?"))
+        assert done.answer.startswith(PREFIX.split()[0]), done.answer
+        assert done.finish_reason == "stop"
     finally:
         eng.close()
     with pytest.raises(TrainError, match="exists"):
