@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing_.add_argument("--tokenizer", required=True, metavar="DIR", help="the HF tokenizer folder the model was trained with")
     ing_.add_argument("--out", required=True, metavar="HF_DIR", help="the folder to write (must not exist)")
     ing_.add_argument("--json", action="store_true", help="print the report as JSON")
+    ing_.add_argument("--name", help="store name to register the folder under (default: from --out)")
+    ing_.add_argument("--no-register", action="store_true", help="do not add the folder to the model store")
 
     tune = sub.add_parser("tune", help="fine-tune an HF checkpoint: LoRA/QLoRA SFT, DPO, merge",
                           description="Fine-tuning with transformers, peft and TRL. Runs on CUDA when present (bf16 "

@@ -123,6 +123,7 @@ class Comparison:
 
     def _answer(self, i: int, entry: ModelEntry) -> Iterator[Step]:
         from .session import ChatSession
+        from .turn import Done, TextDelta
 
         answer = self.answers[i]
         own = self.current is not None and entry.name == self.current[0]
@@ -144,13 +145,13 @@ class Comparison:
                 return
             yield Step(i, "answering")
             session = ChatSession(engine, self.sampling, system=self.system)
-            for ev in session.send(self.prompt, cancel):
-                if ev.text:
+            for ev in session.send(self.prompt, cancel):  # the chat's own turn (a trace is not the answer)
+                if isinstance(ev, TextDelta):
                     answer.text += ev.text
                     yield Step(i, "text", ev.text)
-                if ev.done is not None:
-                    answer.result = ev.done
-                    answer.text = ev.done.text
+                elif isinstance(ev, Done):
+                    answer.result = ev.result
+                    answer.text = ev.answer
         except Exception as exc:  # this model failed; the others still answer
             answer.error = str(exc)
         finally:

@@ -147,6 +147,8 @@ def _finish(args, entry, done) -> None:
     dropped = done.fit.describe_dropped()
     if dropped:
         print(f"crofter: {dropped}", file=sys.stderr)
+    if done.finish_reason == "error":  # a remote model's stream broke mid-reply
+        print(f"crofter: the reply is incomplete: {entry.name}'s server stopped sending", file=sys.stderr)
     if args.json:
         _print_json(entry, done, tools=bool(args.tools))
         return

@@ -282,6 +282,19 @@ def test_a_stream_cut_mid_reply_keeps_the_partial_reply_marked_incomplete(server
     assert finishes.items[-1]["finish_reason"] == "cancelled"
 
 
+def test_ask_says_when_a_remote_stream_was_cut(server, capsys, tmp_path):
+    grammar = tmp_path / "lala.gbnf"
+    grammar.write_text(f'root ::= "{LALA_TEXT}"')
+    proxy = CuttingProxy(server.port, events=6)
+    try:
+        Registry().add_remote("cut", proxy.url, MODEL, n_ctx=1024)
+        rc, out, err = cli(capsys, "ask", "Sing.", "--model", "cut", "-n", "320", "--grammar-file", str(grammar))
+    finally:
+        proxy.close()
+    assert rc == 0 and out.startswith("la") and len(out) < len(LALA_TEXT)  # what came is printed
+    assert "the reply is incomplete: cut's server stopped sending" in err
+
+
 def test_a_cancel_mid_reply_stops_the_remote_and_keeps_the_partial_reply(server, capsys):
     add(capsys, server.url, "far", "--n-ctx", "1024")
     ctl = controller(max_tokens=320)

@@ -147,17 +147,25 @@ def test_pacer_keeps_the_ui_share():
 
 
 def test_forward_coalesces_tokens_and_returns_the_result():
-    from types import SimpleNamespace as Ev
-
-    from app.tui.messages import Pacer, ReplyPiece, forward
+    from app.budget import Fit
+    from app.engine import Result
+    from app.tools.calling import ToolCall
+    from app.tui.messages import Pacer, forward
+    from app.turn import Done, TextDelta, ThinkingDelta, ToolFinished
 
     posted = []
     pacer = Pacer()
-    pacer.interval = 3600.0  # one post for the first token, the rest held until the end
-    events = [Ev(text=t, done=None) for t in ("Hel", "lo", ",", " world")] + [Ev(text="", done="RESULT")]
-    assert forward(iter(events), pacer, posted.append) == "RESULT"
-    assert all(isinstance(m, ReplyPiece) for m in posted)
-    assert [m.text for m in posted] == ["Hel", "lo, world"]
+    pacer.interval = 3600.0  # one post for the first piece, the rest held until a flush
+    call = ToolCall("calculator", {"expression": "1+1"}, "ok", "2")
+    done = Done("Hello, world", Result("Hello, world", "stop", 1, 4, 1, 0.0, 0.0, 0.0), Fit([], [], 1, 8), "stop")
+    events = ([ThinkingDelta("hm"), ThinkingDelta("m")] + [TextDelta(t) for t in ("Hel", "lo")] + [ToolFinished(call)]
+              + [TextDelta(t) for t in (",", " world")] + [done])
+    assert forward(iter(events), pacer, posted.append) is done
+    # the first piece at once; a change of kind or a tool call flushes what was held
+    assert [(type(m).__name__, getattr(m, "text", None)) for m in posted] == [
+        ("ThinkingPiece", "hm"), ("ThinkingPiece", "m"), ("ReplyPiece", "Hello"), ("ToolCallDone", None),
+        ("ReplyPiece", ", world")]
+    assert posted[3].call is call
 
 
 async def test_a_growing_code_block_is_highlighted_in_chunks():

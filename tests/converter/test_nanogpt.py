@@ -65,6 +65,9 @@ def test_import_convert_quantize_and_chat(gpt2_tokenizer, tmp_path, crofter_home
     report = json.loads(res.stdout)
     assert report["vocab_tokenizer"] == n and report["n_embd"] == 256 and report["stripped_prefix"] is True
     hf = tmp_path / "hf"
+    assert report["registered_as"] == "hf"  # in the store, as `tune merge` leaves its output
+    listed = json.loads(crofter("models", "list", "--json", home=crofter_home).stdout)
+    assert any(m["name"] == "hf" and m["kind"] == "hf" for m in listed), listed
 
     f32 = convert(hf, tmp_path / "g-F32.gguf", "f32")
     assert f32.pre_tokenizer == "gpt-2"
