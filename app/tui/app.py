@@ -245,7 +245,6 @@ class CrofterApp(App):
     async def on_reply_done(self, message: ReplyDone) -> None:
         self.generating = False
         self.query_one(PromptInput).cursor_blink = True
-        self.replies_done += 1
         done = message.done
         r = done.result if done is not None else None
         if message.error:
@@ -266,6 +265,7 @@ class CrofterApp(App):
         self.query_one(StatusBar).show(self._label(), speed, message.meter)
         self.sub_title = self.controller.chat.title
         self.refresh_sidebar()
+        self.replies_done += 1  # counted once everything of the reply is on screen (sources panel included)
         await self._send_pending()
 
     def action_toggle_thinking(self) -> None:

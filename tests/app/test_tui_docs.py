@@ -49,7 +49,8 @@ async def test_ingest_in_background_then_answer_over_documents(engine, tmp_path)
             assert f"[{s['n']}]" in stored[1].content
         # Later turns carry the question only.
         assert all("<source" not in m["content"] for m in ctl.session.messages)
-        assert app.query(SourcesPanel) or "cites none" in screen_text(app) or "no passage" in screen_text(app)
+        await wait_for(pilot, lambda: app.query(SourcesPanel) or "cites none" in screen_text(app)
+                       or "no passage" in screen_text(app), timeout=10)  # the note shows on the next repaint
 
 
 async def test_sources_panel_opens_the_cited_passage(engine, tmp_path):
