@@ -68,6 +68,17 @@ def preference_pairs(store: HistoryStore, chat_ids: list[int] | None = None) -> 
     return out
 
 
+def training_pairs(store: HistoryStore, chat_ids: list[int] | None = None, with_compare: bool = False) -> list[dict]:
+    """The pairs `chats export --prefs` writes and a journey's `data: chats` trains on: the
+    preferred replies' pairs, plus the compare view's picks when asked."""
+    pairs = preference_pairs(store, chat_ids)
+    if with_compare:
+        from .preferences import PreferenceStore
+
+        pairs += PreferenceStore().exportable()
+    return pairs
+
+
 def marks(store: HistoryStore, chat_ids: list[int] | None = None) -> list[dict]:
     """Every reply with a thumbs up or down: prompt, completion, label (True: up)."""
     return [{"prompt": prompt, "completion": reply.content, "label": reply.mark == 1,

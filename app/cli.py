@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     mp.add_argument("--json", action="store_true", help="print the registered entry as JSON")
 
+    mdq = msub.add_parser("dequantize", help="a GGUF model -> an HF safetensors folder to fine-tune",
+                          description="Dequantize a GGUF model (e.g. the bundled smollm2-135m) into an HF checkpoint "
+                          "folder (float32, tokenizer and chat template kept) for `crofter tune` and journeys.")
+    mdq.add_argument("name", help="store name or GGUF path")
+    mdq.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist)")
+    mdq.add_argument("--as", dest="as_name", metavar="NAME", help="store name for the folder (default: from --out)")
+    mdq.add_argument("--no-register", action="store_true", help="do not add the folder to the model store")
+    mdq.add_argument("--json", action="store_true", help="print the result as JSON")
+
     chats = sub.add_parser("chats", help="list, show, search, export and delete saved chats", description="The chat history.")
     chsub = chats.add_subparsers(dest="chats_command", metavar="ACTION", required=True)
     cl = chsub.add_parser("list", help="every chat, most recent first")
@@ -291,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    from .commands.journey import add_parser as add_journey_parser  # argparse only
+
+    add_journey_parser(sub)
+
     cfg = sub.add_parser("config", help="show or change settings", description="Settings live in a TOML file; flags override them.")
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", help="every setting with its value and meaning")
@@ -340,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.evaluate import run
         elif args.command == "serve":
             from .commands.serve import run
+        elif args.command == "journey":
+            from .commands.journey import run
         else:
             from .commands.config import run
         return run(args) or 0

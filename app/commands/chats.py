@@ -74,12 +74,7 @@ def _export_preferences(store: HistoryStore, args) -> int:
         print(f"wrote {len(records)} {what} to {path}", file=sys.stderr)
 
     if args.prefs:
-        pairs = chat_export.preference_pairs(store, args.chat or None)
-        if args.with_compare:
-            from ..preferences import PreferenceStore
-
-            pairs += PreferenceStore().exportable()
-        write(args.prefs, pairs, "preference pairs")
+        write(args.prefs, chat_export.training_pairs(store, args.chat or None, args.with_compare), "preference pairs")
     if args.marks:
         write(args.marks, chat_export.marks(store, args.chat or None), "marked replies")
     return 0

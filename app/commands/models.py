@@ -1,4 +1,4 @@
-"""`crofter models list|info|add|add-remote|rm|default|pull`."""
+"""`crofter models list|info|add|add-remote|rm|default|pull|dequantize`."""
 from __future__ import annotations
 
 import json
@@ -115,4 +115,35 @@ def run(args) -> int:
         else:
             print(f"pulled {e.name} ({e.kind}): {e.path}")
         return 0
+    if action == "dequantize":
+        return dequantize(args, reg)
     raise AssertionError(action)  # argparse only allows the actions above
+
+
+def dequantize(args, reg) -> int:
+    """A GGUF model -> an HF safetensors folder (float32, tokenizer and chat template kept) that
+    `crofter tune` and journeys train; the folder appears only when complete."""
+    from pathlib import Path
+
+    from models.atomic import atomic_dir
+    from models.registry import slug
+
+    from ..errors import CLIError
+
+    src = reg.resolve_kind(args.name, "gguf", "dequantize reads a GGUF file")
+    out = Path(args.out).expanduser()
+    if out.exists():
+        raise CLIError(f"--out {out}: exists; choose a new folder")
+    from converter.hf import gguf_to_checkpoint
+
+    try:
+        with atomic_dir(out) as tmp:
+            gguf_to_checkpoint(src, tmp)
+    except (ValueError, OSError) as exc:  # transformers refuses GGUF architectures it cannot read
+        raise CLIError(f"{src}: cannot dequantize it ({str(exc).splitlines()[0]}); nothing was written") from None
+    name = None if args.no_register else reg.add(out, args.as_name or slug(out.name), source="dequantized").name
+    if args.json:
+        _print_json({"path": str(out), "registered_as": name})
+    else:
+        print(f"wrote {out}" + (f" (registered as {name})" if name else ""))
+    return 0
