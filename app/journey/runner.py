@@ -209,7 +209,8 @@ class Runner:
             for cmd in p.eval_cmds:
                 got = self.crofter(cmd, f"the evaluation of {p.name}")
                 rows += got if isinstance(got, list) else []
-            rec.update(eval=rows, eval_key=p.eval_key, eval_seconds=round(time.monotonic() - t, 2))
+            rec.update(eval=rows, eval_key=p.eval_key, eval_argv=p.eval_cmds,
+                       eval_seconds=round(time.monotonic() - t, 2))
             self.save()
 
     def _eta(self, rest: list[Planned]) -> str:

@@ -217,3 +217,77 @@ def test_dpo_data_chats_trains_on_the_pairs_marked_in_the_chats(tiny, tmp_path, 
     better = store.add_message(chat.id, "assistant", "Arr, the Thames!")
     store.mark(better.id, 1, preferred=True)
     assert plan(load_journey(path), tmp_path / "run", {})[0][1].key != before  # new pairs: the stage re-runs
+
+
+@pytest.mark.slow
+def test_the_persona_journey_on_smollm2_speaks_the_persona_more_than_its_base(hf_model, tmp_path):
+    """The example journey, whole: SFT, DPO, merge, convert, Q4_K_M, each evaluated; the final
+    quantized model passes more of the held-out persona prompts than the base (counts, not words)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    assert crofter("config", "set", "max_tokens", "24", home=home).returncode == 0
+    run = tmp_path / "run"
+    r = crofter("journey", "run", str(EXAMPLES / "persona.yaml"), "--out", str(run), "--set", f"base={hf_model}",
+                home=home, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = _state(run)
+    assert state["order"] == ["00-base", "01-sft", "02-dpo", "03-merge", "04-convert", "05-quantize"]
+
+    def row(stage, suite, metric):
+        return next(x for x in state["stages"][stage]["eval"] if x["suite"] == suite and x["metric"] == metric)
+
+    base, final = row("00-base", "prompts", "pass_rate"), row("05-quantize", "prompts", "pass_rate")
+    assert final["value"] > base["value"], (base, final)
+    assert row("01-sft", "perplexity", "ppl")["value"] < row("00-base", "perplexity", "ppl")["value"]
+    assert 0 <= row("05-quantize", "perplexity", "kld")["value"] < 1
+    assert "rewards/accuracies" in json.dumps(state["stages"]["02-dpo"]["summary"]["metrics"])
+    report = (run / "report.md").read_text()
+    for stage in state["order"]:
+        assert f"| {stage} |" in report
+    assert "prompt suite" in report and "KLD vs F16" in report and "file MB" in report
+    listed = json.loads(crofter("models", "list", "--json", home=home).stdout)
+    assert any(m["name"] == "persona-smol" and m["path"].endswith("model-Q4_K_M.gguf") for m in listed)
+
+
+def test_models_dequantize_refuses_an_existing_folder_and_a_non_gguf(hf_model, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "taken").mkdir()
+    r = crofter("models", "dequantize", "smollm2-135m", "--out", str(tmp_path / "taken"), home=home)
+    assert r.returncode == 1 and "exists; choose a new folder" in r.stderr
+    r = crofter("models", "dequantize", str(hf_model), "--out", str(tmp_path / "new"), home=home)
+    assert r.returncode == 1 and "dequantize reads a GGUF file" in r.stderr and not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_models_dequantize_makes_a_registered_trainable_folder(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    r = crofter("models", "dequantize", "smollm2-135m", "--out", str(tmp_path / "hf"), "--as", "smol-hf", "--json", home=home)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == {"path": str(tmp_path / "hf"), "registered_as": "smol-hf"}
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_reward_and_grpo_stages_chain_the_reward_run_and_the_sft_adapter(hf_model, tmp_path):
+    from app.journey.runner import plan
+
+    data = PERSONA / "prefs.jsonl"
+    path = _journey(tmp_path, f"""base: {hf_model}
+stages:
+  sft: {{data: {PERSONA / 'persona.jsonl'}}}
+  reward: {{data: {data}, max_steps: 2}}
+  grpo: {{prompts: {data}, max_steps: 2}}
+  merge: {{}}
+""")
+    steps, chain = plan(load_journey(path), tmp_path / "run", {}, write=False)
+    argv = {p.name: p.step.argv for p in steps}
+    assert list(argv) == ["01-sft", "02-reward", "03-grpo", "04-merge"]
+    assert argv["02-reward"][:2] == ["tune", "reward"] and "--max-steps" in argv["02-reward"]
+    grpo = argv["03-grpo"]
+    assert grpo[grpo.index("--reward") + 1] == str(tmp_path / "run" / "02-reward")
+    assert grpo[grpo.index("--adapter") + 1] == str(tmp_path / "run" / "01-sft")
+    assert argv["04-merge"][argv["04-merge"].index("--adapter") + 1] == str(tmp_path / "run" / "03-grpo")
+    fn = load_journey(path, ["grpo.reward=python:my_rewards:starts_with_arr"])
+    steps, _ = plan(fn, tmp_path / "run", {}, write=False)
+    assert "python:my_rewards:starts_with_arr" in steps[2].step.argv
