@@ -33,7 +33,7 @@ STAGE_KEYS: dict[str, dict] = {
     "quantize": {"type": str, "calibration": "path"},
 }
 EVAL_KEYS = {"text": "path", "prompts": "path", "tasks": str, "include_path": "path", "limit": int,
-             "ctx": int, "max_windows": int}
+             "ctx": int, "max_windows": int, "retrieval": "path", "collection": str, "k": int}
 TOP_KEYS = ("description", "base", "name", "eval", "stages")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 QTYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -236,7 +236,9 @@ def _check(j: Journey, cwd_keys: set) -> None:
     q = j.stage("quantize")
     if q is not None and q.cfg.setdefault("type", "Q4_K_M") not in QTYPES:
         raise JourneyError(f"{where}: stage quantize: type: one of {', '.join(QTYPES)}, got {q.cfg['type']!r}")
-    for key, low in (("ctx", 32), ("max_windows", 1), ("limit", 1)):
+    if j.eval.get("retrieval") and not j.eval.get("collection"):
+        raise JourneyError(f"{where}: eval: retrieval: name the collection it searches (collection: NAME)")
+    for key, low in (("ctx", 32), ("max_windows", 1), ("limit", 1), ("k", 1)):
         if key in j.eval and j.eval[key] < low:
             raise JourneyError(f"{where}: eval: {key}: at least {low}, got {j.eval[key]}")
     for s in j.stages:

@@ -157,6 +157,8 @@ def evaluations(kind: str, journey: Journey, chain: Chain, folder: Path) -> list
         cmds = [["eval", str(chain.base), *_eval_flags(ev), *tail]] if _eval_flags(ev) else []
         if ev.get("prompts") and chain.base_gguf is not None:
             cmds.append(["eval", str(chain.base_gguf), "--prompts", str(ev["prompts"]), *tail])
+        if ev.get("retrieval"):  # the collections do not change with the model: measured once, at the start
+            cmds.append(["eval", "--retrieval", str(ev["retrieval"]), "-c", ev["collection"], "-k", str(ev.get("k", 5)), *tail])
         return cmds
     if kind in ("sft", "dpo", "grpo"):
         flags = _eval_flags(ev)

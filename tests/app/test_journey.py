@@ -54,6 +54,7 @@ BAD = [
     ("base: B\nstages: {grpo: {prompts: D, reward: reward}}", "there is none"),
     ("base: B\neval: {text: D, ctx: 4}\nstages: {convert: {}}", "eval: ctx: at least 32"),
     ("base: no-such-model\nstages: {convert: {}}", "base: no model named 'no-such-model'"),
+    ("base: B\neval: {retrieval: D}\nstages: {convert: {}}", "eval: retrieval: name the collection"),
     ("stages: {convert: {}}", "missing key 'base'"),
     ("base: B\nstages: [sft, merge]", "`stages` must map stage names"),
     ("base: B\nstages: {sft: {data: D}\n", "not valid YAML"),
@@ -206,17 +207,17 @@ def test_dpo_data_chats_trains_on_the_pairs_marked_in_the_chats(tiny, tmp_path, 
     steps, _ = plan(load_journey(path), tmp_path / "dry", {}, write=False)
     assert not (tmp_path / "dry" / "data").exists()                      # a dry run writes nothing
     steps, _ = plan(load_journey(path), tmp_path / "run", {})
-    data = Path(steps[1].step.data)
+    data = Path(steps[0].step.data)
     assert [json.loads(line) for line in data.read_text().splitlines()] == expected
     assert expected[0]["chosen"] == "Arr, the Caribbean!" and expected[0]["rejected"] == "The Baltic."
-    assert steps[1].step.argv[steps[1].step.argv.index("--data") + 1] == str(data)
-    before = steps[1].key
+    assert steps[0].step.argv[steps[0].step.argv.index("--data") + 1] == str(data)
+    before = steps[0].key
     store.add_message(chat.id, "user", "And a river?")
     reply = store.add_message(chat.id, "assistant", "The Nile.")
     store.set_aside(reply, reply.id - 1)
     better = store.add_message(chat.id, "assistant", "Arr, the Thames!")
     store.mark(better.id, 1, preferred=True)
-    assert plan(load_journey(path), tmp_path / "run", {})[0][1].key != before  # new pairs: the stage re-runs
+    assert plan(load_journey(path), tmp_path / "run", {})[0][0].key != before  # new pairs: the stage re-runs
 
 
 @pytest.mark.slow
@@ -288,6 +289,11 @@ stages:
     assert grpo[grpo.index("--reward") + 1] == str(tmp_path / "run" / "02-reward")
     assert grpo[grpo.index("--adapter") + 1] == str(tmp_path / "run" / "01-sft")
     assert argv["04-merge"][argv["04-merge"].index("--adapter") + 1] == str(tmp_path / "run" / "03-grpo")
+    with_docs = load_journey(path, [f"eval.retrieval={data}", "eval.collection=notes"])
+    steps, _ = plan(with_docs, tmp_path / "run", {}, write=False)
+    assert steps[0].name == "00-base" and ["eval", "--retrieval", str(data), "-c", "notes", "-k", "5", "--json",
+                                           "--no-store"] in steps[0].eval_cmds
+    assert not any("--retrieval" in c for p in steps[1:] for c in p.eval_cmds)  # measured once: documents, not models
     fn = load_journey(path, ["grpo.reward=python:my_rewards:starts_with_arr"])
     steps, _ = plan(fn, tmp_path / "run", {}, write=False)
     assert "python:my_rewards:starts_with_arr" in steps[2].step.argv
