@@ -50,6 +50,10 @@ class Sampling:
     seed: int = -1
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)
+    # OpenAI's penalties (serve's API): subtracted from the logits of tokens already in the context,
+    # once (presence) or once per occurrence (frequency). 0: none; the chat's settings never set them.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     grammar: object = None  # a llama_cpp.LlamaGrammar that constrains the output (tool calls)
     # The JSON schema `grammar` was built from, when it was (the tool loop's steps): a remote
     # engine sends it as response_format json_schema, which servers without GBNF understand.
@@ -313,6 +317,8 @@ class Engine:
             min_p=s.min_p,
             temp=s.temperature,
             repeat_penalty=s.repeat_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
             grammar=s.grammar,
         )
         try:

@@ -199,6 +199,9 @@ class RemoteEngine:
                 "repeat_penalty": s.repeat_penalty, "repetition_penalty": s.repeat_penalty}
         if s.seed >= 0:
             body["seed"] = s.seed
+        for k in ("frequency_penalty", "presence_penalty"):
+            if getattr(s, k):
+                body[k] = getattr(s, k)
         if s.stop:
             body["stop"] = list(s.stop)
         if s.json_schema is not None:

@@ -123,7 +123,8 @@ def sampling_for(req, settings, grammar=None):
     from ..engine import Sampling
 
     s = Sampling.from_settings(settings, req.stops())
-    changes = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+    changes = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
+                                           "frequency_penalty", "presence_penalty")
                if getattr(req, k) is not None}
     tokens = getattr(req, "max_completion_tokens", None) or getattr(req, "max_tokens", None)
     if tokens is not None:

@@ -79,8 +79,8 @@ class _Sampled(_Body):
     top_k: Optional[int] = Field(default=None, ge=0)
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
     repeat_penalty: Optional[float] = Field(default=None, ge=0, le=10)
-    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)  # accepted, not applied
-    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)  # accepted, not applied
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     seed: Optional[int] = Field(default=None, ge=-1, le=2**32 - 1)
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=1)

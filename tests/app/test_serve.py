@@ -234,6 +234,26 @@ def test_completion_streams_the_same_text(client):
     assert streamed == client.completions.create(**kw).choices[0].text
 
 
+def test_frequency_and_presence_penalties_reach_the_sampler(client):
+    """Like with like on this machine: greedy, the same prompt and seed, so the reply is the same
+    every time unless the penalty reaches llama.cpp's sampler (2 logits per earlier occurrence of
+    a token moves a greedy pick within 24 tokens; an ignored field would change nothing)."""
+    from app.config import Settings
+    from app.serve.chat import sampling_for
+    from app.serve.requests import ChatRequest
+
+    req = ChatRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}], frequency_penalty=0.5, presence_penalty=-1)
+    s = sampling_for(req, Settings())
+    assert (s.frequency_penalty, s.presence_penalty) == (0.5, -1)
+    kw = dict(model=MODEL, prompt="the " * 10, max_tokens=24, temperature=0, seed=1)
+    plain = client.completions.create(**kw).choices[0].text
+    assert client.completions.create(**kw).choices[0].text == plain
+    penalized = client.completions.create(frequency_penalty=2.0, **kw).choices[0].text
+    assert penalized != plain and client.completions.create(frequency_penalty=2.0, **kw).choices[0].text == penalized
+    present = client.completions.create(presence_penalty=2.0, **kw).choices[0].text
+    assert present != plain
+
+
 # -- embeddings -----------------------------------------------------------------------------------
 def test_embeddings_have_the_embedders_dimension_and_vectors(client):
     from app import documents
