@@ -75,6 +75,8 @@ def _add_metadata(w, ck: Checkpoint, vocab: Vocab, pre: str, ftype: int, name: s
         w.add_layer_norm_eps(float(c.get("layer_norm_epsilon") or 1e-5))
     else:
         _add_rope_hparams(w, ck)
+    if ck.plan.gguf_arch == "gemma3":
+        w.add_sliding_window(int(c.get("sliding_window") or 4096))
     w.add_vocab_size(len(vocab.tokens))
     w.add_file_type(ftype)
     _add_vocab(w, vocab, pre)
@@ -249,6 +251,8 @@ def _write_tensors(w, ck: Checkpoint, plan: list[_Planned], on_tensor) -> None:
                                f"beyond F16's range (±{F16_MAX:g}); convert with --outtype bf16 or f32")
         if arr.ndim == 2 and p.hf_name.endswith(ck.plan.transpose):
             arr = arr.T
+        if ck.plan.norm_plus_one and p.hf_name.endswith("norm.weight"):
+            arr = arr + 1.0
         if ck.plan.permute_qk and (".q_proj." in p.hf_name or ".k_proj." in p.hf_name):
             arr = permute_rows(arr, ck.n_head if ".q_proj." in p.hf_name else ck.n_head_kv)
         w.write_tensor_data(_encode(arr, p.qtype))

@@ -26,6 +26,7 @@ class ArchPlan:
     permute_qk: bool  # HF rotate-half q/k rows -> llama.cpp's interleaved RoPE pairs
     transpose: tuple[str, ...] = ()  # weights HF keeps as Conv1D (in, out); llama.cpp wants (out, in)
     aliases: tuple[tuple[str, str], ...] = ()  # (the Llama-style config key, this family's own key)
+    norm_plus_one: bool = False  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by the stored w
 
 
 # GPT-2's config.json spells the sizes its own way (n_embd, n_layer, ...).
@@ -39,6 +40,10 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ArchPlan("llama", True),
     "MistralForCausalLM": ArchPlan("llama", True),
     "Qwen2ForCausalLM": ArchPlan("qwen2", False),
+    "Qwen3ForCausalLM": ArchPlan("qwen3", False),  # Qwen2's graph without q/k/v biases, plus per-head q/k RMSNorm
+    # Gemma 3 (text): NEOX RoPE, q/k norms, norms around attention and MLP, embeddings scaled by
+    # sqrt(hidden) in the graph, sliding-window layers with their own RoPE base.
+    "Gemma3ForCausalLM": ArchPlan("gemma3", False, norm_plus_one=True),
     "GPT2LMHeadModel": ArchPlan("gpt2", False, (".c_attn.weight", ".c_proj.weight", ".c_fc.weight"), GPT2_ALIASES),
 }
 # llama.cpp's GPT-2 graph: GELU (tanh form, which "gelu" differs from by < 1e-3 per activation),
@@ -70,13 +75,16 @@ class Checkpoint:
     def head_dim(self) -> int:
         return int(self.config.get("head_dim") or self.config["hidden_size"] // self.n_head)
 
-    def rope_theta(self) -> float:
+    def _rope_params(self) -> dict:
         params = self.config.get("rope_parameters") or {}
-        return float(self.config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+        return params.get("full_attention", params)  # Gemma 3: per layer type; the global layers' here
+
+    def rope_theta(self) -> float:
+        return float(self.config.get("rope_theta") or self._rope_params().get("rope_theta") or 10000.0)
 
     def rope_scaling(self) -> dict | None:
         """The rope scaling dict (transformers 4 `rope_scaling` or 5 `rope_parameters`), None if plain."""
-        rs = self.config.get("rope_scaling") or self.config.get("rope_parameters") or None
+        rs = self.config.get("rope_scaling") or self._rope_params() or None
         if not rs:
             return None
         kind = rs.get("rope_type") or rs.get("type") or "default"
@@ -109,6 +117,8 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     config = _normalized(config, plan)
     if plan.gguf_arch == "gpt2":
         _check_gpt2(config, cfg_path)
+    if plan.gguf_arch == "gemma3":
+        _check_gemma3(config, cfg_path)
     shards = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if not shards:
@@ -131,6 +141,25 @@ def _normalized(config: dict, plan: ArchPlan) -> dict:
     if plan.gguf_arch == "gpt2" and c.get("intermediate_size") is None and isinstance(c.get("hidden_size"), int):
         c["intermediate_size"] = 4 * c["hidden_size"]  # n_inner null means 4 x n_embd
     return c
+
+
+def _check_gemma3(config: dict, cfg_path: Path) -> None:
+    """Gemma 3 settings llama.cpp's gemma3 graph hard-codes (every 6th layer global, local RoPE base
+    10000, 1/sqrt(head_dim) attention scale, no soft-capping): anything else is refused by name."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if config.get("query_pre_attn_scalar", head_dim) != head_dim:
+        raise ConvertError(f"{cfg_path}: query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from head_dim "
+                           f"{head_dim}; llama.cpp's gemma3 graph scales attention by 1/sqrt(head_dim)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if config.get(key) is not None:
+            raise ConvertError(f"{cfg_path}: {key} is set; llama.cpp's gemma3 graph does not soft-cap")
+    want = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(config["num_hidden_layers"])]
+    if config.get("layer_types") not in (None, want):
+        raise ConvertError(f"{cfg_path}: layer_types is not Gemma 3's (every 6th layer global), which llama.cpp assumes")
+    local = ((config.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta",
+                                                                                  config.get("rope_local_base_freq", 10000.0))
+    if float(local) != 10000.0:
+        raise ConvertError(f"{cfg_path}: the sliding layers' rope_theta {local} is not 10000, which llama.cpp assumes")
 
 
 def _check_gpt2(config: dict, cfg_path: Path) -> None:

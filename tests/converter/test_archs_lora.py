@@ -21,10 +21,11 @@ def tiny(hf_model, tmp_path, arch: str, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model_type = {"MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}[arch]
+    model_type = {"MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                  "LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3_text"}[arch]
     cfg = AutoConfig.for_model(model_type, vocab_size=49152, hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=2048, tie_word_embeddings=False, **extra)
+                               max_position_embeddings=2048, **{"tie_word_embeddings": False, **extra})
     cfg.architectures = [arch]
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # bigger weights than the init's, so layout mistakes show in the logits
@@ -41,6 +42,10 @@ def tiny(hf_model, tmp_path, arch: str, **extra):
 @pytest.mark.parametrize("arch,extra", [
     ("MistralForCausalLM", {}),
     ("Qwen2ForCausalLM", {}),
+    ("Qwen3ForCausalLM", {"head_dim": 32}),  # head_dim x heads != hidden size, as in the real Qwen3 models
+    # Tied embeddings, (1 + w) norms; a window of 8 tokens, shorter than the probe texts, so the
+    # sliding-window mask is compared too.
+    ("Gemma3ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8, "tie_word_embeddings": True}),
     ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
 ])
@@ -114,3 +119,22 @@ def test_unsupported_adapters_are_refused(hf_model, tmp_path):
             convert_lora(adapter, hf_model, tmp_path / "a.gguf")
         assert "merge" in str(err.value)
     assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping is set"),
+    ({"query_pre_attn_scalar": 100}, "query_pre_attn_scalar 100 differs from head_dim 32"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types is not Gemma 3's"),
+    ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                          "full_attention": {"rope_type": "default", "rope_theta": 1e6}}}, "rope_theta 50000.0 is not 10000"),
+])
+def test_gemma3_settings_llama_cpp_does_not_compute_are_refused_by_name(tmp_path, change, needle):
+    from converter.hf import open_checkpoint
+
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "head_dim": 32, "query_pre_attn_scalar": 32, "intermediate_size": 128,
+           "vocab_size": 49152, **change}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match=needle) as err:
+        open_checkpoint(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value)
