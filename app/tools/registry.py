@@ -8,7 +8,7 @@ declare it as an entry point::
 
 and a file in ``<data dir>/tools/*.py`` defines a `provide(ctx)` function the same
 way. A provider that fails to load is reported in `problems` and skipped; it never
-stops the chat.
+stops the chat. MCP servers named in ``<data dir>/mcp.toml`` add their tools too (app/tools/mcp.py).
 """
 from __future__ import annotations
 
@@ -67,7 +67,16 @@ class ToolRegistry:
         with file access inside `tool_roots` and `search` for search_documents."""
         from models import paths
 
-        return cls.discover(ToolContext(roots=settings.tool_roots, search=search), paths.data_dir() / "tools")
+        from . import mcp
+
+        reg = cls.discover(ToolContext(roots=settings.tool_roots, search=search), paths.data_dir() / "tools")
+        config = paths.data_dir() / mcp.CONFIG
+        if config.is_file():  # MCP servers' tools (app/tools/mcp.py): started once, reused by later turns
+            tools, problems = mcp.provide_from(config, paths.data_dir() / "logs", set(reg.tools))
+            for t in tools:
+                reg.register(t, t.meta["origin"])
+            reg.problems += problems
+        return reg
 
     @classmethod
     def discover(cls, ctx: ToolContext, user_dir: Path | None = None) -> "ToolRegistry":
