@@ -55,7 +55,8 @@ def build_prompt(question: str, hits: list[Hit], max_chars: int | None = None) -
         n = len(sources) + 1
         sources.append(Source(n, hit))
         where = Path(hit.source).name + (f", page {hit.page}" if hit.page is not None else "") + \
-            (f", section {hit.heading}" if hit.heading else "")
+            (f", section {hit.heading}" if hit.heading else "") + \
+            (f"; also in {', '.join(Path(x).name for x in hit.sources()[1:4])}" if hit.also else "")
         blocks.append(f'<source id="{n}" from="{_defuse(where)}">\n{body}\n</source>')
         used += len(body)
     if not sources:

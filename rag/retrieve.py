@@ -6,7 +6,8 @@ which is why an exact rare term that the dense model blurs still surfaces.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 
 from .store import Store
 
@@ -24,10 +25,20 @@ class Hit:
     text: str
     score: float
     id: str = ""
+    # The same passage found elsewhere (another copy of the file, a repeated section): shown and
+    # cited once, with every place it appears. Each is (source, page, heading, start, end).
+    also: tuple[tuple, ...] = ()
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "page": self.page, "heading": self.heading, "start": self.start,
-                "end": self.end, "text": self.text, "score": round(self.score, 6)}
+        d = {"source": self.source, "page": self.page, "heading": self.heading, "start": self.start,
+             "end": self.end, "text": self.text, "score": round(self.score, 6)}
+        if self.also:
+            d["also"] = [dict(zip(("source", "page", "heading", "start", "end"), a)) for a in self.also]
+        return d
+
+    def sources(self) -> list[str]:
+        """Every file the passage is in, this hit's first."""
+        return list(dict.fromkeys([self.source, *(a[0] for a in self.also)]))
 
     def where(self) -> str:
         """"notes.md > Install, chars 120-480" / "paper.pdf p. 3, chars ..." for listings."""
@@ -36,7 +47,27 @@ class Hit:
             loc += f" p. {self.page}"
         if self.heading:
             loc += f" > {self.heading}"
-        return f"{loc}, chars {self.start}-{self.end}"
+        return f"{loc}, chars {self.start}-{self.end}" + (f" (also in {len(self.also)} more)" if self.also else "")
+
+
+def passage_key(text: str) -> str:
+    """Identical and near-identical passages (case and whitespace aside) share this key."""
+    return hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
+
+
+def collapse(hits: list[Hit]) -> list[Hit]:
+    """Each passage once, at its best rank, listing the other places it was found."""
+    out: list[Hit] = []
+    first: dict[str, int] = {}
+    for h in hits:
+        key = passage_key(h.text)
+        if key in first:
+            i = first[key]
+            out[i] = replace(out[i], also=(*out[i].also, (h.source, h.page, h.heading, h.start, h.end), *h.also))
+        else:
+            first[key] = len(out)
+            out.append(h)
+    return out
 
 
 def rrf(rankings: list[list[str]], k: int = RRF_K) -> dict[str, float]:
@@ -87,13 +118,14 @@ class Retriever:
             scores = raw
             ranked = sorted(scores, key=lambda c: scores[c], reverse=True)
         # Ids Chroma knows but the catalogue does not (an ingest killed before its commit)
-        # are dropped here: the catalogue is the source of truth.
-        pool = ranked[: max(k * 4, 20)] if self.reranker else ranked[: k * 2]
-        rows = self.store.chunks(collection, pool)
-        hits = [Hit(r.path, r.page, r.heading, r.start, r.end, r.text, scores[cid], cid)
-                for cid in pool if (r := rows.get(cid)) is not None]
+        # are dropped here: the catalogue is the source of truth. Copies of a passage score
+        # alike and sit together in the ranking; all candidates are read so each hit names
+        # every place its passage was found.
+        rows = self.store.chunks(collection, ranked)
+        hits = collapse([Hit(r.path, r.page, r.heading, r.start, r.end, r.text, scores[cid], cid)
+                         for cid in ranked if (r := rows.get(cid)) is not None])
         if self.reranker and hits:
-            new = self.reranker.scores(query, [h.text for h in hits])
-            hits = [Hit(h.source, h.page, h.heading, h.start, h.end, h.text, s, h.id)
-                    for s, h in sorted(zip(new, hits), key=lambda p: p[0], reverse=True)]
+            pool = hits[: max(k * 4, 20)]
+            new = self.reranker.scores(query, [h.text for h in pool])
+            hits = [replace(h, score=s) for s, h in sorted(zip(new, pool), key=lambda p: p[0], reverse=True)]
         return hits[:k]

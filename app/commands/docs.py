@@ -178,4 +178,6 @@ def run_search(args) -> int:
         snippet = " ".join(h.text.split())
         print(f"{i}. {display_safe(h.where())}  (score {h.score:.4f})")
         print(f"   {display_safe(snippet[:300])}{'...' if len(snippet) > 300 else ''}")
+        for src in h.sources()[1:]:
+            print(f"   also in {display_safe(src)}")
     return 0

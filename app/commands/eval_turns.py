@@ -73,12 +73,13 @@ def grammar_judge(engine):
 
 
 def retrieval_search(store, settings, collection: str):
-    """search(question, mode, k) -> [(source, passage)] over one collection."""
+    """search(question, mode, k) -> [(sources, passage)] over one collection (sources: every file
+    the passage is in)."""
     from .. import documents
 
     retriever = documents.retriever(store, settings, collection)
 
     def search(question: str, mode: str, k: int):
-        return [(h.source, h.text) for h in retriever.search(collection, question, k=k, mode=mode)]
+        return [(h.sources(), h.text) for h in retriever.search(collection, question, k=k, mode=mode)]
 
     return search

@@ -162,9 +162,12 @@ class _Matcher:
             self._resolved[key] = str(((base / q) if base is not None and not q.is_absolute() else q).resolve())
         return self._resolved[key]
 
-    def matches(self, q: Question, source: str, passage: str) -> bool:
+    def matches(self, q: Question, source: str | Sequence[str], passage: str) -> bool:
+        """`source`: the hit's file, or every file its passage is in (a passage found in several
+        copies is one hit that names them all)."""
         bare = os.sep not in q.source and "/" not in q.source
-        same = (bare and Path(source).name == q.source) or self._abs(source) == self._abs(q.source, self.base)
+        same = any((bare and Path(s).name == q.source) or self._abs(s) == self._abs(q.source, self.base)
+                   for s in ([source] if isinstance(source, str) else source))
         return same and (q.contains is None or _norm(q.contains) in _norm(passage))
 
     def rank(self, q: Question, hits: Sequence[tuple[str, str]], k: int) -> int | None:

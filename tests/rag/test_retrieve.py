@@ -147,3 +147,37 @@ def test_watch_snapshot_notices_changes(tmp_path):
     snap = Snapshot([tmp_path])
     (tmp_path / "b.txt").unlink()
     assert snap.changed()
+
+
+def test_a_passage_in_several_files_is_one_hit_listing_every_file(tmp_path, embedder):
+    """The issue's case: the same license in two folders and twice in one (GPL and GPL-3 are the
+    same file): the question's passage comes once, naming its four places, and the freed slots go
+    to other passages; grounding and citations see the same single hit."""
+    from rag.ingest import Ingestor
+    from rag.store import Store
+
+    for folder in ("notes", "backup"):
+        (tmp_path / folder).mkdir()
+        for name in ("GPL-3", "GPL"):
+            shutil.copy(LICENSES / "GPL-3", tmp_path / folder / name)
+        shutil.copy(LICENSES / "LGPL-3", tmp_path / folder / "LGPL-3")
+    store = Store(tmp_path / "rag")
+    try:
+        Ingestor(store, lambda: embedder, embedder_name="all-MiniLM-L6-v2").run(
+            [tmp_path / "notes", tmp_path / "backup"], "dup")
+        r = Retriever(store, embedder)
+        for mode in ("hybrid", "dense", "keyword"):
+            hits = r.search("dup", "May I link a proprietary program against a library under the lesser license?",
+                            k=5, mode=mode)
+            keys = [" ".join(h.text.lower().split()) for h in hits]
+            assert len(hits) == 5 and len(set(keys)) == 5, mode        # no passage spends two slots
+            gpl = [h for h in hits if h.source.rsplit("/", 1)[-1] in ("GPL-3", "GPL")]
+            assert all(len(h.sources()) == 4 for h in gpl), [(mode, h.start, len(h.sources()), [s[-12:] for s in h.sources()]) for h in gpl if len(h.sources()) != 4]
+            lgpl = [h for h in hits if h.source.endswith("/LGPL-3")]
+            assert lgpl and all(len(h.sources()) == 2 for h in lgpl), mode  # each LGPL passage: both folders
+        top = hits[0]
+        assert top.as_dict()["also"] and len(top.as_dict()["also"]) == len(top.sources()) - 1
+        prompt, sources = build_prompt("q", hits)
+        assert len(sources) == 5 and "also in" in prompt
+    finally:
+        store.close()
