@@ -18,6 +18,8 @@ def pick_model(app) -> None:
         if e.kind == "gguf":
             d = describe(e)
             names.append((e.name, f"{d.get('parameters_human', '')} {d.get('quantization') or ''}".strip()))
+        elif e.kind == "remote":  # a server's model (models add-remote): chats, tools and documents alike
+            names.append((e.name, f"remote {e.model or ''} at {e.path}".replace("  ", " ")))
 
     def chosen(name: str | None) -> None:
         if name and name != app.controller.model.name:

@@ -360,3 +360,25 @@ def test_serve_takes_a_gbnf_grammar_field_and_refuses_a_bad_one(server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "grammar"
     both = post(grammar='root ::= "x"', response_format={"type": "json_object"})
     assert both.status_code == 400 and both.json()["error"]["param"] == "grammar"
+
+
+async def test_the_app_model_picker_offers_a_remote_model_and_chats_on_it(server, capsys):
+    """Ctrl+O lists the server's model next to the GGUFs; choosing it, the next reply comes from it."""
+    from app.tui.app import CrofterApp
+    from app.tui.screens import ModelPicker
+
+    from .pilot import SIZE, boxes, say, screen_text, start, wait_for
+
+    add(capsys, server.url, "far")
+    ctl = controller()
+    app = CrofterApp(controller=ctl)
+    async with app.run_test(size=SIZE) as pilot:
+        await start(pilot)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelPicker))
+        await wait_for(pilot, lambda: "far" in screen_text(app) and "remote" in screen_text(app), timeout=10)
+        app.screen.dismiss("far")
+        await wait_for(pilot, lambda: ctl.model is not None and ctl.model.name == "far" and app.ready)
+        await say(pilot, "Say hello.")
+        stored = ctl.store.messages(ctl.chat.id)
+        assert stored[-1].role == "assistant" and stored[-1].model == "far" and boxes(app)[-1][1] == stored[-1].content
