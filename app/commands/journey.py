@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
         p.add_argument("--json", action="store_true", help="print the state as JSON")
         if action == "run":
             p.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is skipped) and stop")
+    from .journey_diff import add_diff_parser  # argparse only: torch waits for run_diff
+
+    add_diff_parser(jsub)
 
 
 def _load(args):
@@ -52,6 +55,10 @@ def _load(args):
 
 
 def run(args) -> int:
+    if args.journey_command == "diff":
+        from .journey_diff import run_diff
+
+        return run_diff(args)
     from ..journey.plan import JourneyError
 
     try:

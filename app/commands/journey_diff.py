@@ -1,0 +1,89 @@
+"""`crofter journey diff A B --prompts FILE`: what a training stage changed inside the model.
+
+The parser is argparse only; torch, transformers and peft load inside `run_diff` (finetune/diff.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from ..errors import CLIError
+
+DIFFS = "diffs"  # the data-dir folder a diff goes to without --out
+
+
+def add_diff_parser(jsub) -> None:
+    """Add the `diff` action to the `crofter journey` subparsers."""
+    p = jsub.add_parser(
+        "diff", help="what a stage changed inside the model: KL per token, per-layer drift, logit lens, LoRA norms",
+        description="Compare two models on the same prompts: the KL between their next-token distributions at "
+        "every position (and the tokens that moved most), the residual-stream cosine distance after each "
+        "decoder layer, a logit lens of one prompt for each, and, where an adapter is involved, the norm of "
+        "each LoRA module's weight change. Writes diff.png and diff.json to --out. A and B must share the "
+        "tokenizer. Each is an HF checkpoint folder, BASE+ADAPTER_DIR, or a journey stage folder "
+        "(RUN/01-sft: the run's adapter on its base; RUN/03-merge: the merged model).",
+        epilog="Examples:  crofter journey diff ~/smollm2-hf RUN/01-sft --prompts prompts.txt --chat   |   "
+        "crofter journey diff RUN/01-sft RUN/02-dpo --prompts prompts.txt")
+    p.add_argument("a", metavar="A", help="the model before (HF_DIR, BASE+ADAPTER_DIR or a stage folder)")
+    p.add_argument("b", metavar="B", help="the model after (same forms)")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help='prompts, one a line (or JSONL with {"prompt": ...})')
+    p.add_argument("--out", metavar="DIR", help=f"where diff.png and diff.json go (default: <data dir>/{DIFFS}/A-vs-B)")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of the summary")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens per prompt (default: 64)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user turn with the generation prompt (keeps its last N tokens)")
+    p.add_argument("--lens-prompt", type=int, default=0, metavar="I", help="the prompt (0-based) of the logit lens")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu")
+
+
+def _slug(spec: str) -> str:
+    parts = [p for p in re.split(r"[+/\\]", spec) if p and p not in (".", "..")]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts[-2:]))[:60] or "model"
+
+
+def default_out(a: str, b: str) -> Path:
+    from models.paths import data_dir
+
+    return data_dir() / DIFFS / f"{_slug(a)}-vs-{_slug(b)}"
+
+
+def run_diff(args) -> int:
+    from finetune.diff_inputs import DiffError, load_prompts, resolve_side
+    from models.registry import ModelError
+
+    try:
+        a, b = resolve_side(args.a), resolve_side(args.b)
+        prompts = load_prompts(args.prompts)
+        if args.max_tokens < 1:
+            raise DiffError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+        if not 0 <= args.lens_prompt < len(prompts):
+            raise DiffError(f"--lens-prompt {args.lens_prompt}: {args.prompts} has {len(prompts)} prompts "
+                            f"(0 to {len(prompts) - 1})")
+        out = Path(args.out).expanduser() if args.out else default_out(args.a, args.b)
+        if out.exists() and not out.is_dir():
+            raise DiffError(f"{out}: exists and is not a folder (--out)")
+        from finetune.diff import diff, summary
+        from finetune.diff_plot import write_png
+        from models.atomic import write_text
+
+        result = diff(a, b, prompts, max_tokens=args.max_tokens, chat=args.chat, lens_prompt=args.lens_prompt,
+                      device=args.device)
+        result["png"], result["json"] = str(out / "diff.png"), str(out / "diff.json")
+        text = json.dumps(result, indent=2, ensure_ascii=False)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_png(result, out / "diff.png")
+            write_text(out / "diff.json", text)
+        except OSError as exc:
+            raise DiffError(f"{out}: writing the diff failed ({exc.strerror or exc}); nothing was left half-written") from None
+    except (DiffError, ModelError) as exc:
+        raise CLIError(str(exc)) from None
+    if args.json:
+        print(text)
+    else:
+        print(summary(result))
+        print(f"crofter: wrote {out / 'diff.json'}", file=sys.stderr)
+    return 0
