@@ -254,43 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing_.add_argument("--name", help="store name to register the folder under (default: from --out)")
     ing_.add_argument("--no-register", action="store_true", help="do not add the folder to the model store")
 
-    tune = sub.add_parser("tune", help="fine-tune an HF checkpoint: LoRA/QLoRA SFT, DPO, merge",
-                          description="Fine-tuning with transformers, peft and TRL. Runs on CUDA when present (bf16 "
-                          "where supported), else on CPU. Each run folder holds config.json, checkpoints/, adapter/, "
-                          "loss.csv and loss.png.")
-    tsub = tune.add_subparsers(dest="tune_command", metavar="ACTION", required=True)
-    for kind, text in (("sft", "supervised fine-tuning on chat data (alpaca, ShareGPT or OpenAI messages)"),
-                       ("dpo", "preference tuning on prompt/chosen/rejected pairs")):
-        t = tsub.add_parser(kind, help=text, description=text.capitalize() + ".",
-                            epilog="Recipes: lora, qlora, dpo (finetune/configs/) or a YAML file with the same keys.")
-        t.add_argument("--base", required=True, metavar="MODEL", help="HF checkpoint folder or store name")
-        t.add_argument("--data", required=True, metavar="FILE", help="JSONL or JSON training data")
-        if kind == "dpo":
-            t.add_argument("--adapter", metavar="DIR", help="start from this SFT adapter (the reference is a frozen copy)")
-        t.add_argument("--recipe", default="dpo" if kind == "dpo" else "lora", metavar="NAME|FILE",
-                       help=f"training recipe (default: {'dpo' if kind == 'dpo' else 'lora'})")
-        t.add_argument("--out", metavar="DIR", help="run folder (default: <data dir>/runs/DATE-KIND)")
-        t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
-        t.add_argument("--epochs", type=float, metavar="E")
-        t.add_argument("--lr", type=float, metavar="LR", help="learning rate")
-        t.add_argument("--batch-size", type=int, metavar="N")
-        t.add_argument("--max-length", type=int, metavar="TOKENS", help="longer examples are truncated (and counted)")
-        t.add_argument("--eval-split", type=float, metavar="F", help="fraction held out for eval loss (0: none)")
-        t.add_argument("--qlora", action="store_true", help="4-bit NF4 base through bitsandbytes (CUDA)")
-        t.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete checkpoint")
-        t.add_argument("--launcher", choices=("none", "accelerate"), default="none",
-                       help="accelerate: run on several GPUs with `accelerate launch`")
-        t.add_argument("--gpus", type=int, default=2, metavar="N", help="processes for --launcher accelerate (default 2)")
-        t.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="multi-GPU strategy (default ddp)")
-        t.add_argument("--dry-run", action="store_true", help="with --launcher: write the config and print the command only")
-        t.add_argument("--json", action="store_true", help="print the summary as JSON")
-    tm = tsub.add_parser("merge", help="adapter + base -> a full checkpoint (safetensors), registered in the store")
-    tm.add_argument("--base", required=True, metavar="MODEL")
-    tm.add_argument("--adapter", required=True, metavar="DIR")
-    tm.add_argument("--out", required=True, metavar="DIR")
-    tm.add_argument("--name", help="store name (default: from --out)")
-    tm.add_argument("--no-register", action="store_true")
-    tm.add_argument("--json", action="store_true")
+    from .commands.tune_parser import add_parser as add_tune_parser  # argparse only: torch/TRL wait for run()
+
+    add_tune_parser(sub)
 
     from .commands.evaluate import add_parser as add_eval_parser  # argparse only: heavy imports wait for run()
 

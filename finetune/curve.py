@@ -1,7 +1,8 @@
 """The loss curve of a run: every Trainer log line appended to loss.csv, loss.png redrawn at the end.
 
 DPO runs also plot chosen and rejected rewards side by side: a chosen reward that falls
-while the margin grows (TRL #800) should be visible, not buried in a margin.
+while the margin grows (TRL #800) should be visible, not buried in a margin. Reward-model runs
+plot pair accuracy and margin; GRPO runs plot the mean reward and the KL to the reference.
 """
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ class CurveLogger:
 
     COLUMNS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "rewards/chosen", "rewards/rejected",
                "rewards/margins", "rewards/accuracies", "eval_rewards/chosen", "eval_rewards/rejected",
-               "eval_rewards/margins", "eval_rewards/accuracies"]
+               "eval_rewards/margins", "eval_rewards/accuracies", "accuracy", "margin", "eval_accuracy",
+               "eval_margin", "reward", "reward_std", "kl"]
+    # The second panel, by the kind of run the rows show: (a column that marks it, title, columns).
+    PANELS = [("rewards/margins", "DPO rewards (chosen must not fall unnoticed)",
+               ("rewards/chosen", "rewards/rejected", "rewards/margins")),
+              ("reward", "GRPO: mean reward and KL to the reference", ("reward", "kl")),
+              ("accuracy", "reward model: pair accuracy and margin", ("accuracy", "eval_accuracy", "margin", "eval_margin"))]
 
     def __init__(self, run_dir: Path, on_log: Callable[[dict], None] | None = None):
         from transformers import TrainerCallback
@@ -80,20 +87,21 @@ class CurveLogger:
 
         with open(self.csv) as fh:
             rows = list(csv.DictReader(fh))
-        fig, axes = plt.subplots(1, 2 if any(r["rewards/margins"] for r in rows) else 1, figsize=(10, 4), squeeze=False)
+        panel = next((p for p in self.PANELS if any(r.get(p[0]) for r in rows)), None)
+        fig, axes = plt.subplots(1, 2 if panel else 1, figsize=(10, 4), squeeze=False)
         for key, style in (("loss", "-"), ("eval_loss", "o-")):
-            pts = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+            pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
             if pts:
                 axes[0][0].plot(*zip(*pts), style, label=key)
         axes[0][0].set_xlabel("step")
         axes[0][0].set_title("loss")
         axes[0][0].legend()
-        if axes.shape[1] > 1:
-            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-                pts = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+        if panel:
+            for key in panel[2]:
+                pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
                 if pts:
-                    axes[0][1].plot(*zip(*pts), label=key)
-            axes[0][1].set_title("DPO rewards (chosen must not fall unnoticed)")
+                    axes[0][1].plot(*zip(*pts), "o-" if key.startswith("eval_") else "-", label=key)
+            axes[0][1].set_title(panel[1])
             axes[0][1].legend()
         fig.tight_layout()
         tmp = self.png.with_suffix(".png.partial")

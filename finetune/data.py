@@ -176,3 +176,35 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> tup
     mask = [int(any(a <= start < b for a, b in spans)) for start, _end in enc["offset_mapping"]]
     truncated = len(ids) > max_length
     return ids[:max_length], mask[:max_length], truncated
+
+
+def load_prompts(path: str | Path) -> list[list[dict]]:
+    """GRPO prompts as message lists: a .txt file gives one user prompt per non-empty line; JSONL/JSON
+    records give "prompt" (a string, or messages ending with the user's) or "messages" (the same)."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        out = [[{"role": "user", "content": ln}] for ln in lines if ln]
+        if not out:
+            raise DataError(f"{path}: no prompts")
+        return out
+    out = []
+    for where, rec in read_records(path):
+        key = "prompt" if "prompt" in rec else "messages" if "messages" in rec else None
+        if key is None:
+            raise DataError(f"{where}: a prompt record needs \"prompt\" (text or messages) or \"messages\"; "
+                            f"got keys {sorted(rec)[:6]}")
+        value = rec[key]
+        msgs = [{"role": "user", "content": _text(value, where, f'"{key}"')}] if isinstance(value, str) \
+            else _messages(value, where, key)
+        if msgs[-1]["role"] != "user":
+            raise DataError(f"{where}: the prompt must end with a user message (got {msgs[-1]['role']})")
+        if not msgs[-1]["content"].strip():
+            raise DataError(f"{where}: the prompt is empty")
+        out.append(msgs)
+    return out

@@ -50,6 +50,13 @@ class Recipe:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     sft_weight: float = 0.0  # an SFT term on the chosen answers (TRL's rpo_alpha); 0: none
+    # Reward model (tune reward): pulls the mean reward towards 0 (TRL's center_rewards_coefficient; 0: off).
+    center_rewards: float = 0.0
+    # GRPO (tune grpo; beta above is its KL coefficient): completions sampled per prompt, and how.
+    num_generations: int = 4
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
     extra: dict = field(default_factory=dict)  # passed to the TRL config as is (advanced)
 
     def __post_init__(self) -> None:
@@ -59,6 +66,9 @@ class Recipe:
             ("grad_accum", self.grad_accum >= 1), ("max_length", self.max_length >= 16), ("eval_split", 0 <= self.eval_split < 1),
             ("save_steps", self.save_steps >= 1), ("beta", self.beta > 0), ("loss_type", self.loss_type in LOSS_TYPES),
             ("sft_weight", self.sft_weight >= 0), ("warmup_ratio", 0 <= self.warmup_ratio < 1),
+            ("center_rewards", self.center_rewards >= 0), ("num_generations", self.num_generations >= 2),
+            ("max_completion_length", self.max_completion_length >= 1), ("temperature", self.temperature > 0),
+            ("top_p", 0 < self.top_p <= 1),
         ]
         for key, ok in checks:
             if not ok:

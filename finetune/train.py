@@ -78,10 +78,11 @@ def _quiet() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_base(base: Path, recipe: Recipe, dev: dict):
-    """(model, tokenizer) for training; QLoRA loads the base in 4-bit NF4."""
+def load_base(base: Path, recipe: Recipe, dev: dict, head: str = "causal"):
+    """(model, tokenizer) for training; QLoRA loads the base in 4-bit NF4. head="score": the base
+    with a one-output score head instead of its LM head (a reward model; the head starts random)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     if tok.pad_token is None:
@@ -111,7 +112,14 @@ def load_base(base: Path, recipe: Recipe, dev: dict):
         kwargs["dtype"] = compute
     else:
         kwargs["dtype"] = torch.bfloat16 if dev["bf16"] else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    if head == "score":
+        from transformers import set_seed
+
+        set_seed(recipe.seed)  # the score head is initialised at random: the same seed gives the same run
+        model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1, **kwargs)
+        model.config.pad_token_id = tok.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     if recipe.qlora:
         from peft import prepare_model_for_kbit_training
 
@@ -123,14 +131,15 @@ def load_base(base: Path, recipe: Recipe, dev: dict):
 CONV1D_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
 
 
-def lora_config(recipe: Recipe, model_type: str | None = None):
+def lora_config(recipe: Recipe, model_type: str | None = None, task: str = "CAUSAL_LM"):
+    """task="SEQ_CLS" (a reward model): peft also trains and saves the score head in full."""
     from peft import LoraConfig
 
     targets, conv1d = recipe.target_modules, model_type in CONV1D_TARGETS
     if conv1d and targets == "all-linear":
         targets = CONV1D_TARGETS[model_type]
     return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      use_rslora=recipe.use_rslora, target_modules=targets, task_type="CAUSAL_LM",
+                      use_rslora=recipe.use_rslora, target_modules=targets, task_type=task,
                       bias="none", fan_in_fan_out=conv1d)
 
 
@@ -204,10 +213,10 @@ def _prepare_run(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
-def _save_adapter(trainer, run_dir: Path) -> Path:
+def _save_adapter(trainer, run_dir: Path, **save_kw) -> Path:
     final = run_dir / "adapter"
     with atomic_dir(final, replace=True) as tmp:
-        trainer.model.save_pretrained(str(tmp))
+        trainer.model.save_pretrained(str(tmp), **save_kw)
         trainer.processing_class.save_pretrained(str(tmp))
     return final
 
@@ -277,7 +286,7 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
         on_log: Callable[[dict], None] | None = None) -> RunSummary:
     """DPO with TRL's DPOTrainer. The reference model is the policy with its trainable adapter
     off (a base) or a frozen copy of the starting adapter (an SFT adapter): never a second model."""
-    adapter = resolve_adapter(adapter) if adapter is not None else None  # before anything heavy
+    adapter = policy_adapter(adapter) if adapter is not None else None  # before anything heavy
     _quiet()
     pairs = load_preferences(data)
     ckpt = _prepare_run(run_dir, resume)
@@ -315,6 +324,19 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
                       None, seconds, 0, len(pairs), metrics)
 
 
+def policy_adapter(path: Path) -> Path:
+    """resolve_adapter, refusing a reward model's adapter (a score head, not a chat model's)."""
+    found = resolve_adapter(path)
+    try:
+        task = json.loads((found / "adapter_config.json").read_text()).get("task_type")
+    except (OSError, ValueError, AttributeError):
+        task = None
+    if task == "SEQ_CLS":
+        raise TrainError(f"{path}: a reward model's adapter (it scores replies, it does not write them); "
+                         "give it to `crofter tune grpo --reward`")
+    return found
+
+
 def merge(base: Path, adapter: Path, out: Path) -> Path:
     """Adapter (or the run folder holding it) + base -> a full HF checkpoint (safetensors) at `out`.
 
@@ -322,7 +344,7 @@ def merge(base: Path, adapter: Path, out: Path) -> Path:
     write error (disk full) removes the temp and raises TrainError, a kill leaves a temp that
     the next merge into that folder sweeps. The base is loaded in 16/32-bit, never 4-bit: a
     QLoRA adapter merges into the dequantized weights (merging into NF4 loses its precision)."""
-    adapter = resolve_adapter(adapter)
+    adapter = policy_adapter(adapter)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     if out.exists():
         raise TrainError(f"{out} exists; choose a new --out")

@@ -24,7 +24,7 @@ from .registry import ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-RUN_KINDS = ("sft", "dpo")
+RUN_KINDS = ("pretrain", "sft", "dpo", "reward", "grpo")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -61,7 +61,7 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def is_run_folder(path: Path) -> bool:
-    """A folder `crofter tune sft|dpo` wrote: it has adapter/ or checkpoints/, or its config.json names the kind."""
+    """A folder `crofter tune sft|dpo|reward|grpo` wrote: it has adapter/ or checkpoints/, or its config.json names the kind."""
     if (path / "adapter").is_dir() or (path / "checkpoints").is_dir():
         return True
     try:

@@ -1,4 +1,4 @@
-"""`crofter tune sft | dpo | merge`: fine-tune a local HF checkpoint, then merge the adapter."""
+"""`crofter tune sft | dpo | reward | grpo | merge`: fine-tune a local HF checkpoint, then merge the adapter."""
 from __future__ import annotations
 
 import json
@@ -31,7 +31,9 @@ def _recipe(args):
 
     r = load_recipe(args.recipe)
     return r.replace(qlora=True if getattr(args, "qlora", False) else None, learning_rate=args.lr,
-                     eval_split=args.eval_split, max_length=args.max_length, batch_size=args.batch_size)
+                     eval_split=getattr(args, "eval_split", None), max_length=getattr(args, "max_length", None),
+                     batch_size=args.batch_size, num_generations=getattr(args, "num_generations", None),
+                     max_completion_length=getattr(args, "max_completion_length", None))
 
 
 def accelerate_config(run_dir: Path, gpus: int, strategy: str) -> Path:
@@ -101,15 +103,29 @@ def _summary(args, s) -> None:
         con.print(f"  throughput         {s.tokens_per_s:.0f} tokens/s")
     if s.truncated:
         con.print(f"  truncated          {s.truncated} examples longer than max_length")
-    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "accuracy", "margin"):
         for key in (f"eval_{k}", k):
             if key in s.metrics:
-                con.print(f"  {key:18} {s.metrics[key]:.4f}")
+                con.print(f"  {key:18} {s.metrics[key]:.4f}" + ("  (held-out pairs)" if key.startswith("eval_") and
+                                                                 s.kind == "reward" else ""))
                 break
+    if s.kind == "grpo" and s.metrics.get("reward_first") is not None:
+        con.print(f"  mean reward        {s.metrics['reward_first']:.4f} (first step) -> {s.metrics['reward_last']:.4f} (last)")
+        if s.metrics.get("kl") is not None:
+            con.print(f"  KL to reference    {s.metrics['kl']:.4f}")
     con.print(f"  adapter            {s.adapter}")
     con.print(f"  loss curve         {s.run_dir / 'loss.png'} (and loss.csv)")
     con.print(f"  config             {s.run_dir / 'config.json'}")
-    con.print(f"next: crofter tune merge --base BASE --adapter {s.run_dir} --out DIR")
+    if s.kind == "pretrain":
+        before, after = s.metrics.get("held_out_perplexity_before"), s.metrics.get("held_out_perplexity")
+        if before is not None and after is not None:
+            con.print(f"  held-out PPL       {before:.2f} -> {after:.2f}")
+        con.print(f"  merged model       {s.metrics['model']}")
+        con.print(f"next: crofter tune sft --base {s.metrics['model']} --data chat.jsonl")
+    elif s.kind == "reward":
+        con.print(f"next: crofter tune grpo --base BASE --prompts FILE --reward {s.run_dir}")
+    else:
+        con.print(f"next: crofter tune merge --base BASE --adapter {s.run_dir} --out DIR")
 
 
 def run(args) -> int:
@@ -151,7 +167,19 @@ def run(args) -> int:
 def _train(train, args, base, run_dir, recipe, kw):
     if args.tune_command == "sft":
         return train.sft(base, Path(args.data), run_dir, recipe, **kw)
+    if args.tune_command == "pretrain":
+        from finetune.pretrain import pretrain
+
+        return pretrain(base, Path(args.text), run_dir, recipe, **kw)
+    if args.tune_command == "reward":
+        from finetune import rlhf
+
+        return rlhf.reward(base, Path(args.data), run_dir, recipe, **kw)
     adapter = Path(args.adapter).expanduser() if args.adapter else None  # an adapter or a run folder
+    if args.tune_command == "grpo":
+        from finetune import rlhf
+
+        return rlhf.grpo(base, Path(args.prompts), run_dir, recipe, reward=args.reward, adapter=adapter, **kw)
     return train.dpo(base, Path(args.data), run_dir, recipe, adapter=adapter, **kw)
 
 

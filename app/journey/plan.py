@@ -21,13 +21,16 @@ from pathlib import Path
 STAGE_ORDER = ("import", "pretrain", "sft", "dpo", "reward", "grpo", "merge", "convert", "quantize")
 TUNE_KEYS = {"recipe": "recipe", "max_steps": int, "epochs": float, "lr": float, "batch_size": int,
              "max_length": int, "eval_split": float}
+# GRPO samples its own completions: no held-out split or example length, but group size and completion length.
+GRPO_KEYS = {**{k: v for k, v in TUNE_KEYS.items() if k not in ("max_length", "eval_split")},
+             "num_generations": int, "max_completion_length": int}
 STAGE_KEYS: dict[str, dict] = {
     "import": {"checkpoint": "path", "tokenizer": "path"},
-    "pretrain": {},
+    "pretrain": {"text": "path", **TUNE_KEYS},
     "sft": {"data": "path", **TUNE_KEYS},
     "dpo": {"data": "data", "chats": list, "with_compare": bool, **TUNE_KEYS},
     "reward": {"data": "data", "chats": list, "with_compare": bool, **TUNE_KEYS},
-    "grpo": {"prompts": "path", "reward": str, **TUNE_KEYS},
+    "grpo": {"prompts": "path", "reward": str, **GRPO_KEYS},
     "merge": {},
     "convert": {"outtype": str},
     "quantize": {"type": str, "calibration": "path"},
@@ -192,9 +195,6 @@ def _check(j: Journey, cwd_keys: set) -> None:
     """The rules between stages, and the base."""
     where = str(j.path)
     kinds = [s.kind for s in j.stages]
-    if "pretrain" in kinds:
-        raise JourneyError(f"{where}: stage pretrain: continued pre-training is not built yet; "
-                           "remove the stage (SFT, DPO, reward and GRPO are)")
     if "import" in kinds:
         if j.base:
             raise JourneyError(f"{where}: base: the import stage makes the base; remove one of them")
@@ -206,7 +206,7 @@ def _check(j: Journey, cwd_keys: set) -> None:
         raise JourneyError(f"{where}: missing key 'base' (an HF folder or store name), or add an import stage")
     else:
         j.base_path = _resolve_base(where, j.base, ("base",) in cwd_keys, j.path.parent)
-    for kind, key in (("sft", "data"), ("dpo", "data"), ("reward", "data"), ("grpo", "prompts")):
+    for kind, key in (("pretrain", "text"), ("sft", "data"), ("dpo", "data"), ("reward", "data"), ("grpo", "prompts")):
         s = j.stage(kind)
         if s is not None and key not in s.cfg:
             raise JourneyError(f"{where}: stage {kind}: missing key {key!r}")

@@ -53,6 +53,27 @@ class Planned:
     status: str = "run"        # done | run | resume | changed
 
 
+def reward_code(spec: str | None) -> Path | None:
+    """The file a python:MODULE:FUNC reward lives in, so that editing the function re-runs GRPO."""
+    if not spec or not spec.startswith("python:"):
+        return None
+    module = spec[len("python:"):].rpartition(":")[0]
+    if module.endswith(".py"):
+        path = Path(module).expanduser()
+        return path if path.is_file() else None
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        sys.path.remove(str(Path.cwd()))
+    return Path(found.origin) if found is not None and found.origin and Path(found.origin).is_file() else None
+
+
 def plan(journey: Journey, run_dir: Path, state: dict, write: bool = True) -> tuple[list[Planned], Chain]:
     """Every step with its key and whether it must run; `write=False` writes nothing (dry run, status)."""
     chain = Chain(base=journey.base_path)
@@ -68,7 +89,8 @@ def plan(journey: Journey, run_dir: Path, state: dict, write: bool = True) -> tu
     for s in journey.stages:
         step = build(s, run_dir, chain, journey, write)
         cfg = {k: v for k, v in s.cfg.items() if not (k == "data" and v == "chats")}
-        extra = journey.eval.get("text") if s.kind == "quantize" else None
+        extra = journey.eval.get("text") if s.kind == "quantize" else reward_code(s.cfg.get("reward")) \
+            if s.kind == "grpo" else None
         prev = keys.key(prev, s.kind, cfg, step.data, extra)
         if step.data is not None and not write and step.data.parent != run_dir / "data":
             step.data.unlink(missing_ok=True)  # a dry run's temporary export

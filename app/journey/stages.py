@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .plan import TUNE_KEYS, Journey, JourneyError, Stage
+from .plan import GRPO_KEYS, TUNE_KEYS, Journey, JourneyError, Stage
 
-TUNE_RESUMABLE = ("sft", "dpo", "reward", "grpo")
+TUNE_RESUMABLE = ("pretrain", "sft", "dpo", "reward", "grpo")
 
 
 @dataclass
@@ -35,9 +35,9 @@ class Step:
     data: Path | None = None              # an exported chats file this step trains on
 
 
-def _tune_flags(cfg: dict) -> list[str]:
+def _tune_flags(cfg: dict, keys=TUNE_KEYS) -> list[str]:
     out = []
-    for key in TUNE_KEYS:
+    for key in keys:
         if key in cfg:
             out += [f"--{key.replace('_', '-')}", str(cfg[key])]
     return out
@@ -89,6 +89,11 @@ def build(stage: Stage, run_dir: Path, chain: Chain, journey: Journey, write: bo
         chain.base = f / "model"
         return Step(["import", "nanogpt", str(c["checkpoint"]), "--tokenizer", str(c["tokenizer"]), "--out",
                      str(f / "model"), "--no-register", "--json"], f, {"model": f / "model"})
+    if k == "pretrain":  # its output is a new base (the adapter merged in): what every later stage starts from
+        argv = ["tune", "pretrain", "--base", str(chain.base), "--text", str(c["text"]), "--out", str(f), "--json",
+                *_tune_flags(c)]
+        chain.base = f / "model"
+        return Step(argv, f, {"model": f / "model"})
     if k in ("sft", "dpo", "reward"):
         data = data_of(stage, run_dir, write)
         argv = ["tune", k, "--base", str(chain.base), "--data", str(data), "--out", str(f), "--json", *_tune_flags(c)]
@@ -102,7 +107,7 @@ def build(stage: Stage, run_dir: Path, chain: Chain, journey: Journey, write: bo
     if k == "grpo":
         reward = str(chain.reward) if c["reward"] == "reward" else c["reward"]
         argv = ["tune", "grpo", "--base", str(chain.base), "--prompts", str(c["prompts"]), "--reward", reward,
-                "--out", str(f), "--json", *_tune_flags(c)]
+                "--out", str(f), "--json", *_tune_flags(c, GRPO_KEYS)]
         if chain.adapter is not None:
             argv += ["--adapter", str(chain.adapter)]
         chain.adapter = f
@@ -163,9 +168,9 @@ def evaluations(kind: str, journey: Journey, chain: Chain, folder: Path) -> list
     if kind in ("sft", "dpo", "grpo"):
         flags = _eval_flags(ev)
         return [["eval", str(chain.base), "--adapter", str(chain.adapter / "adapter"), *flags, *tail]] if flags else []
-    if kind == "merge":
+    if kind in ("merge", "pretrain"):
         flags = _eval_flags(ev)
-        return [["eval", str(chain.merged), *flags, *tail]] if flags else []
+        return [["eval", str(chain.merged if kind == "merge" else chain.base), *flags, *tail]] if flags else []
     if kind == "convert":
         return [["eval", str(chain.f16), *_eval_flags(ev, prompts=True), *tail]]
     if kind == "quantize":

@@ -52,6 +52,7 @@ BAD = [
     ("base: B\nstages: {sft: {data: D}, dpo: {data: D}, reward: {data: D}, grpo: {prompts: D}, merge: {}}",
      "choose one way to align"),
     ("base: B\nstages: {grpo: {prompts: D, reward: reward}}", "there is none"),
+    ("base: B\nstages: {grpo: {prompts: D, reward: 'python:m:f', eval_split: 0.1}}", "stage grpo: unknown key 'eval_split'"),
     ("base: B\neval: {text: D, ctx: 4}\nstages: {convert: {}}", "eval: ctx: at least 32"),
     ("base: no-such-model\nstages: {convert: {}}", "base: no model named 'no-such-model'"),
     ("base: B\neval: {retrieval: D}\nstages: {convert: {}}", "eval: retrieval: name the collection"),
@@ -279,7 +280,7 @@ def test_reward_and_grpo_stages_chain_the_reward_run_and_the_sft_adapter(hf_mode
 stages:
   sft: {{data: {PERSONA / 'persona.jsonl'}}}
   reward: {{data: {data}, max_steps: 2}}
-  grpo: {{prompts: {data}, max_steps: 2}}
+  grpo: {{prompts: {data}, max_steps: 2, num_generations: 2}}
   merge: {{}}
 """)
     steps, chain = plan(load_journey(path), tmp_path / "run", {}, write=False)
@@ -289,6 +290,7 @@ stages:
     grpo = argv["03-grpo"]
     assert grpo[grpo.index("--reward") + 1] == str(tmp_path / "run" / "02-reward")
     assert grpo[grpo.index("--adapter") + 1] == str(tmp_path / "run" / "01-sft")
+    assert grpo[grpo.index("--num-generations") + 1] == "2" and "--eval-split" not in grpo
     assert argv["04-merge"][argv["04-merge"].index("--adapter") + 1] == str(tmp_path / "run" / "03-grpo")
     with_docs = load_journey(path, [f"eval.retrieval={data}", "eval.collection=notes"])
     steps, _ = plan(with_docs, tmp_path / "run", {}, write=False)
@@ -298,3 +300,32 @@ stages:
     fn = load_journey(path, ["grpo.reward=python:my_rewards:starts_with_arr"])
     steps, _ = plan(fn, tmp_path / "run", {}, write=False)
     assert "python:my_rewards:starts_with_arr" in steps[2].step.argv
+
+
+def test_a_pretrain_stage_makes_the_base_every_later_stage_starts_from(hf_model, tmp_path):
+    from app.journey.runner import plan
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("Domain text.")
+    path = _journey(tmp_path, f"""base: {hf_model}
+eval: {{text: {notes / 'a.txt'}}}
+stages:
+  pretrain: {{text: {notes}, max_steps: 3}}
+  sft: {{data: {PERSONA / 'persona.jsonl'}}}
+  merge: {{}}
+  convert: {{}}
+""")
+    steps, chain = plan(load_journey(path), tmp_path / "run", {}, write=False)
+    argv = {p.name: p.step.argv for p in steps if p.step is not None}
+    new_base = str(tmp_path / "run" / "01-pretrain" / "model")
+    assert argv["01-pretrain"][:2] == ["tune", "pretrain"] and argv["01-pretrain"][argv["01-pretrain"].index("--text") + 1] == str(notes)
+    for name in ("02-sft", "03-merge"):
+        assert argv[name][argv[name].index("--base") + 1] == new_base
+    pre = next(p for p in steps if p.name == "01-pretrain")
+    assert pre.eval_cmds and pre.eval_cmds[0][:2] == ["eval", new_base]  # measured as the new base
+    # The folder's content is in the key: new text re-runs pretraining and everything after it.
+    before = {p.name: p.key for p in steps}
+    (notes / "b.md").write_text("More domain text.")
+    steps, _ = plan(load_journey(path), tmp_path / "run", {}, write=False)
+    assert all(p.key != before[p.name] for p in steps if p.name != "00-base")
