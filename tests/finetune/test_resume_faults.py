@@ -100,9 +100,11 @@ def run_kill_chain(hf_model, persona_sft, tmp_path, crofter_home, seeds, max_ste
 
 
 def test_killed_run_resumes_from_last_complete_checkpoint(hf_model, persona_sft, tmp_path, crofter_home):
-    kills = run_kill_chain(hf_model, persona_sft, tmp_path, crofter_home, seeds=[0, 1], max_steps=7,
+    # One seeded kill in CI (the slow tier below runs twenty): a kill mid-save, the refusal to
+    # restart over the run, and the resume that trains every step once.
+    kills = run_kill_chain(hf_model, persona_sft, tmp_path, crofter_home, seeds=[0], max_steps=5,
                            check_refusal=True)
-    assert len(kills) == 2
+    assert len(kills) == 1
 
 
 @pytest.mark.slow
