@@ -13,8 +13,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "finetune" / "configs" / "journ
 
 def add_parser(sub) -> None:
     j = sub.add_parser(
-        "journey", help="run a model's whole path (SFT, DPO or reward+GRPO, merge, convert, quantize) as one command",
-        description="A journey file lists stages (import, sft, dpo, reward, grpo, merge, convert, quantize) and "
+        "journey", help="run a model's whole path (pretrain, SFT, DPO or reward+GRPO, merge, convert, quantize) as one command",
+        description="A journey file lists stages (import, pretrain, sft, dpo, reward, grpo, merge, convert, quantize) and "
         "an evaluation run after each (held-out perplexity, benchmark tasks, a prompt suite, KL of the quant "
         "against F16). Each stage runs the crofter command a user would type; its output is keyed by its "
         "inputs and settings, so a re-run skips what is done, a changed stage re-runs with what follows, "

@@ -1,4 +1,4 @@
-"""A journey: a model's whole path (import, SFT, DPO or reward + GRPO, merge, convert, quantize)
+"""A journey: a model's whole path (import, pretraining, SFT, DPO or reward + GRPO, merge, convert, quantize)
 written down once in YAML and run as one command, with an evaluation after every stage.
 
 plan.py reads and checks the file, keys.py says which stages are already done, stages.py turns

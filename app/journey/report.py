@@ -10,7 +10,7 @@ from pathlib import Path
 
 NAMES = {("perplexity", "ppl"): "held-out PPL", ("perplexity", "kld"): "KLD vs F16",
          ("perplexity", "same_top"): "same top token", ("prompts", "pass_rate"): "prompt suite"}
-LOWER_BETTER = ("PPL", "KLD", "loss", "MB")
+LOWER_BETTER = ("PPL", "perplexity", "KLD", "loss", "MB")
 
 
 def stage_metrics(rec: dict) -> dict[str, tuple[float, int]]:
@@ -23,11 +23,11 @@ def stage_metrics(rec: dict) -> dict[str, tuple[float, int]]:
         out[label] = (float(r["value"]), int(r.get("n") or 0))
     s = rec.get("summary")
     if isinstance(s, dict):
-        if s.get("eval_loss") is not None and rec.get("kind") in ("sft", "dpo", "reward", "grpo"):
+        if s.get("eval_loss") is not None and rec.get("kind") in ("pretrain", "sft", "dpo", "reward", "grpo"):
             out[f"{rec['kind']} eval loss"] = (float(s["eval_loss"]), 0)
         for k, v in (s.get("metrics") or {}).items():
-            if isinstance(v, (int, float)) and any(w in k for w in ("accurac", "margin", "reward")) and "/chosen" not in k \
-                    and "/rejected" not in k:
+            if isinstance(v, (int, float)) and (k == "kl" or any(w in k for w in ("accurac", "margin", "reward", "perplexity"))) \
+                    and not any(w in k for w in ("/chosen", "/rejected", "min_reward", "max_reward", "reward_std")):
                 out[f"{rec['kind']} {k.removeprefix('eval_')}"] = (float(v), 0)
         size = s.get("size_bytes")
         if size is None and rec.get("kind") in ("convert", "quantize"):

@@ -329,3 +329,18 @@ stages:
     (notes / "b.md").write_text("More domain text.")
     steps, _ = plan(load_journey(path), tmp_path / "run", {}, write=False)
     assert all(p.key != before[p.name] for p in steps if p.name != "00-base")
+
+
+def test_the_report_takes_each_training_stage_s_own_figures():
+    from app.journey.report import stage_metrics
+
+    rm = stage_metrics({"kind": "reward", "summary": {"eval_loss": 0.02, "metrics": {
+        "accuracy": 0.9, "eval_accuracy": 1.0, "eval_margin": 7.7, "min_reward": -4.0, "mean_reward": 0.2}}})
+    assert rm["reward accuracy"] == (1.0, 0) and rm["reward margin"] == (7.7, 0) and "reward min_reward" not in rm
+    g = stage_metrics({"kind": "grpo", "summary": {"metrics": {"reward_first": 0.25, "reward_last": 1.0, "kl": 1.6,
+                                                               "reward_std": 0.0}}})
+    assert g == {"grpo reward_first": (0.25, 0), "grpo reward_last": (1.0, 0), "grpo kl": (1.6, 0)}
+    p = stage_metrics({"kind": "pretrain", "summary": {"eval_loss": 1.0, "metrics": {
+        "held_out_perplexity_before": 9.0, "held_out_perplexity": 4.0, "model": "/x", "blocks": 40}}})
+    assert p == {"pretrain eval loss": (1.0, 0), "pretrain held_out_perplexity_before": (9.0, 0),
+                 "pretrain held_out_perplexity": (4.0, 0)}
