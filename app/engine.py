@@ -187,9 +187,24 @@ class Engine:
         llama.cpp's logits differ in the last bits between a prompt evaluated in one
         batch and one whose prefix came from the cache, which can flip a greedy tie.
         """
+        self.call(self.llm.reset)
+
+    def call(self, fn):
+        """fn() on the worker thread (llama.cpp is not thread-safe), after any generation in flight."""
+        box: dict = {}
         done = threading.Event()
-        self._jobs.put((self.llm.reset, done))
+
+        def job():
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # the worker must survive; the caller gets the error
+                box["error"] = exc
+
+        self._jobs.put((job, done))
         done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def close(self) -> None:
         """Stop the worker and free the model."""

@@ -14,7 +14,7 @@ def provide(ctx: ToolContext) -> list[Tool]:
     """Built-ins for this context; the file tools only when roots are configured."""
 
     def calculator(expression: Annotated[str, Pattern(calc.PATTERN)]) -> str:
-        """Evaluate an arithmetic expression exactly, e.g. "12.5 * (3 + 4) / 2" or "sqrt(2) ** 3".
+        """Compute arithmetic exactly (sums, differences, products, quotients, powers, roots), e.g. "12.5 * (3 + 4) / 2" or "sqrt(2) ** 3".
 
         Args:
             expression: numbers, + - * / // % **, parentheses, and sqrt log log10 exp sin cos tan abs round floor ceil min max pi e
@@ -22,7 +22,7 @@ def provide(ctx: ToolContext) -> list[Tool]:
         return str(calc.calculate(expression))
 
     def current_time(timezone: Optional[str] = None) -> str:
-        """The current date and time, in ISO 8601.
+        """The current date and time (today's date, the day, month and year, the time of day), in ISO 8601.
 
         Args:
             timezone: an IANA zone such as "Europe/Paris"; the machine's local time when omitted
@@ -46,7 +46,7 @@ def provide(ctx: ToolContext) -> list[Tool]:
         return files.read_text(ctx.roots, path)
 
     def list_dir(path: str = ".") -> str:
-        """List a folder inside the folders the user allowed (sub-folders end with /).
+        """List the files in a folder inside the folders the user allowed (sub-folders end with /).
 
         Args:
             path: a folder inside an allowed folder (relative paths start at the first one)
@@ -65,9 +65,13 @@ def provide(ctx: ToolContext) -> list[Tool]:
             return "No passage matched."
         return "\n\n".join(f"[{i}] {h.where()}\n{h.text.strip()}" for i, h in enumerate(hits, 1))
 
-    out = [tool(calculator, side_effects=False), tool(current_time, side_effects=False)]
+    # The calculator's and the clock's results are the answer; the file tools' paths are limited,
+    # turn by turn, to what exists under the roots.
+    out = [tool(calculator, side_effects=False, answers=True), tool(current_time, side_effects=False, answers=True)]
     if ctx.roots:
-        out += [tool(read_file, side_effects=False, private=True), tool(list_dir, side_effects=False, private=True)]
+        out += [tool(read_file, side_effects=False, private=True, choices={"path": lambda: files.names(ctx.roots)}),
+                tool(list_dir, side_effects=False, private=True,
+                     choices={"path": lambda: files.names(ctx.roots, folders=True)})]
     if ctx.search is not None:
         out.append(tool(search_documents, side_effects=False))
     return out

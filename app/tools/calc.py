@@ -32,7 +32,9 @@ _CONSTS = {"pi": math.pi, "e": math.e}
 
 def _pattern() -> str:
     """What an expression may contain, as a `schema.Pattern`: digits, decimal points, operators,
-    parentheses, commas, spaces and the known names, with at least one number or name.
+    parentheses, commas, spaces and the known names, with at least one number or name, and
+    the first of them a digit or a name (".5" inside, never first: the bundled 135M model,
+    left free, opened most expressions with a stray "." and computed .17 * .23).
 
     A name that the other pieces already spell (log10 = log, 1, 0) is left out, so each
     string splits one way only and `re` never backtracks exponentially over it."""
@@ -40,7 +42,7 @@ def _pattern() -> str:
 
     def build(names):
         alts = "|".join(names)
-        return f"^[{sep}]*([{digits}]|{alts})([{sep}{digits}]|{alts})*$"
+        return f"^[{sep}]*([0-9]|{alts})([{sep}{digits}]|{alts})*$"
 
     names = sorted([*_FUNCS, *_CONSTS], key=lambda n: (-len(n), n))
     names = [n for n in names if not re.fullmatch(build([m for m in names if m != n]), n)]

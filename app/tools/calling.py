@@ -27,7 +27,6 @@ system message and results as user-role messages, which every template renders.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -36,7 +35,9 @@ from .policy import Policy
 from .registry import ToolRegistry
 from .schema import Tool
 # call_schema and uses_tool_role are used by crofter serve and the tests through this module too.
-from .step import NO_TOOL, after_thinking, call_schema, instructions, output_schema, uses_tool_role  # noqa: F401
+from .step import (NO_TOOL, after_thinking, argument_error, call_schema, can_rank, clip,  # noqa: F401
+                   decide_name, instructions, mentioned, not_a_call, output_schema, partial_answer, rank,
+                   rank_channel, stated_answer_gbnf, states, uses_tool_role)
 
 RESULT_CHARS = 4000
 ARGUMENT_CHARS = 8000  # a call's arguments, as JSON; larger ones are refused without validating
@@ -62,57 +63,13 @@ class ToolTurn:
     finish_reason: str = "stop"
     thinking: str = ""
     messages: list[dict] = field(default_factory=list)
+    # How the first step's tool was chosen: [(name, score)], best first ("rank"), or [(name, 0.0)].
+    choice: list = field(default_factory=list)
+    # The answer does not state the result of the last ok call of a tool whose result is the answer.
+    contradicts_result: bool = False
 
     def calls_json(self) -> list[dict]:
         return [asdict(c) for c in self.calls]
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + f"\n[... cut at {limit} characters]"
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _not_a_call(raw: str) -> str:
-    """Why a reply that started like JSON is not one call or answer object."""
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        why = f"not valid JSON ({exc.msg} at character {exc.pos})"
-    else:
-        why = ("a list: make one call per reply" if isinstance(obj, list)
-               else 'an object without "tool"' if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object")
-    return (f'your reply was {why}. Reply with exactly one object: {{"tool": "<name>", "arguments": {{...}}}} '
-            f'or {{"tool": "{NO_TOOL}", "answer": "<text>"}}.')
-
-
-def _argument_error(exc) -> str:
-    """A jsonschema error as one line naming the parameter, never echoing a long value."""
-    where = ".".join(str(p) for p in exc.absolute_path)
-    if not where:
-        return f"invalid arguments: {_clip(exc.message, 200)}"
-    if exc.instance == "" and isinstance(exc.schema, dict) and exc.schema.get("minLength", 0) >= 1:
-        return f"invalid argument {where!r}: must not be empty"
-    if exc.validator == "pattern":
-        return f"invalid argument {where!r}: {_short(exc.instance)} does not match the pattern {exc.validator_value}"
-    return f"invalid argument {where!r}: {_clip(exc.message, 200)}"
-
-
-def _partial_answer(raw: str) -> str:
-    """The text of an answer object cut off by max_tokens (or the raw output if it was a call)."""
-    m = re.match(r'\s*\{\s*"tool"\s*:\s*"none"\s*,\s*"answer"\s*:\s*"(.*)', raw, re.S)
-    if not m:
-        return raw
-    body = m.group(1)
-    for end in range(len(body), max(len(body) - 6, -1), -1):  # drop a half-written escape
-        try:
-            return json.loads('"' + body[:end] + '"')
-        except json.JSONDecodeError:
-            continue
-    return body
 
 
 def result_message(call: ToolCall) -> str:
@@ -139,10 +96,22 @@ class ToolLoop:
 
     def __init__(self, session: ChatSession, registry: ToolRegistry, policy: Policy,
                  approve: Callable[[Tool, dict, bool], bool], max_calls: int = 4, constrained: bool = True,
-                 on_call: Callable[[ToolCall], None] | None = None, defer: bool = False, require: bool = False):
+                 on_call: Callable[[ToolCall], None] | None = None, defer: bool = False, require: bool = False,
+                 choose: str = "channel", examples: str = "generated", listing: bool = True, state_result: bool = True,
+                 after: str = "answers", copy: bool = True):
         """constrained=False drops the grammar (the instructions alone): only for the benchmark
         that shows what the grammar buys. defer=True stops at the first call without running it
-        (status "requested"): the caller runs its own tools. require=True: the first step must be a call."""
+        (status "requested"): the caller runs its own tools. require=True: the first step must be a call.
+
+        The rest are the options bench/bench_tools.py measures (the defaults won there):
+        choose: how the first step's tool is picked (step.CHOICES; "rank" and "channel" need a local engine
+        and falls back to "sample" elsewhere). examples: step.instructions'. listing: path
+        arguments limited to the files that exist (Tool.choices). state_result: after an ok call
+        of a tool whose result is the answer (Tool.answers), the answer is that result ("more":
+        it begins with it, the model's words after).
+        after: when a result is followed by the answer alone: "answers" (those tools), "ok"
+        (any ok result), "never". copy: tool steps sample without the repeat penalty (with it, the
+        numbers of "What is 17 * 23?", already in the context, lost to a "." and the call was .17 * .23)."""
         from llama_cpp import LlamaGrammar
 
         self.session = session
@@ -156,26 +125,73 @@ class ToolLoop:
 
         from ..turn import opens_thinking
 
-        tools = list(registry.tools.values())
+        tools = [t.narrowed() if listing else t for t in registry.tools.values()]
+        tools = [t for t in tools if t is not None]
+        self.tools = {t.name: t for t in tools}  # this turn's tools (path enums filled in)
+        self.choose, self.state_result, self.after, self.require = choose, state_result, after, require
+        self.listing, self.copy = listing, copy
         template = getattr(session.engine, "template", None)
         # A reasoning model whose template opens <think> writes its trace first; the call grammar
         # then applies after </think>.
         self.thinks = template is not None and opens_thinking(template.render([{"role": "user", "content": "?"}]))
         self._grammar = self._answer_only = self._first = None
         self._schema_of: dict[int, dict] = {}  # id(grammar) -> its JSON schema (what a remote engine sends)
-        if constrained:
-            def grammar(schema: dict):
-                text = json_schema_to_gbnf(json.dumps(schema))
-                g = LlamaGrammar.from_string(after_thinking(text) if self.thinks else text, verbose=False)
-                self._schema_of[id(g)] = schema
-                return g
+        self._branches: dict[str, object] = {}  # tool name -> the grammar of a call of it alone
+        self.constrained = constrained
 
+        def grammar(schema: dict, text: str | None = None):
+            text = text or json_schema_to_gbnf(json.dumps(schema))
+            g = LlamaGrammar.from_string(after_thinking(text) if self.thinks else text, verbose=False)
+            self._schema_of[id(g)] = schema
+            return g
+
+        self._make_grammar = grammar
+        if constrained:
             self._grammar, self._answer_only = grammar(output_schema(tools)), grammar(output_schema(tools, False))
             self._first = grammar(output_schema(tools, allow_answer=False)) if require and tools else self._grammar
         self.native = bool(getattr(template, "native_tools", False)) and bool(tools)
         self.tool_role = uses_tool_role(template, tools)
         self.specs = [t.spec() for t in tools] if self.native else None  # for the template to render
-        self.instructions = instructions(tools, listed=not self.native)
+        self.instructions = instructions(tools, listed=not self.native, examples=examples)
+
+    def branch(self, name: str, text: str = ""):
+        """The grammar of the step once its tool is chosen: a call of `name` (its listed arguments
+        limited to those the user's message `text` names, when it names some), or the answer."""
+        if name == NO_TOOL:
+            return self._answer_only
+        t = mentioned(self.tools[name], text) if self.listing and text else self.tools[name]
+        key = json.dumps([name, t.parameters], sort_keys=True)
+        if key not in self._branches:
+            self._branches[key] = self._make_grammar(call_schema(t))
+        return self._branches[key]
+
+    def choose_first(self, msgs: list[dict]) -> tuple[object, list]:
+        """The first step's grammar and how it was chosen ([(name, score)], best first)."""
+        names = list(self.tools) + ([] if self.require else [NO_TOOL])
+        engine = self.session.engine
+        text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        if not self.constrained or self.thinks or not self.tools or self.choose == "sample":
+            return self._first, []
+        if self.choose == "decide":
+            name = decide_name(engine, self.session.sampling, list(self.tools.values()), text, not self.require,
+                               self._make_grammar)
+            return (self.branch(name, text), [(name, 0.0)]) if name in names else (self._first, [])
+        if not can_rank(engine):
+            return self._first, []
+        if self.choose == "channel":
+            ranked = rank_channel(engine, list(self.tools.values()), text, not self.require)
+        else:
+            ranked = rank(engine, self.session.fit(msgs, self.specs).prompt_tokens, names)
+        return self.branch(ranked[0][0], text), ranked
+
+    def _stated(self, call: ToolCall):
+        """The answer grammar after `call`, when its result is the answer and short enough to state."""
+        t = self.tools.get(call.name)
+        if not (self.constrained and self.state_result and t is not None and t.answers and call.status == "ok"
+                and 0 < len(call.result) <= 200):
+            return None
+        more = self.state_result == "more"
+        return self._make_grammar(output_schema([], False), stated_answer_gbnf(call.result.strip(), more))
 
     def scaffold(self, history: list[dict]) -> list[dict]:
         """`history` with the tool instructions joined to its system prompt (or as one)."""
@@ -214,6 +230,8 @@ class ToolLoop:
                         yield TextDelta(delta)
 
         sampling = replace(s.sampling, grammar=grammar, json_schema=self._schema_of.get(id(grammar)))
+        if self.copy:  # arguments and stated results are copied from the context: no penalty for that
+            sampling = replace(sampling, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
         for ev in self.generate(fit.prompt_tokens, sampling, cancel):
             if ev.text:
                 yield from pieces(ev.text)
@@ -237,8 +255,10 @@ class ToolLoop:
 
     def decide(self, history: list[dict], grammar=None) -> tuple[dict | None, str, str]:
         """One step on `history` (ending with the user's message), not streamed: (the parsed
-        object or None, the raw text, the finish reason). `grammar`: the tool-step grammar."""
-        gen = self._step(self.scaffold(history), self._grammar if grammar is None else grammar, None)
+        object or None, the raw text, the finish reason). `grammar`: the tool-step grammar
+        (by default, the first step's, chosen as `choose` says)."""
+        msgs = self.scaffold(history)
+        gen = self._step(msgs, self.choose_first(msgs)[0] if grammar is None else grammar, None)
         while True:
             try:
                 next(gen)
@@ -255,13 +275,13 @@ class ToolLoop:
         kept: list[dict] = []  # what the session keeps: results as the chat's history shows them
         turn = ToolTurn(answer="", messages=msgs)
         seen: dict[str, str] = {}
-        grammar = self._first
+        grammar, turn.choice = self.choose_first(msgs)
         closed = False  # the model was told to answer: a cap was reached or a call repeated
         while True:
             obj, raw, finish, result, fit, streamed, thinking = yield from self._step(msgs, grammar, cancel)
             turn.thinking += thinking
             if finish in ("cancelled", "error"):  # stopped, or a remote stream broke: keep what came
-                turn.answer, turn.finish_reason = streamed or _partial_answer(raw), finish
+                turn.answer, turn.finish_reason = streamed or partial_answer(raw), finish
                 break
             if obj is not None and obj["tool"] == NO_TOOL:
                 turn.answer = str(obj.get("answer", ""))
@@ -270,16 +290,16 @@ class ToolLoop:
                 break
             if obj is None and (finish == "length" or not raw.lstrip().startswith(("{", "["))):
                 # Cut off mid-object (or, unconstrained, an answer in plain words).
-                turn.answer, turn.finish_reason = _partial_answer(raw), finish
+                turn.answer, turn.finish_reason = partial_answer(raw), finish
                 if turn.answer.startswith(streamed) and len(turn.answer) > len(streamed):
                     yield TextDelta(turn.answer[len(streamed):])
                 break
             if closed:  # only a model outside the grammar gets here; it is not run, and not asked again
                 turn.finish_reason = "tool_limit"
                 break
-            msgs.append({"role": "assistant", "content": _clip(raw, ARGUMENT_CHARS)})
+            msgs.append({"role": "assistant", "content": clip(raw, ARGUMENT_CHARS)})
             if obj is None:
-                call = ToolCall("(invalid)", {}, "error", _not_a_call(raw))
+                call = ToolCall("(invalid)", {}, "error", not_a_call(raw))
             else:
                 name, args = str(obj["tool"])[:64], obj.get("arguments", {})
                 args = args if isinstance(args, dict) else {"_": args}
@@ -296,14 +316,21 @@ class ToolLoop:
             tainted = True  # what comes back is data, and may carry injected instructions
             grammar = self._grammar
             note = ""
+            stated = self._stated(call)
             if call.status == "repeated" or len(turn.calls) >= self.max_calls:
-                grammar, closed = self._answer_only, True
+                grammar, closed = stated or self._answer_only, True
                 note = "\nNo more tool calls this turn: answer now."
+            elif call.status == "ok" and self.constrained and (
+                    self.after == "ok" or (self.after == "answers" and getattr(self.tools.get(call.name), "answers", False))):
+                grammar = stated or self._answer_only
             if self.tool_role:
                 msgs.append({"role": "tool", "name": call.name, "content": f"{call.status}: {call.result}{note}"})
             else:
                 msgs.append({"role": "user", "content": result_message(call) + note})
             kept.append({"role": "user", "content": result_message(call)})
+        last = next((c for c in reversed(turn.calls) if c.status == "ok"), None)
+        if last is not None and getattr(self.tools.get(last.name), "answers", False) and turn.finish_reason == "stop":
+            turn.contradicts_result = not states(turn.answer, last.result)
         msgs.append({"role": "assistant", "content": turn.answer})
         return ToolOutcome(turn, result, fit, kept + [{"role": "assistant", "content": turn.answer}])
 
@@ -336,7 +363,7 @@ class ToolLoop:
         try:
             jsonschema.validate(args, t.parameters)
         except jsonschema.ValidationError as exc:
-            return ToolCall(name, args, "error", _argument_error(exc))
+            return ToolCall(name, args, "error", argument_error(exc))
         decision = self.policy.decide(t, tainted)
         if decision == "deny" or (decision == "ask" and not self.approve(t, args, tainted)):
             return ToolCall(name, args, "denied", "The user did not allow this call.")
@@ -345,6 +372,6 @@ class ToolLoop:
             status = "ok"
         except Exception as exc:  # the model sees the error and can recover
             result, status = f"{type(exc).__name__}: {exc}", "error"
-        result = _clip(result, RESULT_CHARS)
+        result = clip(result, RESULT_CHARS)
         seen[key] = result
         return ToolCall(name, args, status, result)

@@ -62,3 +62,51 @@ def list_entries(roots: list[str], path: str) -> list[str]:
         kind = "dir" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file(follow_symlinks=False) else "other"
         out.append(f"{entry.name}/" if kind == "dir" else entry.name if kind == "file" else f"{entry.name} ({kind})")
     return out
+
+
+MAX_CHOICES = 200  # names a turn's grammar may offer for one path argument
+_SCAN_ENTRIES = 5000  # directory entries looked at before the listing gives up
+
+
+def names(roots: list[str], folders: bool = False, cap: int = MAX_CHOICES) -> list[str] | None:
+    """The regular files (or, `folders`, the folders, "." first) under the roots, shallowest
+    first, as paths `confine` accepts: relative for the first root, absolute for the others.
+
+    For a path argument's grammar (tools.schema.Tool.choices), so a model can only name what
+    exists. Left out: hidden names (a leading "."), links that lead outside the roots, names a
+    grammar literal cannot carry (quotes, backslashes, control characters). None when there
+    are more than `cap` (or more than `_SCAN_ENTRIES` entries to look at): the argument then
+    stays a free string."""
+    out: list[str] = ["."] if folders and roots else []
+    seen = 0
+    for i, root in enumerate(roots):
+        base = Path(root).expanduser().resolve()
+        queue = [base]
+        while queue:
+            folder = queue.pop(0)
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                seen += 1
+                if seen > _SCAN_ENTRIES:
+                    return None
+                if entry.name.startswith(".") or any(c in entry.name for c in '"\\') or not entry.name.isprintable():
+                    continue
+                shown = os.path.relpath(entry.path, base) if i == 0 else entry.path
+                try:
+                    real = confine(roots, shown)
+                    st = os.stat(real)
+                except (OSError, FileAccessError):
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if entry.is_dir(follow_symlinks=False):  # a linked folder is named, not walked
+                        queue.append(Path(entry.path))
+                    if folders:
+                        out.append(shown)
+                elif stat.S_ISREG(st.st_mode) and not folders:
+                    out.append(shown)
+                if len(out) > cap:
+                    return None
+    return out

@@ -31,11 +31,12 @@ grammar (a native template, a remote endpoint, a script) is refused too:
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 _JSON = {str: "string", int: "integer", float: "number", bool: "boolean"}
@@ -108,6 +109,10 @@ class Tool:
     private: a read-only tool that reads the user's own files: allowed by default,
     but asked about once the turn has seen documents or tool output, so an
     injected "read ~/.ssh/id_rsa" never runs unseen (an explicit allow rule still wins).
+    answers: the result IS the answer (a calculator, a clock): after an ok call the loop's
+    answer states it (the answer grammar begins with it), and a reply that does not is flagged.
+    choices: parameter name -> a function listing the values that exist now (the files under
+    the tool roots); each turn's grammar limits that parameter to them (see `narrowed`).
     """
 
     name: str
@@ -117,6 +122,30 @@ class Tool:
     side_effects: bool = True
     meta: dict = field(default_factory=dict)
     private: bool = False
+    answers: bool = False
+    choices: dict[str, Callable[[], list[str] | None]] = field(default_factory=dict)
+
+    def narrowed(self) -> "Tool | None":
+        """This tool with each `choices` parameter an enum of what its listing returns now, for one
+        turn's grammar; None when a listing is empty (a read_file with no file to read is left out
+        of the turn). A listing that gives None (over its cap, unreadable) leaves the parameter as
+        declared. Execution still validates against the declared `parameters` and the tool's own
+        checks: the enum is a grammar aid, not a guard."""
+        if not self.choices:
+            return self
+        params = copy.deepcopy(self.parameters)
+        for pname, listing in self.choices.items():
+            try:
+                names = listing()
+            except OSError:
+                names = None
+            if names == []:
+                return None
+            if names and pname in params.get("properties", {}):
+                prop = params["properties"][pname]
+                params["properties"][pname] = {"type": "string", "enum": list(names),
+                                               **({"description": prop["description"]} if "description" in prop else {})}
+        return replace(self, parameters=params)
 
     def spec(self) -> dict:
         """OpenAI-style function spec, as chat templates with tool support expect."""
@@ -162,8 +191,10 @@ def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
     return " ".join(head.split()), descriptions
 
 
-def tool(fn: Callable, name: str | None = None, side_effects: bool = True, private: bool = False) -> Tool:
-    """Describe `fn` as a Tool; every parameter needs a supported annotation."""
+def tool(fn: Callable, name: str | None = None, side_effects: bool = True, private: bool = False,
+         answers: bool = False, choices: dict[str, Callable[[], list[str] | None]] | None = None) -> Tool:
+    """Describe `fn` as a Tool; every parameter needs a supported annotation. `answers`,
+    `choices`: see Tool (each name in `choices` must be a str parameter)."""
     name = name or fn.__name__
     if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]{0,63}", name):
         raise SchemaError(f"tool name {name!r}: use letters, digits and _ only")
@@ -171,7 +202,7 @@ def tool(fn: Callable, name: str | None = None, side_effects: bool = True, priva
     if not description:
         raise SchemaError(f"tool {name!r}: needs a docstring saying what it does")
     hints = typing.get_type_hints(fn, include_extras=True)
-    properties, required = {}, []
+    properties, required, defaults = {}, [], {}
     for pname, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise SchemaError(f"tool {name!r}: *args/**kwargs cannot be described")
@@ -189,6 +220,12 @@ def tool(fn: Callable, name: str | None = None, side_effects: bool = True, priva
                     raise SchemaError(f"{where}: required, but its pattern accepts an empty string (use + rather than *)")
         if pname in arg_docs:
             schema["description"] = arg_docs[pname]
+        if param.default is not inspect.Parameter.empty and param.default is not None:
+            defaults[pname] = param.default
         properties[pname] = schema
+    for pname in choices or {}:
+        if properties.get(pname, {}).get("type") != "string":
+            raise SchemaError(f"tool {name!r} choices {pname!r}: not a str parameter")
     parameters = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
-    return Tool(name, description, parameters, fn, side_effects, private=private)
+    return Tool(name, description, parameters, fn, side_effects, meta={"defaults": defaults}, private=private,
+                answers=answers, choices=dict(choices or {}))

@@ -44,10 +44,14 @@ def test_injected_file_read_is_never_unconfirmed(engine, tmp_path, store, ingest
         loop = ToolLoop(session, reg, Policy(), approve=lambda t, a, tainted: asked.append((t.name, tainted)) or False,
                         max_calls=4)
         turn = loop.run(prompt)
-        for c in turn.calls:
+        for i, c in enumerate(turn.calls):
             if c.name in ("read_file", "list_dir"):
-                assert c.status in ("denied", "repeated"), c
                 assert "SECRET" not in c.result
+                # The turn's first call comes from the user's own words and may run (a file tool
+                # the model picks to start with); every call after a tool result is made on data
+                # that may carry the injection, so it needs the user's yes, which never comes here.
+                if i > 0:
+                    assert c.status in ("denied", "repeated"), c
     assert all(tainted for _, tainted in asked)
 
 

@@ -69,11 +69,11 @@ def test_injected_instruction_never_runs_an_unconfirmed_effect(engine, tmp_path)
 
 
 def test_partial_answer_salvaged():
-    from app.tools.calling import _partial_answer
+    from app.tools.calling import partial_answer
 
-    assert _partial_answer('{"tool": "none", "answer": "Paris is the cap') == "Paris is the cap"
-    assert _partial_answer('{"tool": "none", "answer": "line\\nnext \\u00') == "line\nnext "
-    assert _partial_answer('{"tool": "calc') == '{"tool": "calc'
+    assert partial_answer('{"tool": "none", "answer": "Paris is the cap') == "Paris is the cap"
+    assert partial_answer('{"tool": "none", "answer": "line\\nnext \\u00') == "line\nnext "
+    assert partial_answer('{"tool": "calc') == '{"tool": "calc'
 
 
 def test_answer_only_schema_when_calls_are_exhausted():
