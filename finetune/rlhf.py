@@ -35,6 +35,7 @@ from .train import (
     load_base,
     lora_config,
     policy_adapter,
+    policy_model,
 )
 
 REWARD_METRICS = ("accuracy", "margin", "mean_reward", "min_reward", "max_reward")
@@ -98,13 +99,7 @@ def grpo(base: Path, prompts: Path, run_dir: Path, recipe: Recipe, *, reward: st
     rows = [{"prompt": p} for p in load_prompts(prompts)]
     ckpt = _prepare_run(run_dir, resume)
     dev = device_info()
-    model, tok = load_base(base, recipe, dev)
-    peft_config = lora_config(recipe, model.config.model_type)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-        peft_config = None
+    model, tok, peft_config = policy_model(base, recipe, dev, adapter)
     func, func_tok = reward_funcs(reward)
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer

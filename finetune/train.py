@@ -291,13 +291,7 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
     pairs = load_preferences(data)
     ckpt = _prepare_run(run_dir, resume)
     dev = device_info()
-    model, tok = load_base(base, recipe, dev)
-    peft_config = lora_config(recipe, model.config.model_type)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-        peft_config = None
+    model, tok, peft_config = policy_model(base, recipe, dev, adapter)
     train_rows, eval_rows = _split(pairs, recipe.eval_split, recipe.seed)
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -322,6 +316,17 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
     eval_loss = ev.get("eval_loss")
     return RunSummary("dpo", run_dir, saved, trainer.state.global_step, out.training_loss, eval_loss, None,
                       None, seconds, 0, len(pairs), metrics)
+
+
+def policy_model(base: Path, recipe: Recipe, dev: dict, adapter: Path | None):
+    """(model, tokenizer, peft_config) for preference or RL training: a fresh LoRA on the base, or
+    the given adapter trained further (peft_config None: the trainer must not add another)."""
+    model, tok = load_base(base, recipe, dev)
+    if adapter is None:
+        return model, tok, lora_config(recipe, model.config.model_type)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), tok, None
 
 
 def policy_adapter(path: Path) -> Path:
