@@ -93,7 +93,8 @@ def _summary(args, s) -> None:
     from rich.console import Console
 
     con = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
-    con.print(f"{s.kind.upper()} done: {s.steps} steps in {s.seconds:.0f} s on {s.examples} examples")
+    unit = {"dpo": "pairs", "reward": "pairs", "grpo": "prompts", "pretrain": "blocks"}.get(s.kind, "examples")
+    con.print(f"{s.kind.upper()} done: {s.steps} steps in {s.seconds:.0f} s on {s.examples} {unit}")
     if s.train_loss is not None:
         con.print(f"  final train loss   {s.train_loss:.4f}")
     if s.eval_loss is not None:
