@@ -11,7 +11,6 @@ the end the adapter is merged into a full checkpoint at RUN/model, which is the 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +20,9 @@ from .recipe import Recipe
 from .train import (
     RunSummary,
     TrainError,
+    _fit,
     _prepare_run,
     _quiet,
-    _save_adapter,
     _training_args,
     _write_config,
     device_info,
@@ -82,9 +81,7 @@ def pretrain(base: Path, text: Path, run_dir: Path, recipe: Recipe, *, max_steps
     model, tok = load_base(base, recipe, dev)
     size = min(recipe.max_length, getattr(model.config, "max_position_embeddings", None) or recipe.max_length)
     rows = [{"input_ids": b} for b in blocks(tok, files, size)]
-    n_eval = int(len(rows) * recipe.eval_split) if len(rows) >= 10 else 0
-    if recipe.eval_split > 0 and n_eval == 0 and len(rows) > 1:
-        n_eval = 1
+    n_eval = max(1, int(len(rows) * recipe.eval_split)) if recipe.eval_split > 0 and len(rows) > 1 else 0
     train_rows, eval_rows = (rows[:-n_eval], rows[-n_eval:]) if n_eval else (rows, [])
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -99,12 +96,7 @@ def pretrain(base: Path, text: Path, run_dir: Path, recipe: Recipe, *, max_steps
                          eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
                          peft_config=lora_config(recipe, model.config.model_type), callbacks=[curve.callback])
     before = trainer.evaluate().get("eval_loss") if eval_rows and ckpt is None else None
-    t0 = time.monotonic()
-    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    seconds = time.monotonic() - t0
-    adapter = _save_adapter(trainer, run_dir)
-    ev = trainer.evaluate() if eval_rows else {}
-    curve.plot()
+    out, seconds, adapter, ev = _fit(trainer, curve, run_dir, ckpt, bool(eval_rows))
     del trainer, model
     merged = merge(base, adapter, run_dir / "model")
     train_time = out.metrics.get("train_runtime") or seconds

@@ -128,10 +128,3 @@ def load_reward_model(path: Path):
     model.config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
 
-
-def check(spec: str) -> None:
-    """Fail fast (before any model loads) on a spec that cannot work."""
-    if spec.startswith("python:"):
-        python_reward(spec)
-    else:
-        reward_run(Path(spec))

@@ -14,20 +14,19 @@ Run folders have the same layout as sft/dpo (config.json, checkpoints/, adapter/
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
 from .curve import CurveLogger
 from .data import load_preferences, load_prompts
 from .recipe import Recipe
-from .reward_source import RewardFunctionError, RewardSpecError, check, load_reward_model, python_reward
+from .reward_source import RewardFunctionError, RewardSpecError, load_reward_model, python_reward, reward_run
 from .train import (
     RunSummary,
     TrainError,
+    _fit,
     _prepare_run,
     _quiet,
-    _save_adapter,
     _split,
     _training_args,
     _write_config,
@@ -64,23 +63,11 @@ def reward(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, max_steps: 
                             peft_config=lora_config(recipe, model.config.model_type, task="SEQ_CLS"),
                             callbacks=[curve.callback])
     dropped = len(train_rows) - len(trainer.train_dataset)  # TRL drops pairs longer than max_length
-    t0 = time.monotonic()
-    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    seconds = time.monotonic() - t0
-    saved = _save_adapter(trainer, run_dir)
-    ev = trainer.evaluate() if eval_rows else {}
-    curve.plot()
+    out, seconds, saved, ev = _fit(trainer, curve, run_dir, ckpt, bool(eval_rows))
     metrics = {k: v for k, v in {**curve.last, **ev}.items() if k.removeprefix("eval_") in REWARD_METRICS}
     metrics["held_out_pairs"] = len(eval_rows)
     return RunSummary("reward", run_dir, saved, trainer.state.global_step, out.training_loss, ev.get("eval_loss"),
                       None, None, seconds, dropped, len(pairs), metrics)
-
-
-def reward_funcs(spec: str):
-    """(reward function or model, its tokenizer or None) for GRPOTrainer."""
-    if spec.startswith("python:"):
-        return python_reward(spec), None
-    return load_reward_model(Path(spec))
 
 
 def grpo(base: Path, prompts: Path, run_dir: Path, recipe: Recipe, *, reward: str, adapter: Path | None = None,
@@ -91,8 +78,10 @@ def grpo(base: Path, prompts: Path, run_dir: Path, recipe: Recipe, *, reward: st
     if recipe.batch_size % recipe.num_generations:
         raise TrainError(f"batch_size {recipe.batch_size} is not a multiple of num_generations {recipe.num_generations}: "
                          "each step scores whole groups of completions of one prompt (raise --batch-size)")
-    try:
-        check(reward)
+    try:  # a Python reward is imported now; a reward run is checked now and loaded after the policy
+        func = python_reward(reward) if reward.startswith("python:") else None
+        if func is None:
+            reward_run(Path(reward))
     except RewardSpecError as exc:
         raise TrainError(str(exc)) from None
     _quiet()
@@ -100,7 +89,7 @@ def grpo(base: Path, prompts: Path, run_dir: Path, recipe: Recipe, *, reward: st
     ckpt = _prepare_run(run_dir, resume)
     dev = device_info()
     model, tok, peft_config = policy_model(base, recipe, dev, adapter)
-    func, func_tok = reward_funcs(reward)
+    func, func_tok = (func, None) if func is not None else load_reward_model(Path(reward))
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -123,16 +112,12 @@ def grpo(base: Path, prompts: Path, run_dir: Path, recipe: Recipe, *, reward: st
     trainer = GRPOTrainer(model=model, reward_funcs=func, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, reward_processing_classes=func_tok, peft_config=peft_config,
                           callbacks=[curve.callback])
-    t0 = time.monotonic()
-    try:
-        out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    try:  # the adapter saved is the policy alone, not TRL's frozen "ref" copy
+        out, seconds, saved, _ = _fit(trainer, curve, run_dir, ckpt, False, selected_adapters=["default"])
     except RewardFunctionError as exc:
         done = trainer.state.global_step
         raise TrainError(f"{exc} (at step {done + 1}); {run_dir} keeps its complete checkpoints: fix the function "
                          "and continue with --resume") from None
-    seconds = time.monotonic() - t0
-    saved = _save_adapter(trainer, run_dir, selected_adapters=["default"])  # not TRL's frozen "ref" copy
-    curve.plot()
     metrics = {"reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
                "reward_mean": sum(rewards) / len(rewards) if rewards else None, "kl": curve.last.get("kl"),
                "reward_std": curve.last.get("reward_std")}

@@ -221,6 +221,18 @@ def _save_adapter(trainer, run_dir: Path, **save_kw) -> Path:
     return final
 
 
+def _fit(trainer, curve: CurveLogger, run_dir: Path, ckpt: Path | None, evaluate: bool, **save_kw):
+    """Train (resuming from `ckpt`), save the adapter atomically, evaluate, plot the curve:
+    (train output, seconds, adapter folder, eval metrics or {})."""
+    t0 = time.monotonic()
+    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    seconds = time.monotonic() - t0
+    adapter = _save_adapter(trainer, run_dir, **save_kw)
+    ev = trainer.evaluate() if evaluate else {}
+    curve.plot()
+    return out, seconds, adapter, ev
+
+
 def _write_config(run_dir: Path, **info) -> None:
     from models.atomic import write_text
 
@@ -260,12 +272,7 @@ def sft(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, max_steps: int
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
                          peft_config=lora_config(recipe, model.config.model_type), callbacks=[curve.callback])
-    t0 = time.monotonic()
-    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    seconds = time.monotonic() - t0
-    adapter = _save_adapter(trainer, run_dir)
-    ev = trainer.evaluate() if eval_rows else {}
-    curve.plot()
+    out, seconds, adapter, ev = _fit(trainer, curve, run_dir, ckpt, bool(eval_rows))
     # TRL logs the tokens it trained on as num_tokens; older versions did not.
     tokens = float(curve.last.get("num_tokens") or 0) or _count_tokens(train_rows, trainer.state)
     train_time = out.metrics.get("train_runtime") or seconds  # the Trainer's own clock, as TRL reports it
@@ -306,12 +313,7 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
                          peft_config=peft_config, callbacks=[curve.callback])
-    t0 = time.monotonic()
-    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    seconds = time.monotonic() - t0
-    saved = _save_adapter(trainer, run_dir)
-    ev = trainer.evaluate() if eval_rows else {}
-    curve.plot()
+    out, seconds, saved, ev = _fit(trainer, curve, run_dir, ckpt, bool(eval_rows))
     metrics = {k: v for k, v in {**curve.last, **ev}.items() if "rewards/" in k or "logps/" in k}
     eval_loss = ev.get("eval_loss")
     return RunSummary("dpo", run_dir, saved, trainer.state.global_step, out.training_loss, eval_loss, None,
