@@ -1,54 +1,146 @@
-"""Retrieval: quality (recall@5, MRR) of dense, keyword and hybrid, and latency at 10k chunks.
+"""Retrieval: quality (recall@5, MRR@10) on two question sets, and latency at 10k chunks.
 
-Quality: the license texts in /usr/share/common-licenses ingested for real, and 30
-hand-written questions (bench/data/license_qa.json), each with the files that answer it
-and a phrase the answering passage contains. A hit is relevant when it comes from one
-of those files and contains the phrase.
+Quality, two collections ingested for real with the bundled MiniLM embedder:
 
-Latency: a store of N chunks (default 10,000) of real text from /usr/share/doc, with
-random unit vectors standing in for embeddings (embedding 10k chunks on 2 cores would
-take ~6 minutes and does not change the query path). Timed end to end per query:
-the query embedding, Chroma HNSW, FTS5 BM25, fusion and the catalogue join; beside
-it the anchor: the same query embedding plus one raw Chroma `query` call.
+- ``license`` (the tuning set): the license texts in /usr/share/common-licenses and 30
+  hand-written questions (bench/data/license_qa.json);
+- ``pyref`` (held out: written without looking at any result, never tuned on): the
+  Python language reference topics that ship with CPython (``pydoc_data.topics``), one
+  file per topic, and 40 questions (bench/data/pyref_qa.json).
 
-    python bench/bench_retrieval.py [--chunks 10000] [--queries 200]
+Each question lists the files that answer it and a phrase the answering passage contains;
+a hit is relevant when one of its files is listed and its text holds the phrase (spaces
+collapsed). Beside crofter's modes stands the anchor: the naive baseline of 1000-character
+chunks embedded with the same model, dense search only.
+
+``--variants`` re-ingests with each chunk context (what a chunk is embedded with: nothing,
+heading path, title, ...); ``--grid`` ingests once and sweeps the fusion (RRF k, depth per
+leg, leg weights, BM25 heading and title weights).
+
+Latency: a store of N chunks (default 10,000) of real text from /usr/share/doc, with random
+unit vectors standing in for embeddings (the query path is the same). Timed end to end per
+query, beside the anchor: the same query embedding plus one raw Chroma ``query`` call.
+
+    python bench/bench_retrieval.py [--sets license,pyref] [--variants] [--grid]
+                                    [--backend torch|onnx|onnx-int8] [--chunks 10000] [--skip-latency]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from rag.chunking import Chunk
-from rag.embed import Embedder
-from rag.ingest import Ingestor
-from rag.retrieve import Retriever
-from rag.store import FileRecord, Store
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-QA = Path(__file__).parent / "data" / "license_qa.json"
+from rag.chunking import CONTEXTS, DEFAULT_CONTEXT, DEFAULT_SIZE, Chunk  # noqa: E402
+from rag.embed import Embedder  # noqa: E402
+from rag.ingest import Ingestor, walk  # noqa: E402
+from rag.loaders import extract  # noqa: E402
+from rag.retrieve import Retriever  # noqa: E402
+from rag.store import FileRecord, Store  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+OPTS: dict = {}
+SETS = {"license": DATA / "license_qa.json", "pyref": DATA / "pyref_qa.json"}
 
 
-def quality(emb, tmp: Path) -> None:
-    qa = json.loads(QA.read_text())
-    with Store(tmp / "quality") as store:
-        s = Ingestor(store, lambda: emb, embedder_name="all-MiniLM-L6-v2").run(["/usr/share/common-licenses"], "lic")
-        print(f"quality corpus: {len(s.ingested)} files, {s.chunks} chunks; {len(qa)} questions")
-        r = Retriever(store, emb)
-        for mode in ("dense", "keyword", "hybrid"):
-            recall, rr = 0, 0.0
-            for item in qa:
-                hits = r.search("lic", item["q"], k=10, mode=mode)
-                ranks = [i for i, h in enumerate(hits, 1)
-                         if Path(h.source).name in item["files"] and item["phrase"] in h.text]
-                recall += bool(ranks and ranks[0] <= 5)
-                rr += 1.0 / ranks[0] if ranks else 0.0
-            print(f"  {mode:8s} recall@5 {recall / len(qa):.3f}   MRR@10 {rr / len(qa):.3f}")
+def corpus(name: str, tmp: Path) -> Path:
+    if name == "license":
+        return Path("/usr/share/common-licenses")
+    import pydoc_data.topics
+
+    folder = tmp / "pyref"
+    folder.mkdir(exist_ok=True)
+    for topic, text in pydoc_data.topics.topics.items():
+        (folder / f"{topic}.txt").write_text(text)
+    return folder
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split())
+
+
+def score(qa: list[dict], search) -> tuple[float, float]:
+    """(recall@5, MRR@10) of `search(question) -> [(files, text)]`."""
+    recall, rr = 0, 0.0
+    for item in qa:
+        phrase = _norm(item["phrase"])
+        ranks = [i for i, (files, text) in enumerate(search(item["q"])[:10], 1)
+                 if any(Path(f).name in item["files"] for f in files) and phrase in _norm(text)]
+        recall += bool(ranks and ranks[0] <= 5)
+        rr += 1.0 / ranks[0] if ranks else 0.0
+    return recall / len(qa), rr / len(qa)
+
+
+def naive(emb, folder: Path, qa: list[dict]) -> tuple[float, float]:
+    """The anchor: 1000-character chunks, dense only (cosine over all of them)."""
+    files, _, _ = walk([folder])
+    chunks = []
+    for f in files:
+        text = extract(f).text
+        chunks += [(str(f), text[i:i + 1000]) for i in range(0, len(text), 1000) if text[i:i + 1000].strip()]
+    vecs = emb.encode([t for _, t in chunks])
+
+    def search(q):
+        sims = vecs @ emb.encode([q])[0]
+        return [([chunks[i][0]], chunks[i][1]) for i in np.argsort(-sims)[:10]]
+
+    return score(qa, search)
+
+
+def modes(r: Retriever, qa: list[dict], collection: str) -> dict[str, tuple[float, float]]:
+    return {mode: score(qa, lambda q: [(h.sources(), h.text) for h in r.search(collection, q, k=10, mode=mode)])
+            for mode in ("dense", "keyword", "hybrid")}
+
+
+def line(label: str, rec: float, mrr: float) -> str:
+    return f"  {label:34s} recall@5 {rec:.3f}   MRR@10 {mrr:.3f}"
+
+
+def quality(emb, tmp: Path, sets: list[str], contexts: list[str], grid: bool, out: dict) -> None:
+    for name in sets:
+        qa = json.loads(SETS[name].read_text())
+        folder = corpus(name, tmp)
+        rec, mrr = naive(emb, folder, qa)
+        print(f"[{name}] {len(qa)} questions")
+        print(line("anchor: 1000-char chunks, dense", rec, mrr))
+        out.setdefault(name, {})["anchor"] = [rec, mrr]
+        for ctx in contexts:
+            with Store(tmp / f"q-{name}-{ctx}") as store:
+                t = time.perf_counter()
+                s = Ingestor(store, lambda: emb, embedder_name="all-MiniLM-L6-v2", context=ctx,
+                             chunk_size=OPTS["chunk_size"], chunk_overlap=OPTS["chunk_size"] * 3 // 16).run([folder], "c")
+                dt = time.perf_counter() - t
+                print(f"  context {ctx}: {len(s.ingested)} files, {s.chunks} chunks, {s.chunks / dt:.0f} chunks/s")
+                r = Retriever(store, emb, stopwords=OPTS["stopwords"])
+                for mode, (rec, mrr) in modes(r, qa, "c").items():
+                    print(line(f"{mode} ({ctx})", rec, mrr))
+                    out[name][f"{mode}/{ctx}"] = [rec, mrr]
+                if grid and ctx == contexts[0]:
+                    sweep(store, emb, qa, out[name])
+
+
+def sweep(store: Store, emb, qa: list[dict], out: dict) -> None:
+    rows = []
+    for k, depth, wk, wh, wt in itertools.product((10, 30, 60), (20, 50, 100), (0.5, 1.0, 1.5), (1.0, 3.0),
+                                                   (0.0, 1.0, 3.0)):
+        r = Retriever(store, emb, candidates=depth, rrf_k=k, weights=(1.0, wk), field_weights=(1.0, wh, wt),
+                      stopwords=OPTS["stopwords"])
+        rec, mrr = score(qa, lambda q: [(h.sources(), h.text) for h in r.search("c", q, k=10)])
+        rows.append((rec, mrr, f"k={k} depth={depth} w_kw={wk} w_heading={wh} w_title={wt}"))
+    rows.sort(key=lambda x: (-x[0], -x[1]))
+    print("  fusion sweep (best 8 of %d):" % len(rows))
+    for rec, mrr, label in rows[:8]:
+        print(line(label, rec, mrr))
+    out["sweep"] = [[rec, mrr, label] for rec, mrr, label in rows]
 
 
 def latency(emb, tmp: Path, n_chunks: int, n_queries: int) -> None:
@@ -98,15 +190,37 @@ def latency(emb, tmp: Path, n_chunks: int, n_queries: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="license,pyref", help="comma-separated: license, pyref")
+    ap.add_argument("--variants", action="store_true", help="every chunk context, not only the default")
+    ap.add_argument("--grid", action="store_true", help="sweep the fusion settings on each set")
+    ap.add_argument("--chunk-size", type=int, default=DEFAULT_SIZE)
+    ap.add_argument("--stopwords", action="store_true", help="keyword leg leaves English function words out")
+    ap.add_argument("--porter", action="store_true", help="measure a Porter-stemmed keyword index")
+    ap.add_argument("--context", default=DEFAULT_CONTEXT, choices=CONTEXTS, help="chunk context without --variants")
+    ap.add_argument("--backend", default=None, help="embedding backend (default: crofter's default)")
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write every figure to this file")
     args = ap.parse_args()
-    emb = Embedder(device="cpu")
+    if args.porter:
+        import rag.store
+
+        rag.store.MIGRATIONS = [(n, sql.replace('tokenize="unicode61', 'tokenize="porter unicode61'))
+                                for n, sql in rag.store.MIGRATIONS]
+    OPTS.update(chunk_size=args.chunk_size, stopwords=args.stopwords)
+    kw = {"backend": args.backend} if args.backend else {}
+    emb = Embedder(device="cpu", **kw)
+    out: dict = {}
+    contexts = list(CONTEXTS) if args.variants else [args.context]
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_quality:
-            quality(emb, Path(tmp))
-        latency(emb, Path(tmp), args.chunks, args.queries)
+            quality(emb, Path(tmp), args.sets.split(","), contexts, args.grid, out)
+        if not args.skip_latency:
+            latency(emb, Path(tmp), args.chunks, args.queries)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
