@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .chunking import DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker
+from .chunking import DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker, title_of
 from .loaders import MAX_FILE_BYTES, LoadError, extract, supported
 from .store import FileRecord, RagError, Store
 
@@ -96,7 +96,8 @@ class Ingestor:
     """>>> Ingestor(store, embedder_factory).run(["docs/"], "docs")   # doctest: +SKIP"""
 
     def __init__(self, store: Store, embedder_factory: Callable[[], object], *, embedder_name: str,
-                 chunk_size: int = DEFAULT_SIZE, chunk_overlap: int = DEFAULT_OVERLAP, max_bytes: int = MAX_FILE_BYTES):
+                 chunk_size: int = DEFAULT_SIZE, chunk_overlap: int = DEFAULT_OVERLAP, max_bytes: int = MAX_FILE_BYTES,
+                 context: str = DEFAULT_CONTEXT):
         self.store = store
         self._factory = embedder_factory
         self._embedder = None
@@ -104,6 +105,7 @@ class Ingestor:
         self.chunk_size = chunk_size
         self.chunk_overlap = chunk_overlap
         self.max_bytes = max_bytes
+        self.context = context
         self._chunker = None
 
     @property
@@ -178,7 +180,7 @@ class Ingestor:
                 info = self._ensure_collection(collection)
             try:
                 doc = extract(f, self.max_bytes)
-                chunks = self.chunker.split(doc)
+                chunks = self.chunker.split(doc, title_of(f))
                 if not chunks:
                     raise LoadError("no text in the file")
             except (LoadError, RecursionError, MemoryError, ValueError, LookupError) as exc:
@@ -212,7 +214,7 @@ class Ingestor:
     @property
     def chunker(self) -> Chunker:
         if self._chunker is None:
-            self._chunker = Chunker(self.embedder.tokenizer, self.chunk_size, self.chunk_overlap)
+            self._chunker = Chunker(self.embedder.tokenizer, self.chunk_size, self.chunk_overlap, self.context)
         return self._chunker
 
     def _flush(self, collection: str, pending: list[tuple[FileRecord, list]], summary: Summary, prog: Progress) -> None:

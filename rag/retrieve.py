@@ -1,17 +1,20 @@
 """Hybrid retrieval: dense (Chroma) and keyword (SQLite FTS5 BM25) fused by reciprocal rank.
 
 RRF (Cormack, Clarke & Buettcher, SIGIR 2009): score(d) = sum over rankings r of
-1 / (K + rank_r(d)), K = 60. It needs no score calibration between BM25 and cosine,
-which is why an exact rare term that the dense model blurs still surfaces.
+1 / (K + rank_r(d)). It needs no score calibration between BM25 and cosine, which is why
+an exact rare term that the dense model blurs still surfaces. K = 10 rather than the
+paper's 60, and no stopword list: what bench/bench_retrieval.py --grid found on its tuning
+set (docs/benchmarks.md, session 9); 50 candidates per leg, equal weights.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, replace
 
 from .store import Store
 
-RRF_K = 60
+RRF_K = 10
 MODES = ("hybrid", "dense", "keyword")
 
 
@@ -70,24 +73,42 @@ def collapse(hits: list[Hit]) -> list[Hit]:
     return out
 
 
-def rrf(rankings: list[list[str]], k: int = RRF_K) -> dict[str, float]:
-    """>>> rrf([["a", "b"], ["b", "c"]])["b"] == 1/62 + 1/61
+def rrf(rankings: list[list[str]], k: int = RRF_K, weights=None) -> dict[str, float]:
+    """>>> rrf([["a", "b"], ["b", "c"]], k=60)["b"] == 1/62 + 1/61
     True"""
     scores: dict[str, float] = {}
-    for ranking in rankings:
+    for i, ranking in enumerate(rankings):
+        w = weights[i] if weights else 1.0
         for rank, cid in enumerate(ranking, 1):
-            scores[cid] = scores.get(cid, 0.0) + 1.0 / (k + rank)
+            scores[cid] = scores.get(cid, 0.0) + w / (k + rank)
     return scores
+
+
+@functools.lru_cache(maxsize=1)
+def _stopwords() -> frozenset:
+    """English function words (scikit-learn's list, a sentence-transformers dependency): left out of
+    the keyword leg, where "how", "the" and "does" would rank passages that say them most."""
+    try:
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    except ImportError:  # pragma: no cover - installed with sentence-transformers
+        return frozenset()
+    return frozenset(ENGLISH_STOP_WORDS)
 
 
 class Retriever:
     """>>> Retriever(store, embedder).search("docs", "how to install", k=5)   # doctest: +SKIP"""
 
-    def __init__(self, store: Store, embedder, reranker=None, candidates: int = 50):
+    def __init__(self, store: Store, embedder, reranker=None, candidates: int = 50, rrf_k: int = RRF_K,
+                 weights: tuple[float, float] = (1.0, 1.0), field_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 stopwords: bool = False):
         self.store = store
         self.embedder = embedder
         self.reranker = reranker
-        self.candidates = candidates
+        self.candidates = candidates  # per leg
+        self.rrf_k = rrf_k
+        self.weights = weights  # (dense, keyword) in the fusion
+        self.field_weights = field_weights  # BM25 (text, heading, title)
+        self.stop = _stopwords() if stopwords else frozenset()
 
     def search(self, collection: str, query: str, k: int = 5, mode: str = "hybrid") -> list[Hit]:
         if mode not in MODES:
@@ -104,12 +125,12 @@ class Retriever:
             rankings.append([cid for cid, _ in dense])
             raw.update(dense)
         if mode in ("hybrid", "keyword"):
-            kw = self.store.keyword(collection, query, n)
+            kw = self.store.keyword(collection, query, n, self.field_weights, self.stop)
             rankings.append([cid for cid, _ in kw])
             if mode == "keyword":
                 raw.update(kw)
         if mode == "hybrid":
-            scores = rrf(rankings)
+            scores = rrf(rankings, self.rrf_k, self.weights)
             # Equal fused scores happen whenever each ranker has a different #1; the lexical
             # match wins the tie, since an exact term is the thing dense search blurs.
             lexical = {cid: i for i, cid in enumerate(rankings[1])}

@@ -53,5 +53,25 @@ MIGRATIONS: list[tuple[str, str]] = [
             INSERT INTO chunks_fts(chunks_fts, rowid, text, heading) VALUES ('delete', old.rowid, old.text, old.heading);
         END;
     """),
+    # Each chunk's document title (indexed for keyword search, own BM25 column) and the exact
+    # context it was embedded with (NULL: its heading, as every chunk before this migration was).
+    ("0002_chunk_title_context", """
+        ALTER TABLE chunks ADD COLUMN title TEXT NOT NULL DEFAULT '';
+        ALTER TABLE chunks ADD COLUMN context TEXT;
+        DROP TRIGGER chunks_ai;
+        DROP TRIGGER chunks_ad;
+        DROP TABLE chunks_fts;
+        CREATE VIRTUAL TABLE chunks_fts USING fts5(
+            text, heading, title, content='chunks', content_rowid='rowid',
+            tokenize="unicode61 remove_diacritics 2 tokenchars '_'"
+        );
+        CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
+            INSERT INTO chunks_fts(rowid, text, heading, title) VALUES (new.rowid, new.text, new.heading, new.title);
+        END;
+        CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
+            INSERT INTO chunks_fts(chunks_fts, rowid, text, heading, title)
+                VALUES ('delete', old.rowid, old.text, old.heading, old.title);
+        END;
+        INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild');
+    """),
 ]
-

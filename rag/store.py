@@ -69,6 +69,8 @@ class StoredChunk:
     start: int
     end: int
     text: str
+    title: str = ""
+    context: str | None = None  # what it was embedded with besides its text; None: its heading
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,8 @@ class Store:
                 ids.append(cid)
                 embs.append(vec)
                 metas.append({"path": rec.path})
-                rows.append((cid, collection, rec.path, ch.index, ch.page, ch.heading, ch.start, ch.end, ch.text))
+                rows.append((cid, collection, rec.path, ch.index, ch.page, ch.heading, ch.start, ch.end, ch.text,
+                             ch.title, ch.context))
         if ids:
             step = 2000
             for i in range(0, len(ids), step):
@@ -320,8 +323,8 @@ class Store:
                                 (collection, rec.path, rec.sha256, rec.size, rec.mtime_ns, rec.status, rec.reason,
                                  rec.n_chunks, now))
             self.db.executemany(
-                'INSERT INTO chunks (id, collection, path, idx, page, heading, start, "end", text) '
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                'INSERT INTO chunks (id, collection, path, idx, page, heading, start, "end", text, title, context) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -353,7 +356,7 @@ class Store:
             part = ids[i:i + 500]
             marks = ",".join("?" * len(part))
             for r in self.db.execute(
-                    f'SELECT id, path, idx, page, heading, start, "end", text FROM chunks '
+                    f'SELECT id, path, idx, page, heading, start, "end", text, title, context FROM chunks '
                     f"WHERE collection = ? AND id IN ({marks})", (collection, *part)):
                 out[r[0]] = StoredChunk(*r)
         return out
@@ -369,16 +372,21 @@ class Store:
         return [(cid, 1.0 - float(d)) for cid, d in zip(res["ids"][0], res["distances"][0])]
 
     @_locked
-    def keyword(self, collection: str, query: str, n: int) -> list[tuple[str, float]]:
-        """(chunk id, BM25 score, higher is better) for chunks containing any query term."""
+    def keyword(self, collection: str, query: str, n: int, weights=(1.0, 1.0, 1.0),
+                stop: frozenset = frozenset()) -> list[tuple[str, float]]:
+        """(chunk id, BM25 score, higher is better) for chunks containing any query term; terms in
+        `stop` are left out while any other term remains (BM25 ORs every term it is given)."""
         terms = re.findall(r"\w+", query, flags=re.UNICODE)
+        kept = [t for t in terms if t.lower() not in stop]
+        terms = kept or terms
         if not terms:
             return []
         # Every term quoted: user text is data, never FTS5 syntax (NEAR, AND, column filters...).
         match = " OR ".join('"' + t.replace('"', '""') + '"' for t in dict.fromkeys(terms))
         rows = self.db.execute(
-            "SELECT c.id, bm25(chunks_fts) AS s FROM chunks_fts JOIN chunks c ON c.rowid = chunks_fts.rowid "
-            "WHERE chunks_fts MATCH ? AND c.collection = ? ORDER BY s LIMIT ?", (match, collection, n)).fetchall()
+            "SELECT c.id, bm25(chunks_fts, ?, ?, ?) AS s FROM chunks_fts JOIN chunks c ON c.rowid = chunks_fts.rowid "
+            "WHERE chunks_fts MATCH ? AND c.collection = ? ORDER BY s LIMIT ?",
+            (*map(float, weights), match, collection, n)).fetchall()
         return [(cid, -float(s)) for cid, s in rows]
 
     @_locked

@@ -180,7 +180,7 @@ def rebuild(store, name: str, encode, batch: int = 256) -> int:
     done = 0
     for i in range(0, len(ids), batch):
         part = [chunks[c] for c in ids[i:i + batch]]
-        texts = [Chunk(c.idx, c.start, c.end, c.text, c.heading, c.page).embedding_text() for c in part]
+        texts = [Chunk(c.idx, c.start, c.end, c.text, c.heading, c.page, c.context).embedding_text() for c in part]
         store.add_vectors(name, [c.id for c in part], encode(texts), [c.path for c in part])
         done += len(part)
     return done

@@ -7,7 +7,7 @@ import pytest
 
 from rag.cite import build_prompt, cited_numbers, cited_sources
 from rag.loaders import extract
-from rag.retrieve import Retriever, rrf
+from rag.retrieve import RRF_K, Retriever, rrf
 
 from .conftest import LICENSES
 
@@ -90,7 +90,7 @@ def test_orphan_vectors_are_ignored(indexed, store, embedder):
 def test_rrf_rewards_agreement():
     s = rrf([["a", "b", "c"], ["c", "b", "x"]])
     assert s["b"] > s["a"] and s["b"] > s["x"]
-    assert s["b"] == pytest.approx(2 / 62)
+    assert s["b"] == pytest.approx(2 / (RRF_K + 2))
 
 
 def test_prompt_numbers_sources_and_defuses_tags(indexed, store, embedder):

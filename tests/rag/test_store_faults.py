@@ -204,16 +204,18 @@ def test_catalogue_from_an_older_crofter_is_backed_up_then_migrated(damaged, mon
     import rag.store
 
     before = _sha(damaged / "catalog.sqlite3")
-    newer = [*rag.store.MIGRATIONS, ("0002_file_notes", "ALTER TABLE files ADD COLUMN note TEXT;")]
+    older = [n for n, _ in rag.store.MIGRATIONS]
+    newer = [*rag.store.MIGRATIONS, ("0099_file_notes", "ALTER TABLE files ADD COLUMN note TEXT;")]
     monkeypatch.setattr(rag.store, "MIGRATIONS", newer)
     with Store(damaged) as s:
         assert [r[0] for r in s.db.execute("SELECT name FROM migrations ORDER BY name")] == [n for n, _ in newer]
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == len(newer)
         assert s.db.execute("SELECT COUNT(*) FROM files WHERE note IS NULL").fetchone()[0] == 2
-    backup = damaged / "catalog.sqlite3.bak-1"
+    backup = damaged / f"catalog.sqlite3.bak-{len(older)}"
+    assert backup.is_file()
     db = sqlite3.connect(backup)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert [r[0] for r in db.execute("SELECT name FROM migrations")] == ["0001_initial"]
+    assert [r[0] for r in db.execute("SELECT name FROM migrations ORDER BY name")] == older
     assert db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] > 0
     db.close()
     assert before != _sha(damaged / "catalog.sqlite3")
