@@ -49,6 +49,8 @@ class Settings:
     tool_roots: list = _doc("Folders the file tools may read (none: no file access).", default_factory=list)
     embedder: str = _doc("Embedding model for new document collections: all-MiniLM-L6-v2 (bundled) or a "
                          "sentence-transformers folder.", default="all-MiniLM-L6-v2")
+    embed_backend: str = _doc("What runs the embedding model: torch, onnx (the same model exported once to ONNX "
+                              "Runtime) or onnx-int8 (int8 weights: faster ingest).", default="torch")
     reranker: str = _doc("Cross-encoder folder that reorders retrieved passages (empty: none).", default="")
     rag_top_k: int = _doc("Passages retrieved per question over documents.", default=5)
     chroma_url: str = _doc("Chroma server (http://HOST:PORT) for document vectors; empty: embedded in the data dir.",
@@ -68,6 +70,8 @@ class Settings:
         _check_range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)
         _check_range("seed", self.seed, -1, 2**32 - 1)
         _check_range("max_tokens", self.max_tokens, 1, 1 << 20)
+        if self.embed_backend not in ("torch", "onnx", "onnx-int8"):
+            raise ConfigError(f"embed_backend: {self.embed_backend!r} is not torch, onnx or onnx-int8")
         _check_range("rag_top_k", self.rag_top_k, 1, 100)
         if not self.model:
             raise ConfigError("model: must not be empty")

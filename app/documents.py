@@ -24,13 +24,15 @@ def open_store(settings):
 _EMBEDDERS: dict[str, object] = {}
 
 
-def embedder(name: str):
-    """One loaded embedder per name per process (loading costs ~0.5 s and 90 MB)."""
+def embedder(name: str, backend: str = "torch"):
+    """One loaded embedder per name and backend per process (loading costs ~0.5 s and 90 MB).
+    An ONNX backend's exported model is kept under the data dir's cache/onnx, made on first use."""
     from rag.embed import Embedder
 
-    if name not in _EMBEDDERS:
-        _EMBEDDERS[name] = Embedder(name)
-    return _EMBEDDERS[name]
+    key = f"{name}\0{backend}"
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = Embedder(name, backend=backend, cache=paths.data_dir() / "cache" / "onnx")
+    return _EMBEDDERS[key]
 
 
 def ingestor(store, settings, collection: str, embedder_name: str | None = None, **kw):
@@ -38,7 +40,7 @@ def ingestor(store, settings, collection: str, embedder_name: str | None = None,
 
     info = store.collection(collection)
     name = embedder_name or (info.embedder if info else settings.embedder)
-    return Ingestor(store, lambda: embedder(name), embedder_name=name, **kw)
+    return Ingestor(store, lambda: embedder(name, settings.embed_backend), embedder_name=name, **kw)
 
 
 def retriever(store, settings, collection: str):
@@ -47,7 +49,7 @@ def retriever(store, settings, collection: str):
 
     info = store.require(collection)
     rer = Reranker(settings.reranker) if settings.reranker else None
-    return Retriever(store, embedder(info.embedder), reranker=rer)
+    return Retriever(store, embedder(info.embedder, settings.embed_backend), reranker=rer)
 
 
 def collection_search(store, settings, collections: list[str]):

@@ -67,8 +67,16 @@ class Embedder:
     """>>> e = Embedder(); e.encode(["hello"]).shape   # doctest: +SKIP
     (1, 384)"""
 
-    def __init__(self, name: str | None = None, device: str | None = None):
+    def __init__(self, name: str | None = None, device: str | None = None, backend: str = "torch",
+                 cache: Path | None = None):
+        """`backend`: torch (sentence-transformers itself), onnx or onnx-int8 (rag/onnx_embed.py: the
+        same model exported once into `cache` and run by ONNX Runtime; CPU only)."""
+        from .onnx_embed import BACKENDS
+
+        if backend not in BACKENDS:
+            raise EmbedError(f"embedding backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.name = name or DEFAULT_EMBEDDER
+        self.backend = backend
         self.folder = resolve_model(name)
         self.device = device or pick_device()
         _quiet_offline()
@@ -82,9 +90,16 @@ class Embedder:
         self.dimension = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()
         self.max_tokens = int(self.model.max_seq_length or 256)
+        self._onnx = None
+        if backend != "torch":
+            from .onnx_embed import OnnxEncoder
+
+            self._onnx = OnnxEncoder(self.model, self.folder, backend, cache)
 
     def encode(self, texts: list[str], batch_size: int = BATCH_SIZE):
         """Unit-length float32 vectors, shape (len(texts), dimension); cosine = dot product."""
+        if self._onnx is not None:
+            return self._onnx.encode(texts, batch_size)
         return self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
 

@@ -146,7 +146,7 @@ def _rebuild(settings, names: list[str]) -> int:
 
     start = time.monotonic()
     with Store(documents.store_root(), chroma_url=settings.chroma_url or None, repair=True) as store:
-        done = verify.repair(store, names, lambda embedder: documents.embedder(embedder).encode)
+        done = verify.repair(store, names, lambda embedder: documents.embedder(embedder, settings.embed_backend).encode)
         lost = store.lost_catalogue_wal
     for name, n in done:
         print(f"rebuilt {name}: {n} chunks re-embedded", file=sys.stderr)

@@ -88,7 +88,7 @@ def create_app(options: ServeOptions) -> FastAPI:
     """The server for `options` (no socket: uvicorn, or a test, serves it)."""
     pool = ModelPool(gguf_entries(options.models), options.loader, options.max_models, options.queue, options.retry_after_s)
     finishes = Finishes()
-    embeddings = Embeddings(options.settings.embedder)
+    embeddings = Embeddings(options.settings.embedder, options.settings.embed_backend)
     docs_holder: dict = {}
 
     def docs():

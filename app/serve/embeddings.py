@@ -21,8 +21,9 @@ MAX_CHARS = 100_000  # per input
 class Embeddings:
     """The server's embedder, loaded on first use; encoding is serialized (one model)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, backend: str = "torch"):
         self.name = name
+        self.backend = backend
         self._lock = threading.Lock()
         self._model = None
 
@@ -31,7 +32,7 @@ class Embeddings:
             if self._model is None:
                 from .. import documents
 
-                self._model = documents.embedder(self.name)
+                self._model = documents.embedder(self.name, self.backend)
             return self._model
 
     def inputs(self, req) -> list[str]:

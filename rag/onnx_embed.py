@@ -1,0 +1,162 @@
+"""The same sentence-transformers model run by ONNX Runtime: exported once, optionally int8.
+
+The model's transformer is exported with ``torch.onnx.export`` (the TorchScript exporter:
+it needs nothing beyond torch and onnx) into a cache folder, then, for ``onnx-int8``,
+quantized with ONNX Runtime's dynamic quantization (int8 weights per output channel,
+activations quantized on the fly). Pooling and normalization are done here from the
+model's own sentence-transformers config, so only mean or CLS pooling is accepted.
+
+Each exported file is written beside its final name and renamed into place, so a killed
+export leaves nothing half-written behind; the cache key is the model folder's weights
+and config, so a changed model is exported anew.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
+DEFAULT_BACKEND = "torch"
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crofter" / "onnx"
+
+
+def _fingerprint(folder: Path) -> str:
+    h = hashlib.sha256(str(folder).encode())
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".txt")):
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _pooling(st_model) -> str:
+    pool = next((m for m in st_model if type(m).__name__ == "Pooling"), None)
+    mode = getattr(pool, "pooling_mode", None) or ""
+    if not mode and pool is not None:  # older sentence-transformers: one flag per mode
+        cfg = pool.get_config_dict() if hasattr(pool, "get_config_dict") else {}
+        mode = "mean" if cfg.get("pooling_mode_mean_tokens") else "cls" if cfg.get("pooling_mode_cls_token") else ""
+    return mode
+
+
+class OnnxEncoder:
+    """Encode like `SentenceTransformer.encode(normalize_embeddings=True)`, with ONNX Runtime."""
+
+    def __init__(self, st_model, folder: Path, backend: str, cache: Path | None = None):
+        from .embed import EmbedError
+
+        if backend not in ("onnx", "onnx-int8"):
+            raise EmbedError(f"embedding backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        self.pooling = _pooling(st_model)
+        if self.pooling not in ("mean", "cls"):
+            raise EmbedError(f"embedding model {folder}: the ONNX backend handles mean or CLS pooling, "
+                             f"not {self.pooling or 'this model'}'s; use the torch backend")
+        dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+        self.dimension = int(dim() or 0)
+        self.normalize = any(type(m).__name__ == "Normalize" for m in st_model)
+        self.tokenizer = st_model.tokenizer
+        self.max_tokens = int(st_model.max_seq_length or 256)
+        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
+                            if n in self.tokenizer.model_input_names]
+        out = (cache or default_cache()) / f"{folder.name}-{_fingerprint(folder)}"
+        fp32 = out / "model.onnx"
+        path = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
+        try:
+            try:
+                self.session = self._prepare(st_model, fp32, path)
+            except Exception:
+                # A cached file that will not load (truncated or damaged by hand) is made again, once.
+                for f in (fp32, path):
+                    f.unlink(missing_ok=True)
+                self.session = self._prepare(st_model, fp32, path)
+        except Exception as exc:
+            raise EmbedError(f"cannot prepare the {backend} backend for {folder} in {out}: {exc}") from None
+        self.path = path
+
+    def _prepare(self, st_model, fp32: Path, path: Path):
+        if not fp32.is_file():
+            _export(st_model, fp32, self.input_names)
+        if path != fp32 and not path.is_file():
+            _quantize(fp32, path)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        # Longest first, in batches of similar length: padding costs as much as text.
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
+                                                       add_special_tokens=True)["input_ids"]]
+        order = np.argsort([-n for n in lengths], kind="stable")
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for i in range(0, len(texts), batch_size):
+            idx = order[i:i + batch_size]
+            enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_tokens,
+                                 return_tensors="np")
+            feed = {n: enc[n].astype(np.int64) for n in self.input_names}
+            hidden = self.session.run(None, feed)[0]
+            if self.pooling == "cls":
+                vec = hidden[:, 0]
+            else:
+                mask = enc["attention_mask"][..., None].astype(np.float32)
+                vec = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+            if self.normalize:
+                vec = vec / np.clip(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12, None)
+            for j, v in zip(idx, vec):
+                out[j] = v
+        return np.stack(out).astype(np.float32)
+
+
+def _export(st_model, dst: Path, input_names: list[str]) -> None:
+    import torch
+
+    hf = st_model[0].auto_model
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, *inputs):
+            return self.hf(**dict(zip(input_names, inputs))).last_hidden_state
+
+    body = Body().eval()
+    sample = st_model.tokenizer(["a short text", "a somewhat longer text to pad against"], padding=True,
+                                return_tensors="pt")
+    axes = {n: {0: "batch", 1: "tokens"} for n in [*input_names, "hidden"]}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".export-", suffix=".onnx")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(body, tuple(sample[n] for n in input_names), tmp, input_names=input_names,
+                              output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
+        os.replace(tmp, dst)
+    finally:
+        hf.eval()  # the exporter restores the wrapper's mode, which would put the model in training mode
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".quant-", suffix=".onnx")
+    os.close(fd)
+    try:
+        quantize_dynamic(str(src), tmp, weight_type=QuantType.QInt8, per_channel=True)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
