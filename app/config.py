@@ -70,8 +70,10 @@ class Settings:
         _check_range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)
         _check_range("seed", self.seed, -1, 2**32 - 1)
         _check_range("max_tokens", self.max_tokens, 1, 1 << 20)
-        if self.embed_backend not in ("torch", "onnx", "onnx-int8"):
-            raise ConfigError(f"embed_backend: {self.embed_backend!r} is not torch, onnx or onnx-int8")
+        from rag.onnx_embed import BACKENDS
+
+        if self.embed_backend not in BACKENDS:
+            raise ConfigError(f"embed_backend: {self.embed_backend!r} is not one of {', '.join(BACKENDS)}")
         _check_range("rag_top_k", self.rag_top_k, 1, 100)
         if not self.model:
             raise ConfigError("model: must not be empty")

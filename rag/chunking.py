@@ -10,6 +10,7 @@ offset to the last token's end offset.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .loaders import Extracted
 
@@ -124,6 +125,4 @@ def _context(mode: str, title: str, heading: str, text: str, section_start: int,
 
 def title_of(path) -> str:
     """A document's title for its chunks' context: the file name without its suffix, words apart."""
-    from pathlib import Path
-
     return " ".join(Path(path).stem.replace("_", " ").split())

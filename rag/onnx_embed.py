@@ -18,10 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-
-BACKENDS = ("torch", "onnx", "onnx-int8")
-DEFAULT_BACKEND = "torch"
+BACKENDS = ("torch", "onnx", "onnx-int8")  # app/config.py checks the setting against these
 
 
 def default_cache() -> Path:
@@ -52,8 +49,6 @@ class OnnxEncoder:
     def __init__(self, st_model, folder: Path, backend: str, cache: Path | None = None):
         from .embed import EmbedError
 
-        if backend not in ("onnx", "onnx-int8"):
-            raise EmbedError(f"embedding backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.pooling = _pooling(st_model)
         if self.pooling not in ("mean", "cls"):
             raise EmbedError(f"embedding model {folder}: the ONNX backend handles mean or CLS pooling, "
@@ -91,14 +86,16 @@ class OnnxEncoder:
         opts.log_severity_level = 3
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int):
+        import numpy as np
+
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         # Longest first, in batches of similar length: padding costs as much as text.
         lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
                                                        add_special_tokens=True)["input_ids"]]
         order = np.argsort([-n for n in lengths], kind="stable")
-        out: list[np.ndarray | None] = [None] * len(texts)
+        out: list = [None] * len(texts)
         for i in range(0, len(texts), batch_size):
             idx = order[i:i + batch_size]
             enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_tokens,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, replace
 
 from .store import Store
@@ -95,6 +96,12 @@ def _stopwords() -> frozenset:
     return frozenset(ENGLISH_STOP_WORDS)
 
 
+def _without(query: str, stop: frozenset) -> str:
+    """The query less its stop words, unless nothing else is left (BM25 ORs every term it gets)."""
+    kept = [t for t in re.findall(r"\w+", query) if t.lower() not in stop]
+    return " ".join(kept) if kept else query
+
+
 class Retriever:
     """>>> Retriever(store, embedder).search("docs", "how to install", k=5)   # doctest: +SKIP"""
 
@@ -125,7 +132,7 @@ class Retriever:
             rankings.append([cid for cid, _ in dense])
             raw.update(dense)
         if mode in ("hybrid", "keyword"):
-            kw = self.store.keyword(collection, query, n, self.field_weights, self.stop)
+            kw = self.store.keyword(collection, _without(query, self.stop), n, self.field_weights)
             rankings.append([cid for cid, _ in kw])
             if mode == "keyword":
                 raw.update(kw)

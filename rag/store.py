@@ -372,13 +372,9 @@ class Store:
         return [(cid, 1.0 - float(d)) for cid, d in zip(res["ids"][0], res["distances"][0])]
 
     @_locked
-    def keyword(self, collection: str, query: str, n: int, weights=(1.0, 1.0, 1.0),
-                stop: frozenset = frozenset()) -> list[tuple[str, float]]:
-        """(chunk id, BM25 score, higher is better) for chunks containing any query term; terms in
-        `stop` are left out while any other term remains (BM25 ORs every term it is given)."""
+    def keyword(self, collection: str, query: str, n: int, weights=(1.0, 1.0, 1.0)) -> list[tuple[str, float]]:
+        """(chunk id, BM25 score with column `weights` text/heading/title, higher is better)."""
         terms = re.findall(r"\w+", query, flags=re.UNICODE)
-        kept = [t for t in terms if t.lower() not in stop]
-        terms = kept or terms
         if not terms:
             return []
         # Every term quoted: user text is data, never FTS5 syntax (NEAR, AND, column filters...).
