@@ -30,6 +30,7 @@ from typing import Iterator
 from models.gguf_check import check_gguf
 from models.registry import ModelEntry
 
+from .logprobs import LogprobReader
 from .probe import ProbeError, ensure_probed
 from .template import ChatTemplate
 
@@ -58,6 +59,7 @@ class Sampling:
     # The JSON schema `grammar` was built from, when it was (the tool loop's steps): a remote
     # engine sends it as response_format json_schema, which servers without GBNF understand.
     json_schema: dict | None = None
+    logprobs: int | None = None  # None: off; N: each token's logprob and N alternatives (app/logprobs.py)
 
     @classmethod
     def from_settings(cls, settings, stop: list[str] | tuple = ()) -> "Sampling":
@@ -78,6 +80,7 @@ class Result:
     ttft_s: float
     decode_tokens_per_s: float
     total_s: float
+    logprobs: list | None = None  # logprobs.TokenLogprob per generated token, when Sampling asked
 
 
 @dataclass
@@ -325,6 +328,7 @@ class Engine:
         n_out, n_seen, t_first, t_last = 0, 0, None, t0
         finish = "length"
         budget = min(s.max_tokens, self.n_ctx - len(tokens))
+        lp = LogprobReader(llm, s.logprobs, self._piece) if s.logprobs is not None else None
         gen = llm.generate(
             tokens,
             top_k=s.top_k,
@@ -350,6 +354,8 @@ class Engine:
                     finish = "stop"
                     break
                 n_out += 1
+                if lp is not None:
+                    lp.add(tok)
                 text += decoder.decode(self._piece(tok))
                 hit = -1
                 if stops:
@@ -383,17 +389,8 @@ class Engine:
         end = time.perf_counter()
         first = t_first if t_first is not None else end
         decode_s = t_last - first
-        out.put(
-            Event(
-                done=Result(
-                    text=text,
-                    finish_reason=finish,
-                    prompt_tokens=len(tokens),
-                    completion_tokens=n_out,
-                    prompt_tokens_evaluated=evaluated,
-                    ttft_s=first - t0,
-                    decode_tokens_per_s=(n_seen - 1) / decode_s if n_seen > 1 and decode_s > 0 else 0.0,
-                    total_s=end - t0,
-                )
-            )
-        )
+        out.put(Event(done=Result(
+            text=text, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n_out,
+            prompt_tokens_evaluated=evaluated, ttft_s=first - t0,
+            decode_tokens_per_s=(n_seen - 1) / decode_s if n_seen > 1 and decode_s > 0 else 0.0,
+            total_s=end - t0, logprobs=lp.items if lp is not None else None)))

@@ -28,10 +28,13 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0: any free port)")
     p.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY (default: env CROFTER_API_KEY)")
-    p.add_argument("--models", metavar="A,B", help="offer only these store names (default: every GGUF model)")
+    p.add_argument("--models", metavar="A,B", help="offer only these store names (default: every GGUF and remote model)")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin (repeatable; default: no CORS)")
     p.add_argument("--max-models", type=int, default=1, metavar="N", help="engines resident at once (default 1)")
     p.add_argument("--queue", type=int, default=32, metavar="N", help="requests that may wait per model before 429 (default 32)")
+    p.add_argument("--allow-tool", action="append", default=[], metavar="NAME",
+                   help="let requests' crofter.tools run this crofter tool without asking (repeatable; read-only "
+                   "tools run anyway, others are denied unless named here)")
     g = p.add_argument_group("model and hardware")
     g.add_argument("--n-ctx", type=int, metavar="N", help="context window per model (default: config `n_ctx`)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads (0: all available)")
@@ -57,11 +60,18 @@ def options_from_args(args):
         reg = Registry()
         for n in names:
             entry = reg.get(n)  # ModelError with a suggestion
-            if entry.kind != "gguf":
-                raise CLIError(f"--models {n}: an HF checkpoint; serve needs a GGUF (run `crofter convert`)")
+            if entry.kind not in ("gguf", "remote"):
+                raise CLIError(f"--models {n}: an HF checkpoint; serve needs a GGUF (run `crofter convert`) or a remote model")
+    if args.allow_tool:
+        from ..tools.registry import ToolRegistry
+
+        have = ToolRegistry.for_settings(settings).tools
+        unknown = [n for n in args.allow_tool if n not in have]
+        if unknown:
+            raise CLIError(f"--allow-tool {unknown[0]}: no such tool (have: {', '.join(sorted(have)) or 'none'})")
     api_key = args.api_key if args.api_key is not None else os.environ.get("CROFTER_API_KEY", "")
     return ServeOptions(settings=settings, loader=loader(settings), models=names, api_key=api_key, cors=list(args.cors),
-                        max_models=args.max_models, queue=args.queue, scorer=scorer)
+                        max_models=args.max_models, queue=args.queue, scorer=scorer, allow_tools=list(args.allow_tool))
 
 
 def loader(settings):

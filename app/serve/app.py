@@ -76,17 +76,21 @@ class Gate:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
 
-def gguf_entries(names: list[str]) -> dict:
-    """name -> ModelEntry of the GGUF models the server offers (`names`: only those)."""
+SERVED_KINDS = ("gguf", "remote")
+
+
+def served_entries(names: list[str]) -> dict:
+    """name -> ModelEntry of the models the server offers (`names`: only those): the store's
+    GGUF models and its remote ones (a remote model's requests are relayed to its server)."""
     from models.registry import Registry
 
-    entries = {e.name: e for e in Registry().entries() if e.kind == "gguf" and not e.quarantine}
+    entries = {e.name: e for e in Registry().entries() if e.kind in SERVED_KINDS and not e.quarantine}
     return {n: entries[n] for n in names if n in entries} if names else entries
 
 
 def create_app(options: ServeOptions) -> FastAPI:
     """The server for `options` (no socket: uvicorn, or a test, serves it)."""
-    pool = ModelPool(gguf_entries(options.models), options.loader, options.max_models, options.queue, options.retry_after_s)
+    pool = ModelPool(served_entries(options.models), options.loader, options.max_models, options.queue, options.retry_after_s)
     finishes = Finishes()
     embeddings = Embeddings(options.settings.embedder, options.settings.embed_backend)
     docs_holder: dict = {}
@@ -132,7 +136,7 @@ def create_app(options: ServeOptions) -> FastAPI:
 
     def refresh(name: str) -> None:
         if name not in pool.entries:
-            pool.entries = gguf_entries(options.models)
+            pool.entries = served_entries(options.models)
 
     def model_card(name: str, entry=None) -> dict:
         return {"id": name, "object": "model", "created": int(getattr(entry, "added", 0) or 0), "owned_by": "crofter",
@@ -145,7 +149,7 @@ def create_app(options: ServeOptions) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models():
-        pool.entries = gguf_entries(options.models)
+        pool.entries = served_entries(options.models)
         data = [model_card(n, e) for n, e in pool.entries.items()] + [model_card(embeddings.name)]
         return {"object": "list", "data": data}
 
@@ -174,7 +178,8 @@ def create_app(options: ServeOptions) -> FastAPI:
     async def chat_completions(request: Request):
         req = parse(ChatRequest, await read_json(request, options.body_limit))
         refresh(req.model)
-        plan = chat_mod.ChatPlan(req, options.settings, docs if req.crofter and req.crofter.collections else None)
+        plan = chat_mod.ChatPlan(req, options.settings, docs if req.crofter and req.crofter.collections else None,
+                                 options.allow_tools)
         cid = chat_mod.new_id()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 

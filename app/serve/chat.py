@@ -16,7 +16,14 @@ model's first call comes back as OpenAI `tool_calls` with finish_reason "tool_ca
 `response_format` json_object/json_schema become a llama.cpp grammar in Sampling.grammar, as
 does a GBNF `grammar` field (llama-server's extension; crofter's remote engine sends it).
 A reasoning trace (`<think>`) is `reasoning_content`. `crofter.collections` grounds the turn
-on the user's documents; the response's `crofter` field carries the sources.
+on the user's documents; the response's `crofter` field carries the sources. `crofter.tools`
+names crofter's own tools, which the server runs in the turn's tool loop (its policy decides;
+a call that would need asking is denied) and lists in `crofter.calls` (streamed: one chunk
+with `crofter.call` as each call ends).
+
+`logprobs` (+ `top_logprobs`) are read from llama.cpp's logits as each token is sampled
+(app/logprobs.py): the answer's tokens, a reasoning trace left out; streamed, they come whole in
+the chunk that carries finish_reason. Not with tools, nor on a remote model.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import time
 import uuid
 from dataclasses import replace
 
-from .client_tools import choice_of, openai_calls, registry_for
+from .client_tools import builtin_registry, call_record, choice_of, openai_calls, registry_for
 from .errors import ApiError
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "tool_limit": "stop", "cancelled": "stop"}
@@ -135,27 +142,42 @@ def sampling_for(req, settings, grammar=None):
 class ChatPlan:
     """What one chat request will run, checked before it joins the model's line."""
 
-    def __init__(self, req, settings, docs=None):
+    def __init__(self, req, settings, docs=None, allow_tools=()):
         self.req = req
         self.settings = settings
         self.docs = docs  # () -> documents.DocsService for crofter.collections (opened on first use)
-        self.mode, named = choice_of(req.tool_choice) if req.tools else ("none", None)
-        if self.mode == "named" and not req.tools:
+        self.builtin = list(req.crofter.tools) if req.crofter else []  # crofter tools the server runs
+        self.allow_tools = list(allow_tools)
+        if self.builtin and req.tools:
+            raise ApiError(400, "crofter.tools: cannot be combined with tools (the client's own functions)", "crofter.tools")
+        self.mode, named = choice_of(req.tool_choice) if (req.tools or self.builtin) else ("none", None)
+        if self.mode == "named" and not (req.tools or self.builtin):
             raise ApiError(400, "tool_choice: names a function but the request has no tools", "tool_choice")
-        self.registry = registry_for(req.tools, only=named) if self.mode != "none" else None
-        if self.registry is not None and req.response_format is not None and req.response_format.type != "text":
+        if self.builtin and self.mode != "none":  # tool_choice applies to crofter's tools as to the client's
+            if named is not None and named not in self.builtin:
+                raise ApiError(400, f"tool_choice: no tool named {named!r} in crofter.tools", "tool_choice")
+            self.builtin = [named] if named is not None else self.builtin
+        else:
+            self.builtin = []
+        self.registry = registry_for(req.tools, only=named) if self.mode != "none" and req.tools else None
+        if (self.registry is not None or self.builtin) and req.response_format is not None and req.response_format.type != "text":
             raise ApiError(400, "response_format: cannot be combined with tools (the tool loop has its own grammar)",
                            "response_format")
         self.grammar = grammar_for(req.response_format)
         if req.grammar is not None:
-            if self.registry is not None or self.grammar is not None:
+            if self.registry is not None or self.builtin or self.grammar is not None:
                 raise ApiError(400, "grammar: cannot be combined with tools or a response_format", "grammar")
             self.grammar = gbnf_grammar(req.grammar)
         self.collections = list(req.crofter.collections) if req.crofter else []
-        if self.collections and self.mode in ("required", "named"):
+        if self.collections and self.registry is not None and self.mode in ("required", "named"):
             raise ApiError(400, "crofter.collections: cannot be combined with a forced tool_choice", "crofter.collections")
         if self.collections and docs is None:
             raise ApiError(400, "crofter.collections: documents are not available on this server", "crofter.collections")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        if req.logprobs and (self.registry is not None or self.builtin):
+            raise ApiError(400, "logprobs: not available with tools (a call is written in the tool loop's JSON)", "logprobs")
+        self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
 
     def events(self, engine, cancel):
         """The turn's events (run on the job thread)."""
@@ -170,14 +192,22 @@ class ChatPlan:
                 engine.check_grammar(self.grammar)
             except EngineError as exc:
                 raise ApiError(400, f"grammar: {exc}", "grammar") from None
+        if self.logprobs is not None and getattr(engine, "llm", None) is None:
+            raise ApiError(400, f"logprobs: model {self.req.model!r} is a remote model; logprobs need a local GGUF", "logprobs")
         tools = self.registry.tools if self.registry is not None else {}
         history, text = translate(self.req.messages, uses_tool_role(engine.template, tools))
-        session = ChatSession(engine, sampling_for(self.req, self.settings, self.grammar), messages=history)
+        sampling = replace(sampling_for(self.req, self.settings, self.grammar), logprobs=self.logprobs)
+        session = ChatSession(engine, sampling, messages=history)
         uses = {}
         if self.registry is not None:
             uses["tools"] = TurnTools(self.registry, Policy(), lambda *a: False, max_calls=1, defer=True,
                                       require=self.mode in ("required", "named"))
-        if self.collections and text is not None:
+        if self.builtin:  # the model searches the collections itself (search_documents), as `ask --tools`
+            search = self.docs().search(self.collections) if self.collections else None
+            registry = builtin_registry(self.settings, self.builtin, search)
+            uses["tools"] = TurnTools(registry, Policy({n: "allow" for n in self.allow_tools}), lambda *a: False,
+                                      require=self.mode in ("required", "named"))
+        elif self.collections and text is not None:
             from .. import documents
 
             k = (self.req.crofter.k if self.req.crofter else None) or self.settings.rag_top_k
@@ -191,9 +221,30 @@ def usage(result) -> dict:
 
 
 def extension(done) -> dict | None:
-    if not done.grounded:
+    """The response's `crofter` field: cited sources of a grounded turn, the calls crofter ran."""
+    ext: dict = {}
+    if done.grounded:
+        ext = {"sources": [s.as_dict() for s in done.cited], "retrieved": [s.as_dict() for s in done.sources]}
+    if done.calls and done.finish_reason != "tool_calls":  # not the client's own (deferred) calls
+        ext["calls"] = [call_record(c) for c in done.calls]
+    return ext or None
+
+
+def _entry(token: bytes, logprob: float) -> dict:
+    return {"token": token.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(token)}
+
+
+def logprobs_of(done) -> dict | None:
+    """OpenAI's `logprobs` of a choice: the answer's tokens (a reasoning trace before it and a
+    stop sequence after it left out), each with its alternatives; None when not asked for."""
+    from ..logprobs import within
+
+    if done.result is None or done.result.logprobs is None:
         return None
-    return {"sources": [s.as_dict() for s in done.cited], "retrieved": [s.as_dict() for s in done.sources]}
+    raw, answer = done.result.text, done.answer
+    start = len(raw) - len(answer) if raw.endswith(answer) else 0
+    return {"content": [dict(_entry(t.token, t.logprob), top_logprobs=[_entry(b, lp) for b, lp in t.top])
+                        for t in within(done.result.logprobs, start, len(raw))], "refusal": None}
 
 
 def completion(done, model: str, cid: str) -> dict:
@@ -205,7 +256,8 @@ def completion(done, model: str, cid: str) -> dict:
         message["reasoning_content"] = done.thinking
     body = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": FINISH.get(done.finish_reason, "stop")}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs_of(done),
+                         "finish_reason": FINISH.get(done.finish_reason, "stop")}],
             "usage": usage(done.result)}
     ext = extension(done)
     if ext is not None:
@@ -220,9 +272,10 @@ class Chunks:
         self.model, self.cid, self.include_usage = model, cid, include_usage
         self.created = int(time.time())
 
-    def chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None, **extra) -> str:
         body = {"id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         if self.include_usage:
             body["usage"] = None
         body.update(extra)
@@ -230,20 +283,23 @@ class Chunks:
 
     def for_event(self, ev) -> list[str]:
         """The chunks of one turn event (the last ones for its Done)."""
-        from ..turn import Done, TextDelta, ThinkingDelta
+        from ..turn import Done, TextDelta, ThinkingDelta, ToolFinished
 
+        if isinstance(ev, ToolFinished):  # a crofter tool the server ran (crofter.tools)
+            return [self.chunk({}, crofter={"call": call_record(ev.call)})]
         if isinstance(ev, TextDelta):
             return [self.chunk({"content": ev.text})]
         if isinstance(ev, ThinkingDelta):
             return [self.chunk({"reasoning_content": ev.text})]
         if not isinstance(ev, Done):
-            return []  # ToolStarted/Finished never happen with defer; SourcesFound goes out with Done
+            return []  # ToolStarted: its ToolFinished follows; SourcesFound goes out with Done
         out = []
         if ev.finish_reason == "tool_calls" and ev.calls:
             calls = [dict(c, index=i) for i, c in enumerate(openai_calls(ev.calls))]
             out.append(self.chunk({"tool_calls": calls}))
         ext = extension(ev)
-        out.append(self.chunk({}, FINISH.get(ev.finish_reason, "stop"), **({"crofter": ext} if ext else {})))
+        # Streamed, the answer's token logprobs come whole in the chunk that carries finish_reason.
+        out.append(self.chunk({}, FINISH.get(ev.finish_reason, "stop"), logprobs_of(ev), **({"crofter": ext} if ext else {})))
         if self.include_usage:
             body = {"id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                     "system_fingerprint": None, "choices": [], "usage": usage(ev.result)}

@@ -76,3 +76,26 @@ def openai_calls(calls) -> list[dict]:
     return [{"id": call_id(), "type": "function",
              "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
             for c in calls]
+
+
+# -- crofter's own tools, run by the server (`crofter.tools`) --------------------------------------
+def builtin_registry(settings, names: list[str], search=None):
+    """A ToolRegistry of the crofter tools a request names (`crofter.tools`), from what the
+    server's settings provide (built-ins, plugins, MCP servers); an unknown name is a 400
+    listing the ones there are. Runs on the job thread: discovery may start MCP servers."""
+    from ..tools.registry import ToolRegistry
+
+    every = ToolRegistry.for_settings(settings, search)
+    unknown = [n for n in names if n not in every.tools]
+    if unknown:
+        raise ApiError(400, f"crofter.tools: no tool named {unknown[0]!r} on this server "
+                       f"(it has: {', '.join(sorted(every.tools)) or 'none'})", "crofter.tools")
+    reg = ToolRegistry()
+    for n in dict.fromkeys(names):
+        reg.register(every.tools[n], every.tools[n].meta.get("origin", ""))
+    return reg
+
+
+def call_record(call) -> dict:
+    """A call crofter ran (a `tools.calling.ToolCall`) as the response's `crofter.calls` entry."""
+    return {"name": call.name, "arguments": call.arguments, "status": call.status, "result": call.result}

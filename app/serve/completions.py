@@ -64,6 +64,9 @@ class CompletionPlan:
         self.sampling = sampling_for(req, settings)
 
     def events(self, engine, cancel, slot):
+        if getattr(engine, "llm", None) is None:  # a remote model: no tokenizer or logits here
+            raise ApiError(400, f"model {self.req.model!r} is a remote model: raw prompts need a local GGUF; "
+                           "use /v1/chat/completions", "model")
         for i, prompt in enumerate(self.prompts):
             if cancel.is_set():
                 return

@@ -33,6 +33,9 @@ class ServeOptions:
     """(gguf path, n_ctx) -> a scorer (finetune.evaluate.llama_scorer.GGUFScorer), made per model on first use."""
     retry_after_s: int = 1
     """The Retry-After a 429 carries."""
+    allow_tools: list[str] = field(default_factory=list)
+    """crofter tools a request's `crofter.tools` may run without asking (tools with side
+    effects run only if named here; the read-only ones run as the policy allows)."""
 
     def __post_init__(self) -> None:
         if self.max_models < 1:

@@ -66,10 +66,16 @@ class StreamOptions(_Body):
 
 class CrofterExtension(_Body):
     """crofter's own request field: `{"crofter": {"collections": ["notes"]}}` answers over
-    the user's document collections and returns the sources in the response's `crofter`."""
+    the user's document collections and returns the sources in the response's `crofter`;
+    `{"crofter": {"tools": ["calculator"]}}` lets the model call crofter's own tools, run by
+    the server, and returns the calls in the response's `crofter.calls`."""
 
     collections: list[str] = Field(default_factory=list, max_length=16)
     k: Optional[int] = Field(default=None, ge=1, le=100)
+    tools: list[str] = Field(default_factory=list, max_length=64)
+    """crofter's own tools the server runs for this turn (calculator, read_file, MCP tools...),
+    decided by its policy: read-only ones run, others only if `crofter serve --allow-tool`
+    names them (no one is there to ask, so a call that needs asking is denied)."""
 
 
 class _Sampled(_Body):
@@ -103,6 +109,7 @@ class ChatRequest(_Sampled):
     parallel_tool_calls: Optional[bool] = None  # one call per response either way
     response_format: Optional[ResponseFormat] = None
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     crofter: Optional[CrofterExtension] = None
     grammar: Optional[str] = Field(default=None, min_length=1, max_length=100_000)
     """A llama.cpp GBNF grammar for the reply (llama-server's extension field; crofter's remote engine sends it)."""

@@ -20,6 +20,11 @@ def make_loader(n_ctx: int = 1024, seed: int = 1, threads: int = 1):
     def load(entry):
         from app.engine import Engine, LoadOptions
 
+        if entry.kind == "remote":  # relayed to its server, as the command's loader does
+            from app.remote import RemoteEngine
+
+            return RemoteEngine.connect(entry)
+
         # One thread: on a shared 2-core machine a second llama.cpp thread spin-waits on a busy core.
         return Engine.load(entry, LoadOptions(n_ctx=n_ctx, seed=seed, threads=threads))
 
