@@ -79,6 +79,9 @@ class Done:
     cited: list = field(default_factory=list)
     grounded: bool = False
     message_ids: list[int] = field(default_factory=list)
+    # The answer does not state the result of the last ok call of a tool whose result is the answer
+    # (the calculator's): the app, `ask` and `serve` flag it.
+    contradicts_result: bool = False
 
 
 TurnEvent = Union[TextDelta, ThinkingDelta, ToolStarted, ToolFinished, SourcesFound, Done]
@@ -205,7 +208,8 @@ def run_turn(session: ChatSession, text: str | None, *, ground: Callable[[str, i
                         defer=tools.defer, require=tools.require)
         outcome = yield from loop.events(history, cancel, tainted=grounded is not None)
         done = Done(outcome.turn.answer, outcome.result, outcome.fit, outcome.turn.finish_reason,
-                    thinking=outcome.turn.thinking, calls=list(outcome.turn.calls))
+                    thinking=outcome.turn.thinking, calls=list(outcome.turn.calls),
+                    contradicts_result=outcome.turn.contradicts_result)
         added = outcome.added
     else:
         done = yield from _reply(session, history, cancel)

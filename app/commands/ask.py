@@ -147,6 +147,9 @@ def _finish(args, entry, done) -> None:
     dropped = done.fit.describe_dropped()
     if dropped:
         print(f"crofter: {dropped}", file=sys.stderr)
+    if done.contradicts_result:
+        last = [c for c in done.calls if c.status == "ok"][-1]
+        print(f"crofter: warning: the answer does not state the result of {last.name} ({last.result[:80]})", file=sys.stderr)
     if done.finish_reason == "error":  # a remote model's stream broke mid-reply
         print(f"crofter: the reply is incomplete: {entry.name}'s server stopped sending", file=sys.stderr)
     if args.json:
@@ -196,6 +199,7 @@ def _print_json(entry, done, tools: bool) -> None:
         obj["sources"] = [s.as_dict() for s in done.cited]
     if tools:
         obj["tool_calls"] = [asdict(c) for c in done.calls]
+        obj["contradicts_result"] = done.contradicts_result
     print(json.dumps(obj, ensure_ascii=False))
 
 

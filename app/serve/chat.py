@@ -227,6 +227,7 @@ def extension(done) -> dict | None:
         ext = {"sources": [s.as_dict() for s in done.cited], "retrieved": [s.as_dict() for s in done.sources]}
     if done.calls and done.finish_reason != "tool_calls":  # not the client's own (deferred) calls
         ext["calls"] = [call_record(c) for c in done.calls]
+        ext["contradicts_result"] = done.contradicts_result
     return ext or None
 
 

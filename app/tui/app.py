@@ -19,7 +19,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input
 
 from ..render import display_safe
-from .messages import Pacer, ReplyDone, ReplyPiece, ThinkingPiece, ToolCallDone, forward
+from .messages import CONTRADICTS, Pacer, ReplyDone, ReplyPiece, ThinkingPiece, ToolCallDone, forward
 from .tools import approve_on_screen, toggle_tools
 from .turns import attach_ids, show_tool_call, toggle_thinking
 from . import clipboard, compare, dialogs, keys
@@ -250,7 +250,7 @@ class CrofterApp(App):
         if message.error:
             self.notify(message.error, title="Generation failed", severity="error", timeout=15)
         if done is not None and self._reply_box is not None:
-            note = f"{r.completion_tokens} tokens, {r.decode_tokens_per_s:.1f} tok/s"
+            note = f"{r.completion_tokens} tokens, {r.decode_tokens_per_s:.1f} tok/s" + CONTRADICTS * done.contradicts_result
             self._reply_box.set_note(("stopped · " if done.finish_reason == "cancelled" else "") + note)
             self._reply_box.content = done.answer
             self._reply_box.end_thinking(display_safe(done.thinking))

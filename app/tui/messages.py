@@ -34,6 +34,10 @@ class ThinkingPiece(Message):
         super().__init__()
 
 
+# The reply's note when its answer does not state the result its tool call gave (turn.Done.contradicts_result).
+CONTRADICTS = " · ⚠ the answer does not state the tool's result"
+
+
 class ToolCallDone(Message):
     """A tool call of the current turn finished (ok, error, denied or repeated)."""
 

@@ -35,15 +35,15 @@ CALL = ToolCall("calculator", {"expression": "17 * 23"}, "ok", "391")
 def script(kind: str, text: str | None) -> list:
     """The events of one turn of `kind`, as run_turn would yield them."""
     answer = {"plain": "Hello there.", "grounded": "It burns oil [1].", "tools": "17 * 23 = 391.",
-              "thinking": "Blue."}[kind]
+              "thinking": "Blue.", "contradicts": "17 * 23 = 400."}[kind]
     events: list = []
     extra: dict = {}
     if kind == "grounded":
         events.append(SourcesFound([SOURCE]))
         extra = {"sources": [SOURCE], "cited": [SOURCE], "grounded": True}
-    if kind == "tools":
+    if kind in ("tools", "contradicts"):
         events += [ToolStarted(CALL.name, CALL.arguments), ToolFinished(CALL)]
-        extra = {"calls": [CALL]}
+        extra = {"calls": [CALL], "contradicts_result": kind == "contradicts"}
     if kind == "thinking":
         events += [ThinkingDelta("The user wants "), ThinkingDelta("a colour.")]
         extra = {"thinking": "The user wants a colour."}
@@ -127,3 +127,31 @@ def test_serve_answers_with_the_turn(kind, scripted):
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.content or "" for d in deltas) == done.answer
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == done.thinking
+
+
+async def test_every_door_flags_an_answer_that_does_not_state_the_tool_result(scripted, engine, bundled_path, capsys):
+    """The calculator said 391, the answer says 400: ask warns (and --json says so), the app's
+    reply note says so, serve's crofter field says so."""
+    from app.tui.messages import CONTRADICTS
+
+    scripted[0] = "contradicts"
+    assert main(["ask", "q", "--model", str(bundled_path), "--n-ctx", "512", "--tools", "--yes"]) == 0
+    assert "warning: the answer does not state the result of calculator (391)" in capsys.readouterr().err
+    assert main(["ask", "q", "--model", str(bundled_path), "--n-ctx", "512", "--tools", "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["contradicts_result"] is True
+    ctl = controller(engine)
+    app_ = CrofterApp(controller=ctl)
+    async with app_.run_test(size=SIZE) as pilot:
+        await start(pilot)
+        ctl.tools_enabled = True
+        await say(pilot, "q")
+        assert list(app_.query(MessageBox))[-1].note.endswith(CONTRADICTS)
+    with LiveServer(options()) as s:
+        client = OpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "q"}],
+                                           extra_body={"crofter": {"tools": ["calculator"]}})
+        assert r.model_extra["crofter"]["contradicts_result"] is True
+        assert r.model_extra["crofter"]["calls"][0]["result"] == "391"
+    scripted[0] = "tools"
+    assert main(["ask", "q", "--model", str(bundled_path), "--n-ctx", "512", "--tools", "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["contradicts_result"] is False

@@ -201,6 +201,28 @@ def test_a_result_that_is_the_answer_begins_the_answer(engine):
             assert obj["answer"] == "391"
 
 
+def test_the_turn_carries_an_answer_that_contradicts_the_result(engine, monkeypatch):
+    """run_turn's Done says when the answer leaves out the calculator's result (the front doors
+    flag it; test_front_doors.py checks what each shows)."""
+    from app.turn import TurnTools, finish, run_turn
+
+    replies = iter([{"tool": "calculator", "arguments": {"expression": "17 * 23"}}, {"tool": "none", "answer": "It is 400."},
+                    {"tool": "calculator", "arguments": {"expression": "2 + 2"}}, {"tool": "none", "answer": "It is 4."}])
+
+    def generate(self, prompt_tokens, sampling, cancel=None):
+        raw = json.dumps(next(replies))
+        yield Event(done=Result(raw, "stop", len(prompt_tokens), 1, 0, 0.0, 0.0, 0.0))
+
+    monkeypatch.setattr(ToolLoop, "generate", generate)
+    reg = ToolRegistry.discover(ToolContext())
+    session = ChatSession(engine, Sampling(temperature=0.0, max_tokens=32))
+    uses = dict(tools=TurnTools(reg, Policy(), lambda *a: True))
+    wrong = finish(run_turn(session, "What is 17 * 23?", **uses))
+    assert wrong.calls[0].result == "391" and wrong.contradicts_result
+    right = finish(run_turn(session, "What is 2 + 2?", **uses))
+    assert right.calls[0].result == "4" and not right.contradicts_result
+
+
 @pytest.mark.parametrize("result,more", [('say "hi"\\now', False), ("2026-12-01T21:09:12+00:00", True),
                                          ("line\nnext\ttab", False)])
 def test_stated_grammar_carries_any_result(engine, result, more):
