@@ -220,11 +220,21 @@ def usage(result) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def timings(result) -> dict | None:
+    """How the last generation went, measured by the engine (llama-server answers with its own
+    `timings` too): a client's TTFT minus `ttft_ms` is what the HTTP path added."""
+    if result is None:
+        return None
+    return {"ttft_ms": round(result.ttft_s * 1000, 2), "prompt_tokens_evaluated": result.prompt_tokens_evaluated,
+            "decode_tokens_per_s": round(result.decode_tokens_per_s, 2), "total_ms": round(result.total_s * 1000, 2)}
+
+
 def extension(done) -> dict | None:
-    """The response's `crofter` field: cited sources of a grounded turn, the calls crofter ran."""
-    ext: dict = {}
+    """The response's `crofter` field: the engine's timings, cited sources of a grounded turn,
+    the calls crofter ran."""
+    ext: dict = {"timings": timings(done.result)} if done.result is not None else {}
     if done.grounded:
-        ext = {"sources": [s.as_dict() for s in done.cited], "retrieved": [s.as_dict() for s in done.sources]}
+        ext.update(sources=[s.as_dict() for s in done.cited], retrieved=[s.as_dict() for s in done.sources])
     if done.calls and done.finish_reason != "tool_calls":  # not the client's own (deferred) calls
         ext["calls"] = [call_record(c) for c in done.calls]
         ext["contradicts_result"] = done.contradicts_result

@@ -193,3 +193,12 @@ def test_a_remote_model_is_offered_and_relayed_to_its_server(crofter_home):
             assert r.status_code == 400 and r.json()["error"]["param"] == "model"
             r = httpx.post(relay.url + "/chat/completions", json={"model": "far", "logprobs": True, **kw}, timeout=60)
             assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+def test_every_answer_carries_the_engines_timings(client):
+    r = chat(client)
+    t = r.model_extra["crofter"]["timings"]
+    assert 0 < t["ttft_ms"] <= t["total_ms"] and 0 < t["prompt_tokens_evaluated"] <= r.usage.prompt_tokens
+    stream = list(chat(client, stream=True, stream_options={"include_usage": True}))
+    final = [ch for ch in stream if ch.choices and ch.choices[0].finish_reason][-1]
+    assert final.model_extra["crofter"]["timings"]["ttft_ms"] > 0
