@@ -94,10 +94,11 @@ def _client() -> httpx.Client:
 def stream_chat(url: str, model: str, system: str, tokens: int, seed: int) -> dict:
     """One streamed greedy chat: client-side TTFT, decode tok/s, total latency, finished or not."""
     body = {"model": model, "messages": [{"role": "system", "content": system}, {"role": "user", "content": PROMPT}],
-            "max_tokens": tokens, "temperature": 0, "seed": seed, "stream": True}
+            "max_tokens": tokens, "temperature": 0, "seed": seed, "stream": True,
+            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
-    n, finish, engine_ttft = 0, None, None
+    n, finish, engine_ttft, generated = 0, None, None, None
     try:
         with _client().stream("POST", url + "/chat/completions", json=body) as r:
             for line in r.iter_lines():
@@ -107,6 +108,8 @@ def stream_chat(url: str, model: str, system: str, tokens: int, seed: int) -> di
                 if "error" in ch:
                     finish = "error"
                     break
+                if ch.get("usage"):  # chunks may carry several tokens: count the tokens, not the chunks
+                    generated = ch["usage"]["completion_tokens"]
                 if (ch.get("crofter") or {}).get("timings"):  # crofter serve's engine timings, with the end
                     engine_ttft = ch["crofter"]["timings"]["ttft_ms"] / 1000
                 for c in ch.get("choices", []):
@@ -119,7 +122,8 @@ def stream_chat(url: str, model: str, system: str, tokens: int, seed: int) -> di
     except httpx.HTTPError:
         finish = "dropped"
     end = time.perf_counter()
-    rate = (n - 1) / (last - first) if first and last and last > first else 0.0
+    tokens_out = generated if generated is not None else n
+    rate = (tokens_out - 1) / (last - first) if first and last and last > first else 0.0
     return {"ttft": (first or end) - t0, "tok_s": rate, "latency": end - t0, "chunks": n, "finish": finish,
             "engine_ttft": engine_ttft}
 

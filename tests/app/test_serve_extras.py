@@ -202,3 +202,17 @@ def test_every_answer_carries_the_engines_timings(client):
     stream = list(chat(client, stream=True, stream_options={"include_usage": True}))
     final = [ch for ch in stream if ch.choices and ch.choices[0].finish_reason][-1]
     assert final.model_extra["crofter"]["timings"]["ttft_ms"] > 0
+
+
+def test_streamed_text_is_coalesced_but_the_first_piece_and_every_other_event_go_at_once():
+    from app.serve.app import coalesced
+    from app.turn import Done, TextDelta, ThinkingDelta, ToolFinished
+
+    clock = iter([0.0, 0.005, 0.010, 0.030, 0.031, 0.040, 0.041, 0.050])  # read once per text piece
+    call, done = ToolFinished(None), Done("abcdefg", None, None, "stop")
+    events = [ThinkingDelta("t"), TextDelta("a"), TextDelta("b"), TextDelta("c"), call, TextDelta("d"),
+              TextDelta("e"), TextDelta("f"), TextDelta("g"), done]
+    out = list(coalesced(iter(events), 0.02, clock=lambda: next(clock)))
+    assert out == [ThinkingDelta("t"), TextDelta("abc"), call, TextDelta("defg"), done]
+    held = list(coalesced(iter([TextDelta("x"), TextDelta("y"), TextDelta("z")]), 10.0, clock=iter([0, 1, 2]).__next__))
+    assert held == [TextDelta("x"), TextDelta("yz")]  # nothing is kept past the end
