@@ -165,6 +165,7 @@ def test_l5_sixteen_clients_for_five_minutes(server, client):
     rss1, fds1 = _rss_and_fds()
     assert latencies and not bad
     assert fds1 <= fds0 + 8, (fds0, fds1)
+    assert rss1 - rss0 < 256 << 20, (rss0 >> 20, rss1 >> 20)  # no growth with the number of requests
     print(f"\nL5: {len(latencies)} streams in 300 s, p50 {np.percentile(latencies, 50):.2f} s, "
           f"p95 {np.percentile(latencies, 95):.2f} s, RSS {rss0 >> 20}->{rss1 >> 20} MiB, FDs {fds0}->{fds1}")
 
