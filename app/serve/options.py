@@ -18,7 +18,7 @@ class ServeOptions:
     loader: Callable
     """entry -> app.engine.Engine, called on a worker thread the first time a model is used."""
     models: list[str] = field(default_factory=list)
-    """Registry names the server offers; empty: every GGUF model in the store."""
+    """Registry names the server offers; empty: every GGUF and remote model in the store."""
     api_key: str = ""
     """When set, every request needs `Authorization: Bearer <api_key>`."""
     cors: list[str] = field(default_factory=list)
