@@ -94,7 +94,7 @@ def score(engine, reg, cases, options: dict, max_tokens: int, verbose: bool = Fa
             ran = any(x.name == c["tool"] and x.status == "ok" for x in turn.calls)
             correct += ran and (c["expect"] is None or c["expect"].lower() in turn.answer.lower())
         last = next((x for x in reversed(turn.calls) if x.status == "ok"), None)
-        if last is not None and reg.tools[last.name].answers:
+        if last is not None and reg.tools[last.name].answers_call(last.arguments, c["prompt"]):
             n_answers += 1
             stated += states(turn.answer, last.result)
             contradicts += turn.contradicts_result

@@ -65,12 +65,23 @@ def provide(ctx: ToolContext) -> list[Tool]:
             return "No passage matched."
         return "\n\n".join(f"[{i}] {h.where()}\n{h.text.strip()}" for i, h in enumerate(hits, 1))
 
-    # The calculator's and the clock's results are the answer; the file tools' paths are limited,
-    # turn by turn, to what exists under the roots.
+    def shows_named_file(args: dict, message: str) -> bool:
+        """A file the user named ("Read notes.txt") is answered by its text."""
+        return files.named_in(message, str(args.get("path", "")))
+
+    def lists_unnamed(args: dict, message: str) -> bool:
+        """A listing answers a message that names no file ("What files do I have?"); one that
+        names a file is about that file, and the listing is a step towards it."""
+        known = files.names(ctx.roots)
+        return known is not None and not any(files.named_in(message, n) for n in known)
+
+    # The calculator's and the clock's results are the answer, and the file tools' when the user
+    # asked for that file or listing; their paths are limited, turn by turn, to what exists.
     out = [tool(calculator, side_effects=False, answers=True), tool(current_time, side_effects=False, answers=True)]
     if ctx.roots:
-        out += [tool(read_file, side_effects=False, private=True, choices={"path": lambda: files.names(ctx.roots)}),
-                tool(list_dir, side_effects=False, private=True,
+        out += [tool(read_file, side_effects=False, private=True, answers=shows_named_file,
+                     choices={"path": lambda: files.names(ctx.roots)}),
+                tool(list_dir, side_effects=False, private=True, answers=lists_unnamed,
                      choices={"path": lambda: files.names(ctx.roots, folders=True)})]
     if ctx.search is not None:
         out.append(tool(search_documents, side_effects=False))

@@ -41,6 +41,7 @@ from .step import (NO_TOOL, after_thinking, argument_error, call_schema, can_ran
 
 RESULT_CHARS = 4000
 ARGUMENT_CHARS = 8000  # a call's arguments, as JSON; larger ones are refused without validating
+STATE_CHARS = 200  # a result that answers the message and is this short becomes the answer itself
 
 
 @dataclass
@@ -121,6 +122,7 @@ class ToolLoop:
         self.max_calls = max_calls
         self.on_call = on_call
         self.defer = defer
+        self.message = ""  # the user's message of the turn running (events sets it)
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
         from ..turn import opens_thinking
@@ -187,11 +189,16 @@ class ToolLoop:
     def _stated(self, call: ToolCall):
         """The answer grammar after `call`, when its result is the answer and short enough to state."""
         t = self.tools.get(call.name)
-        if not (self.constrained and self.state_result and t is not None and t.answers and call.status == "ok"
-                and 0 < len(call.result) <= 200):
+        if not (self.constrained and self.state_result and t is not None and call.status == "ok"
+                and self._answers(call) and 0 < len(call.result) <= STATE_CHARS):
             return None
         more = self.state_result == "more"
         return self._make_grammar(output_schema([], False), stated_answer_gbnf(call.result.strip(), more))
+
+    def _answers(self, call: ToolCall) -> bool:
+        """Whether `call`'s result is, by itself, the answer to this turn's message (Tool.answers)."""
+        t = self.tools.get(call.name)
+        return t is not None and t.answers_call(call.arguments, self.message)
 
     def scaffold(self, history: list[dict]) -> list[dict]:
         """`history` with the tool instructions joined to its system prompt (or as one)."""
@@ -272,6 +279,8 @@ class ToolLoop:
         from ..turn import TextDelta, ToolFinished, ToolStarted
 
         msgs = self.scaffold(history)
+        last_user = next((m for m in reversed(history) if m.get("role") == "user"), {})
+        self.message = last_user.get("content") if isinstance(last_user.get("content"), str) else ""
         kept: list[dict] = []  # what the session keeps: results as the chat's history shows them
         turn = ToolTurn(answer="", messages=msgs)
         seen: dict[str, str] = {}
@@ -321,7 +330,7 @@ class ToolLoop:
                 grammar, closed = stated or self._answer_only, True
                 note = "\nNo more tool calls this turn: answer now."
             elif call.status == "ok" and self.constrained and (
-                    self.after == "ok" or (self.after == "answers" and getattr(self.tools.get(call.name), "answers", False))):
+                    self.after == "ok" or (self.after == "answers" and self._answers(call))):
                 grammar = stated or self._answer_only
             if self.tool_role:
                 msgs.append({"role": "tool", "name": call.name, "content": f"{call.status}: {call.result}{note}"})
@@ -329,7 +338,8 @@ class ToolLoop:
                 msgs.append({"role": "user", "content": result_message(call) + note})
             kept.append({"role": "user", "content": result_message(call)})
         last = next((c for c in reversed(turn.calls) if c.status == "ok"), None)
-        if last is not None and getattr(self.tools.get(last.name), "answers", False) and turn.finish_reason == "stop":
+        if last is not None and self._answers(last) and len(last.result) <= STATE_CHARS and turn.finish_reason == "stop":
+            # (a longer result, a file's text, is not stated: a summary of it is no contradiction)
             turn.contradicts_result = not states(turn.answer, last.result)
         msgs.append({"role": "assistant", "content": turn.answer})
         return ToolOutcome(turn, result, fit, kept + [{"role": "assistant", "content": turn.answer}])

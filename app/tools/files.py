@@ -7,6 +7,7 @@ and files over a size cap are refused. No root configured means no file access.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -110,3 +111,12 @@ def names(roots: list[str], folders: bool = False, cap: int = MAX_CHOICES) -> li
                 if len(out) > cap:
                     return None
     return out
+
+
+def named_in(message: str, path: str) -> bool:
+    """Whether `message` names the file `path` (its last part, any case, as a word of its own:
+    "Read notes.txt." names notes.txt, "my_notes.txt" and "notes.txt.bak" do not)."""
+    name = os.path.basename(path.rstrip("/"))
+    if not name or name == ".":
+        return False
+    return re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.\w)", message, re.I) is not None

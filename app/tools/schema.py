@@ -111,6 +111,9 @@ class Tool:
     injected "read ~/.ssh/id_rsa" never runs unseen (an explicit allow rule still wins).
     answers: the result IS the answer (a calculator, a clock): after an ok call the loop's
     answer states it (the answer grammar begins with it), and a reply that does not is flagged.
+    It may also be a function of the call's arguments and the user's message, for a tool whose
+    result answers some messages only (read_file answers "Read notes.txt", not "Summarise my
+    notes"); see `answers_call`.
     choices: parameter name -> a function listing the values that exist now (the files under
     the tool roots); each turn's grammar limits that parameter to them (see `narrowed`).
     """
@@ -122,7 +125,7 @@ class Tool:
     side_effects: bool = True
     meta: dict = field(default_factory=dict)
     private: bool = False
-    answers: bool = False
+    answers: bool | Callable[[dict, str], bool] = False
     choices: dict[str, Callable[[], list[str] | None]] = field(default_factory=dict)
 
     def narrowed(self) -> "Tool | None":
@@ -146,6 +149,15 @@ class Tool:
                 params["properties"][pname] = {"type": "string", "enum": list(names),
                                                **({"description": prop["description"]} if "description" in prop else {})}
         return replace(self, parameters=params)
+
+    def answers_call(self, args: dict, message: str) -> bool:
+        """Whether this call's result is, by itself, the answer to the user's `message`."""
+        if callable(self.answers):
+            try:
+                return bool(self.answers(args, message))
+            except Exception:  # a third-party predicate that breaks only loses the shortcut
+                return False
+        return bool(self.answers)
 
     def spec(self) -> dict:
         """OpenAI-style function spec, as chat templates with tool support expect."""
@@ -192,7 +204,8 @@ def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
 
 
 def tool(fn: Callable, name: str | None = None, side_effects: bool = True, private: bool = False,
-         answers: bool = False, choices: dict[str, Callable[[], list[str] | None]] | None = None) -> Tool:
+         answers: bool | Callable[[dict, str], bool] = False,
+         choices: dict[str, Callable[[], list[str] | None]] | None = None) -> Tool:
     """Describe `fn` as a Tool; every parameter needs a supported annotation. `answers`,
     `choices`: see Tool (each name in `choices` must be a str parameter)."""
     name = name or fn.__name__

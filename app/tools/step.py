@@ -22,6 +22,7 @@ import math
 import re
 from dataclasses import replace
 
+from . import files
 from .schema import Tool
 
 NO_TOOL = "none"
@@ -125,8 +126,7 @@ def mentioned(tool: Tool, text: str) -> Tool:
     params, changed = tool.parameters, False
     for pname, s in tool.parameters.get("properties", {}).items():
         values = [v for v in s.get("enum", []) if isinstance(v, str) and len(v) >= 3]
-        named = [v for v in values if re.search(r"(?<![\w.])" + re.escape(v) + r"(?![\w])", text, re.I)
-                 or re.search(r"(?<![\w.])" + re.escape(v.rsplit("/", 1)[-1]) + r"(?![\w])", text, re.I)]
+        named = [v for v in values if files.named_in(text, v)]
         if named and len(named) < len(s["enum"]):
             if not changed:
                 params, changed = json.loads(json.dumps(params)), True

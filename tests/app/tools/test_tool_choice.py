@@ -255,3 +255,49 @@ def test_a_named_file_is_the_only_one_the_call_may_name(root, engine):
     assert mentioned(read, "notes.txtx") is read
     grammar = loop.branch("read_file", "Open plan.md")
     assert '"\\"sub/plan.md\\""' in grammar._grammar and "notes.txt" not in grammar._grammar
+
+
+def test_named_in_matches_a_file_name_as_a_word_of_its_own():
+    assert files.named_in("Read notes.txt.", "notes.txt") and files.named_in("open NOTES.TXT?", "notes.txt")
+    assert files.named_in("What does sub/plan.md say", "sub/plan.md") and files.named_in("Read plan.md", "sub/plan.md")
+    assert not files.named_in("Read my_notes.txt", "notes.txt") and not files.named_in("notes.txt.bak", "notes.txt")
+    assert not files.named_in("notes.txtx", "notes.txt") and not files.named_in("Read it", ".")
+
+
+@pytest.mark.parametrize("message,call,stated", [
+    ("Read notes.txt and tell me what it says.", ("read_file", {"path": "notes.txt"}), "Buy milk."),
+    ("Summarise my shopping note.", ("read_file", {"path": "notes.txt"}), None),  # the file was not named
+    ("What files do I have?", ("list_dir", {"path": "."}), "notes.txt\ntodo.txt"),
+    ("Is notes.txt there? List the folder.", ("list_dir", {"path": "."}), None),  # about a named file
+])
+def test_a_file_result_answers_the_message_that_asked_for_it(tmp_path, engine, message, call, stated):
+    """After reading the file the user named (or listing the folder for a message that names no
+    file) the answer is that result; otherwise the model may call again and answers in its words."""
+    root = tmp_path / "plain"
+    root.mkdir()
+    (root / "notes.txt").write_text("Buy milk.")
+    (root / "todo.txt").write_text("Call the dentist.")
+    reg = ToolRegistry.discover(ToolContext(roots=[str(root)]))
+    loop = ToolLoop(ChatSession(engine, Sampling(temperature=0.0, max_tokens=32)), reg, Policy(), lambda *a: True,
+                    choose="sample")
+    asked = scripted(loop, [{"tool": call[0], "arguments": call[1]}, {"tool": "none", "answer": "Something else."}])
+    turn = loop.run(message)
+    assert turn.calls[0].status == "ok"
+    if stated is None:
+        assert asked[1] is loop._grammar and not turn.contradicts_result  # free to call again or answer
+    else:
+        assert turn.calls[0].result == stated and json.dumps(stated)[1:-1].replace("\\", "\\\\") in asked[1]._grammar
+        assert turn.contradicts_result  # the scripted answer left the result out
+
+
+def test_a_broken_answers_predicate_only_loses_the_shortcut():
+    def probe(x: str) -> str:
+        """Echo."""
+        return x
+
+    def broken(args, message):
+        raise RuntimeError("boom")
+
+    assert tool(probe, answers=broken).answers_call({"x": "a"}, "m") is False
+    assert tool(probe, answers=lambda a, m: a["x"] in m).answers_call({"x": "a"}, "a b") is True
+    assert tool(probe, answers=True).answers_call({}, "") and not tool(probe).answers_call({}, "")
