@@ -52,12 +52,16 @@ class LogprobReader:
 
 
 def within(items: list[TokenLogprob], start: int, end: int) -> list[TokenLogprob]:
-    """The tokens whose text begins in characters [start, end) of the decoded generation: the
-    answer's tokens, leaving out a reasoning trace before it or a stop sequence cut after it."""
+    """The tokens whose text reaches into characters [start, end) of the decoded generation and
+    begins before `end`: the answer's tokens, leaving out a reasoning trace before it or a stop
+    sequence cut after it. A token that straddles `start` (" Yes" after "</think>", whose
+    space the split dropped) is the answer's; one with no character yet (the first bytes of a
+    split UTF-8 character) goes with the characters that follow it."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the engine decodes
     out, at = [], 0
     for item in items:
-        if start <= at < end:
+        n = len(decoder.decode(item.token))
+        if at < end and (at + n > start or (n == 0 and at >= start)):
             out.append(item)
-        at += len(decoder.decode(item.token))
+        at += n
     return out

@@ -33,8 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-models", type=int, default=1, metavar="N", help="engines resident at once (default 1)")
     p.add_argument("--queue", type=int, default=32, metavar="N", help="requests that may wait per model before 429 (default 32)")
     p.add_argument("--allow-tool", action="append", default=[], metavar="NAME",
-                   help="let requests' crofter.tools run this crofter tool without asking (repeatable; read-only "
-                   "tools run anyway, others are denied unless named here)")
+                   help="let requests' crofter.tools run this crofter tool (repeatable); tools with side effects "
+                   "and the file readers (read_file, list_dir) are denied unless named here, the calculator, "
+                   "clock and document search run anyway")
     g = p.add_argument_group("model and hardware")
     g.add_argument("--n-ctx", type=int, metavar="N", help="context window per model (default: config `n_ctx`)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads (0: all available)")
@@ -71,7 +72,8 @@ def options_from_args(args):
             raise CLIError(f"--allow-tool {unknown[0]}: no such tool (have: {', '.join(sorted(have)) or 'none'})")
     api_key = args.api_key if args.api_key is not None else os.environ.get("CROFTER_API_KEY", "")
     return ServeOptions(settings=settings, loader=loader(settings), models=names, api_key=api_key, cors=list(args.cors),
-                        max_models=args.max_models, queue=args.queue, scorer=scorer, allow_tools=list(args.allow_tool))
+                        max_models=args.max_models, queue=args.queue, scorer=scorer, allow_tools=list(args.allow_tool),
+                        **({} if args.host in LOOPBACK else {"hosts": []}))  # on loopback: only its own names
 
 
 def loader(settings):

@@ -37,13 +37,23 @@ log = logging.getLogger("crofter.serve")
 _SLASHES = re.compile(r"/{2,}")
 
 
-class Gate:
-    """ASGI middleware: `//v1//models/` is `/v1/models`; `Authorization: Bearer KEY` when a
-    key is set (401 otherwise, in OpenAI's shape); one log line per request with its latency."""
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8080" -> "::1", "Localhost." -> "localhost"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0].rstrip(".") if header.count(":") == 1 else header.rstrip(".")
 
-    def __init__(self, app, api_key: str = ""):
+
+class Gate:
+    """ASGI middleware: `//v1//models/` is `/v1/models`; a Host header not in `hosts` (when
+    given) gets a 421; `Authorization: Bearer KEY` when a key is set (401 otherwise, in
+    OpenAI's shape); one log line per request with its latency."""
+
+    def __init__(self, app, api_key: str = "", hosts: list[str] | None = None):
         self.app = app
         self.api_key = api_key
+        self.hosts = {h.lower() for h in hosts or []}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -61,6 +71,11 @@ class Gate:
             await send(message)
 
         try:
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if self.hosts and host_name(host) not in self.hosts:
+                body = error_body(421, f"Host {host!r} is not this server's name (it answers {', '.join(sorted(self.hosts))}; "
+                                  "serve on another --host to answer others)", code="misdirected_request")
+                return await JSONResponse(body, status_code=421)(scope, receive, sending)
             if self.api_key and scope["method"] != "OPTIONS" and not self._authorized(scope):
                 body = error_body(401, "invalid API key: send Authorization: Bearer <key>", code="invalid_api_key")
                 return await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, sending)
@@ -217,7 +232,7 @@ def create_app(options: ServeOptions) -> FastAPI:
         req = parse(EmbeddingRequest, await read_json(request, options.body_limit))
         return JSONResponse(await anyio.to_thread.run_sync(embeddings.run, req))
 
-    app.add_middleware(Gate, api_key=options.api_key)
+    app.add_middleware(Gate, api_key=options.api_key, hosts=options.hosts)
     if options.cors:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -253,25 +268,31 @@ def coalesced(events, interval: float = COALESCE_S, clock=time.monotonic):
     passed since the last one went out. Each piece sent costs a wake-up of the event loop and a
     socket write, which on a small machine take CPU from llama.cpp's threads; the first piece
     goes at once, so the time to first token is unchanged, and nothing is held past the next
-    event or the end."""
+    event, the end or an error. (A piece is held until the next event comes: the engine yields
+    one per token, so that is a token's time, except while a stop sequence is held back.)"""
     from ..turn import TextDelta, ThinkingDelta
 
     pending, last = None, None
-    for ev in events:
-        if not isinstance(ev, (TextDelta, ThinkingDelta)):
-            if pending is not None:
+    try:
+        for ev in events:
+            if not isinstance(ev, (TextDelta, ThinkingDelta)):
+                if pending is not None:
+                    yield pending
+                    pending = None
+                yield ev
+                continue
+            if pending is not None and type(pending) is not type(ev):
                 yield pending
                 pending = None
-            yield ev
-            continue
-        if pending is not None and type(pending) is not type(ev):
+            pending = ev if pending is None else type(ev)(pending.text + ev.text)
+            now = clock()
+            if last is None or now - last >= interval:
+                yield pending
+                pending, last = None, now
+    except Exception:
+        if pending is not None:  # what was written goes out before the error does
             yield pending
-            pending = None
-        pending = ev if pending is None else type(ev)(pending.text + ev.text)
-        now = clock()
-        if last is None or now - last >= interval:
-            yield pending
-            pending, last = None, now
+        raise
     if pending is not None:
         yield pending
 

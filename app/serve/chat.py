@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import replace
 
-from .client_tools import builtin_registry, call_record, choice_of, openai_calls, registry_for
+from .client_tools import builtin_registry, call_record, choice_of, openai_calls, registry_for, serve_policy
 from .errors import ApiError
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "tool_limit": "stop", "cancelled": "stop"}
@@ -147,6 +147,8 @@ class ChatPlan:
         self.settings = settings
         self.docs = docs  # () -> documents.DocsService for crofter.collections (opened on first use)
         self.builtin = list(req.crofter.tools) if req.crofter else []  # crofter tools the server runs
+        if self.builtin and req.crofter.collections and "search_documents" not in self.builtin:
+            self.builtin.append("search_documents")  # with tools on, the model searches the collections itself
         self.allow_tools = list(allow_tools)
         if self.builtin and req.tools:
             raise ApiError(400, "crofter.tools: cannot be combined with tools (the client's own functions)", "crofter.tools")
@@ -205,7 +207,7 @@ class ChatPlan:
         if self.builtin:  # the model searches the collections itself (search_documents), as `ask --tools`
             search = self.docs().search(self.collections) if self.collections else None
             registry = builtin_registry(self.settings, self.builtin, search)
-            uses["tools"] = TurnTools(registry, Policy({n: "allow" for n in self.allow_tools}), lambda *a: False,
+            uses["tools"] = TurnTools(registry, serve_policy(registry, self.allow_tools), lambda *a: False,
                                       require=self.mode in ("required", "named"))
         elif self.collections and text is not None:
             from .. import documents

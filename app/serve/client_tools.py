@@ -96,6 +96,17 @@ def builtin_registry(settings, names: list[str], search=None):
     return reg
 
 
+def serve_policy(registry, allowed: list[str]):
+    """The policy of tools run for a request (nobody is there to be asked): the ones the server
+    was started with `--allow-tool` run; the others that touch the user's files or the world
+    are denied; the rest (calculator, clock, document search) run as the default policy says."""
+    from ..tools.policy import Policy
+
+    rules = {name: "allow" if name in allowed else "deny" for name, t in registry.tools.items()
+             if name in allowed or t.private or t.side_effects}
+    return Policy(rules)
+
+
 def call_record(call) -> dict:
     """A call crofter ran (a `tools.calling.ToolCall`) as the response's `crofter.calls` entry."""
     return {"name": call.name, "arguments": call.arguments, "status": call.status, "result": call.result}

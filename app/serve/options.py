@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 BODY_LIMIT = 10 * 1024 * 1024  # bytes; a larger request body gets a 413 before it is read whole
 
 
@@ -34,8 +35,12 @@ class ServeOptions:
     retry_after_s: int = 1
     """The Retry-After a 429 carries."""
     allow_tools: list[str] = field(default_factory=list)
-    """crofter tools a request's `crofter.tools` may run without asking (tools with side
-    effects run only if named here; the read-only ones run as the policy allows)."""
+    """crofter tools a request's `crofter.tools` may run: those with side effects and those
+    that read the user's files run only if named here; other read-only ones (calculator,
+    clock, document search) run anyway."""
+    hosts: list[str] = field(default_factory=lambda: list(LOCAL_HOSTS))
+    """Host headers the server answers (any port); empty: any. A loopback server answers only
+    its own names, so a web page that rebinds its DNS name to 127.0.0.1 cannot reach it."""
 
     def __post_init__(self) -> None:
         if self.max_models < 1:

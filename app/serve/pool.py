@@ -9,7 +9,7 @@ the job thread when its work has really stopped (`release`, via the event loop),
 HTTP side gives up, so the next request starts on an idle engine.
 
 Loading a model past `max_models` evicts the least recently used resident one, idle ones
-first; an evicted engine is closed when its last request has finished (never under one).
+first (remote models, relayed to their server, hold no weights here and do not count); an evicted engine is closed when its last request has finished (never under one).
 All of this runs on the event loop thread, so the bookkeeping needs no locks.
 """
 from __future__ import annotations
@@ -25,6 +25,10 @@ import anyio
 from .errors import ApiError
 
 log = logging.getLogger("crofter.serve")
+
+
+def _remote(slot) -> bool:
+    return getattr(slot.entry, "kind", "") == "remote"
 
 
 class Slot:
@@ -113,7 +117,12 @@ class ModelPool:
         return [n for n, s in self.slots.items() if s.engine is not None]
 
     def _make_room(self, loading: Slot) -> None:
-        others = [s for s in self.slots.values() if s is not loading and (s.engine is not None or s.loading.locked())]
+        """Evict to keep `max_models` local engines; a remote model (a client of another server,
+        no weights here) neither counts nor evicts."""
+        if _remote(loading):
+            return
+        others = [s for s in self.slots.values()
+                  if s is not loading and not _remote(s) and (s.engine is not None or s.loading.locked())]
         while len(others) >= self.max_models:
             idle = [s for s in others if s.pending == 0]
             victim = (idle or others)[0]  # least recently used first (the OrderedDict's order)

@@ -131,7 +131,13 @@ class EmbeddingRequest(_Body):
 
 
 async def read_json(request, limit: int) -> Any:
-    """The request's JSON body, at most `limit` bytes."""
+    """The request's JSON body, at most `limit` bytes. It must say it is JSON: a browser sends
+    a cross-site POST without asking first only for form and text types, so this keeps web
+    pages from driving a server on this machine (a 415 otherwise)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise ApiError(415, f"Content-Type {kind or '(none)'!r}: send the body as application/json "
+                       "(curl: -H 'Content-Type: application/json')", "Content-Type", "unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {int(declared)} bytes; the most this server accepts is {limit}",

@@ -354,6 +354,12 @@ def test_crofter_collections_ground_the_answer_and_return_the_sources(crofter_ho
         ext = r.json()["crofter"]
         assert [src["source"] for src in ext["retrieved"]] == [str(doc)]
         assert {src["n"] for src in ext["sources"]} <= {1}  # what the answer cites is among the retrieved
+        r = httpx.post(s.url + "/chat/completions", timeout=120, json={  # with crofter's tools on, it searches itself
+            "model": MODEL, "messages": [{"role": "user", "content": "Who kept the Skerry lighthouse in 1901?"}],
+            "max_tokens": 48, "temperature": 0, "tool_choice": {"type": "function", "function": {"name": "search_documents"}},
+            "crofter": {"collections": ["notes"], "tools": ["calculator"]}})
+        call = r.json()["crofter"]["calls"][0]
+        assert call["name"] == "search_documents" and call["status"] == "ok" and "Morag Lindqvist" in call["result"]
         bad = httpx.post(s.url + "/chat/completions", timeout=60, json={
             "model": MODEL, "messages": [{"role": "user", "content": "x"}], "crofter": {"collections": ["nope"]}})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "crofter.collections"

@@ -64,7 +64,7 @@ def test_engine_logprobs_are_the_logits_each_token_was_sampled_from(engine, raw_
     engine.reset()
     result = engine.complete(prompt, Sampling(temperature=0, repeat_penalty=1.0, max_tokens=10, logprobs=3))
     items = result.logprobs
-    assert len(items) == result.completion_tokens == 10
+    assert len(items) == result.completion_tokens > 0  # (an end token may come before the 10th)
     assert b"".join(i.token for i in items).decode("utf-8", errors="replace") == result.text
     for i in items:
         assert len(i.top) == 3 and [lp for _, lp in i.top] == sorted((lp for _, lp in i.top), reverse=True)
@@ -87,11 +87,16 @@ def test_within_keeps_the_answer_tokens_only():
     text = "<think>hm</think>\nHi there"  # "STOP" was a stop sequence, cut from the text
     start = text.index("Hi")
     assert [i.token for i in within(items, start, len(text))] == [b"Hi", b" there"]
+    glued = [TokenLogprob(b, -0.1) for b in (b"<think>", b"hm", b"</think>", b" Yes", b".")]
+    text = "<think>hm</think> Yes."  # the split drops the space: the answer is "Yes."
+    assert [i.token for i in within(glued, text.index("Yes"), len(text))] == [b" Yes", b"."]
     split = [TokenLogprob(b"\xc3", -1.0), TokenLogprob(b"\xa9t\xc3", -1.0), TokenLogprob(b"\xa9", -1.0)]  # "été"
-    assert len(within(split, 0, 3)) == 3 and len(within(split, 1, 3)) == 1
+    assert len(within(split, 0, 3)) == 3 and len(within(split, 1, 3)) == 2  # the 2nd token ("ét") reaches "t"
+    assert len(within(split, 2, 3)) == 1
 
 
 def test_chat_logprobs_cover_the_answer_streamed_and_not(client):
+    chat(client, logprobs=True, top_logprobs=2)  # the cache now holds this prompt: the next two start alike
     r = chat(client, logprobs=True, top_logprobs=2)
     content = r.choices[0].logprobs.content
     assert content and bytes(b for c in content for b in c.bytes).decode() == r.choices[0].message.content
@@ -130,9 +135,12 @@ def test_a_required_calculator_call_runs_on_the_server_and_is_reported(client):
     r = chat(client, "What is 1234 * 5678?", max_tokens=48, tool_choice="required",
              extra_body={"crofter": {"tools": ["calculator"]}})
     calls = r.model_extra["crofter"]["calls"]
-    assert calls[0]["name"] == "calculator" and calls[0]["status"] in ("ok", "error")
-    if calls[0]["status"] == "ok":
-        assert calls[0]["result"] == str(calc.calculate(calls[0]["arguments"]["expression"]))
+    assert calls[0]["name"] == "calculator"
+    try:  # whatever the model wrote, the server reports what the calculator itself gives
+        want = ("ok", str(calc.calculate(calls[0]["arguments"]["expression"])))
+    except Exception as exc:
+        want = ("error", f"{type(exc).__name__}: {exc}")
+    assert (calls[0]["status"], calls[0]["result"]) == want
     assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.tool_calls is None
     stream = list(chat(client, "What is 1234 * 5678?", max_tokens=48, tool_choice="required", stream=True,
                        extra_body={"crofter": {"tools": ["calculator"]}}))
@@ -216,3 +224,91 @@ def test_streamed_text_is_coalesced_but_the_first_piece_and_every_other_event_go
     assert out == [ThinkingDelta("t"), TextDelta("abc"), call, TextDelta("defg"), done]
     held = list(coalesced(iter([TextDelta("x"), TextDelta("y"), TextDelta("z")]), 10.0, clock=iter([0, 1, 2]).__next__))
     assert held == [TextDelta("x"), TextDelta("yz")]  # nothing is kept past the end
+
+    went = []
+    def broken():
+        yield TextDelta("p")
+        yield TextDelta("q")
+        raise RuntimeError("engine gone")
+    with pytest.raises(RuntimeError):
+        for ev in coalesced(broken(), 10.0, clock=iter([0, 1]).__next__):
+            went.append(ev)
+    assert went == [TextDelta("p"), TextDelta("q")]  # the held piece went out before the error
+    switch = list(coalesced(iter([TextDelta("a"), ThinkingDelta("b"), ThinkingDelta("c"), TextDelta("d")]), 10.0,
+                            clock=iter([0, 1, 2, 3]).__next__))
+    assert switch == [TextDelta("a"), ThinkingDelta("bc"), TextDelta("d")]
+
+
+def test_a_remote_model_neither_counts_nor_evicts_a_local_one():
+    import asyncio
+
+    from app.serve.pool import ModelPool
+    from models.registry import ModelEntry
+
+    class Fake:
+        n_ctx = 8
+
+        def __init__(self, entry):
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    entries = {"a": ModelEntry("a", "/a.gguf", "gguf"), "b": ModelEntry("b", "/b.gguf", "gguf"),
+               "far": ModelEntry("far", "http://x", "remote")}
+
+    async def use(pool, name):
+        slot = pool.join(name)
+        engine = await pool.engine(slot)
+        pool.leave(slot)
+        return engine
+
+    async def go():
+        pool = ModelPool(entries, Fake, max_models=1)
+        a = await use(pool, "a")
+        await use(pool, "far")
+        assert pool.resident() == ["a", "far"] and not a.closed
+        await use(pool, "b")  # a local model still evicts the other local one
+        assert pool.resident() == ["far", "b"]
+
+    asyncio.run(go())
+
+
+# -- what a web page cannot do ----------------------------------------------------------------------
+def test_a_body_not_sent_as_json_and_a_foreign_host_are_refused(server):
+    body = b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}):
+        r = httpx.post(server.url + "/chat/completions", content=body, headers=headers, timeout=30)
+        assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type", r.text
+    r = httpx.post(server.url + "/chat/completions", content=body, timeout=60,
+                   headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    r = httpx.get(server.url + "/models", headers={"host": f"rebound.example:{server.port}"})
+    assert r.status_code == 421 and "rebound.example" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/models", headers={"host": f"localhost:{server.port}"}).status_code == 200
+    assert httpx.get(server.url + "/models", headers={"host": f"[::1]:{server.port}"}).status_code == 200
+
+
+def test_host_names_are_read_without_their_port():
+    from app.serve.app import host_name
+
+    assert host_name("127.0.0.1:8080") == "127.0.0.1" and host_name("[::1]:80") == "::1" and host_name("[::1]") == "::1"
+    assert host_name("LocalHost.") == "localhost" and host_name("evil.example:80") == "evil.example"
+
+
+def test_file_tools_run_on_the_server_only_when_allowed(tmp_path):
+    """read_file needs --allow-tool on a server: nobody is there to approve reading the files."""
+    from app.config import Settings
+
+    root = tmp_path / "files"
+    root.mkdir()
+    (root / "notes.txt").write_text("Buy milk.")
+    settings = Settings(temperature=0.0, seed=1, max_tokens=32, tool_roots=[str(root)])
+    body = {"messages": [{"role": "user", "content": "Read notes.txt."}], "max_tokens": 48, "temperature": 0,
+            "tool_choice": {"type": "function", "function": {"name": "read_file"}}, "crofter": {"tools": ["read_file"]}}
+    with LiveServer(options(models=[MODEL], settings=settings)) as s:
+        first = post(s, body).json()["crofter"]["calls"][0]
+    assert first["status"] == "denied" and "milk" not in first["result"]
+    with LiveServer(options(models=[MODEL], settings=settings, allow_tools=["read_file"])) as s:
+        first = post(s, body).json()["crofter"]["calls"][0]
+    assert first == {"name": "read_file", "arguments": {"path": "notes.txt"}, "status": "ok", "result": "Buy milk."}
