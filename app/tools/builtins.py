@@ -66,8 +66,11 @@ def provide(ctx: ToolContext) -> list[Tool]:
         return "\n\n".join(f"[{i}] {h.where()}\n{h.text.strip()}" for i, h in enumerate(hits, 1))
 
     def shows_named_file(args: dict, message: str) -> bool:
-        """A file the user named ("Read notes.txt") is answered by its text."""
-        return files.named_in(message, str(args.get("path", "")))
+        """The one file the user named ("Read notes.txt") is answered by its text; a message
+        naming two ("Read notes.txt and todo.txt") needs both read."""
+        path = str(args.get("path", ""))
+        known = files.names(ctx.roots) or [path]
+        return files.named_in(message, path) and sum(files.named_in(message, n) for n in known) <= 1
 
     def lists_unnamed(args: dict, message: str) -> bool:
         """A listing answers a message that names no file ("What files do I have?"); one that

@@ -267,6 +267,7 @@ def test_named_in_matches_a_file_name_as_a_word_of_its_own():
 @pytest.mark.parametrize("message,call,stated", [
     ("Read notes.txt and tell me what it says.", ("read_file", {"path": "notes.txt"}), "Buy milk."),
     ("Summarise my shopping note.", ("read_file", {"path": "notes.txt"}), None),  # the file was not named
+    ("Read notes.txt and todo.txt.", ("read_file", {"path": "notes.txt"}), None),  # the other one is still to read
     ("What files do I have?", ("list_dir", {"path": "."}), "notes.txt\ntodo.txt"),
     ("Is notes.txt there? List the folder.", ("list_dir", {"path": "."}), None),  # about a named file
 ])
