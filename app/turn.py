@@ -206,7 +206,7 @@ def run_turn(session: ChatSession, text: str | None, *, ground: Callable[[str, i
 
         loop = ToolLoop(session, tools.registry, tools.policy, tools.approve, max_calls=tools.max_calls,
                         defer=tools.defer, require=tools.require)
-        outcome = yield from loop.events(history, cancel, tainted=grounded is not None)
+        outcome = yield from loop.events(history, cancel, tainted=grounded is not None, message=text)
         done = Done(outcome.turn.answer, outcome.result, outcome.fit, outcome.turn.finish_reason,
                     thinking=outcome.turn.thinking, calls=list(outcome.turn.calls),
                     contradicts_result=outcome.turn.contradicts_result)

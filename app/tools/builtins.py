@@ -3,6 +3,7 @@ third-party package's tools do (see pyproject.toml and registry.ToolRegistry).""
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Annotated, Optional
 
 from . import calc, files
@@ -66,17 +67,22 @@ def provide(ctx: ToolContext) -> list[Tool]:
         return "\n\n".join(f"[{i}] {h.where()}\n{h.text.strip()}" for i, h in enumerate(hits, 1))
 
     def shows_named_file(args: dict, message: str) -> bool:
-        """The one file the user named ("Read notes.txt") is answered by its text; a message
-        naming two ("Read notes.txt and todo.txt") needs both read."""
+        """A plain request for the one file the message names ("Read notes.txt", "What is in
+        todo.txt?") is answered by its text; "Summarise notes.txt", a second file to read or
+        another tool to use is not (the model goes on)."""
         path = str(args.get("path", ""))
         known = files.names(ctx.roots) or [path]
-        return files.named_in(message, path) and sum(files.named_in(message, n) for n in known) <= 1
+        return (files.named_in(message, path) and sum(files.named_in(message, n) for n in known) <= 1
+                and files.asks_for(message, files.READ_WORDS) and not files.asks_for(message, files.OTHER_WORDS))
 
-    def lists_unnamed(args: dict, message: str) -> bool:
-        """A listing answers a message that names no file ("What files do I have?"); one that
-        names a file is about that file, and the listing is a step towards it."""
-        known = files.names(ctx.roots)
-        return known is not None and not any(files.named_in(message, n) for n in known)
+    def lists_asked_folder(args: dict, message: str) -> bool:
+        """A request for a listing ("What files do I have?", "List the folder") that names no
+        file is answered by the listing of the folder it names (the first root if none)."""
+        known, folders = files.names(ctx.roots), files.names(ctx.roots, folders=True) or ["."]
+        named = [f for f in folders if f != "." and files.named_in(message, f)]
+        return (known is not None and not any(files.named_in(message, n) for n in known)
+                and files.asks_for(message, files.LIST_WORDS) and not files.asks_for(message, files.OTHER_WORDS)
+                and (os.path.normpath(str(args.get("path", "."))) in [os.path.normpath(f) for f in named or ["."]]))
 
     # The calculator's and the clock's results are the answer, and the file tools' when the user
     # asked for that file or listing; their paths are limited, turn by turn, to what exists.
@@ -84,7 +90,7 @@ def provide(ctx: ToolContext) -> list[Tool]:
     if ctx.roots:
         out += [tool(read_file, side_effects=False, private=True, answers=shows_named_file,
                      choices={"path": lambda: files.names(ctx.roots)}),
-                tool(list_dir, side_effects=False, private=True, answers=lists_unnamed,
+                tool(list_dir, side_effects=False, private=True, answers=lists_asked_folder,
                      choices={"path": lambda: files.names(ctx.roots, folders=True)})]
     if ctx.search is not None:
         out.append(tool(search_documents, side_effects=False))

@@ -272,15 +272,18 @@ class ToolLoop:
             except StopIteration as stop:
                 return stop.value[:3]
 
-    def events(self, history: list[dict], cancel=None, tainted: bool = False):
+    def events(self, history: list[dict], cancel=None, tainted: bool = False, message: str | None = None):
         """The turn as events (TextDelta of the answer, ToolStarted, ToolFinished); returns a
         ToolOutcome. `history` ends with the user's message; `tainted`: that message itself
-        carries document passages."""
+        carries document passages; `message`: what the user wrote (by default the last user
+        entry of `history` that is not a tool result: a regenerated turn has no new text)."""
         from ..turn import TextDelta, ToolFinished, ToolStarted
 
         msgs = self.scaffold(history)
-        last_user = next((m for m in reversed(history) if m.get("role") == "user"), {})
-        self.message = last_user.get("content") if isinstance(last_user.get("content"), str) else ""
+        if message is None:
+            said = (m.get("content") for m in reversed(history) if m.get("role") == "user")
+            message = next((c for c in said if isinstance(c, str) and not c.startswith("Tool result (")), "")
+        self.message = message
         kept: list[dict] = []  # what the session keeps: results as the chat's history shows them
         turn = ToolTurn(answer="", messages=msgs)
         seen: dict[str, str] = {}

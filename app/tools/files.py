@@ -120,3 +120,20 @@ def named_in(message: str, path: str) -> bool:
     if not name or name == ".":
         return False
     return re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.\w)", message, re.I) is not None
+
+
+# The words of a plain request for a file's text or a folder's listing, and of asking for
+# something more (then the result is a step, not the answer). English only: in another language
+# the shortcut stays off and the model answers in its own words, as before.
+READ_WORDS = ("read", "open", "show", "print", "display", "view", "cat", "contents", "content", "contain",
+              "contains", "what is in", "what's in")
+LIST_WORDS = ("list", "listing", "files", "folder", "folders", "directory", "documents", "ls")
+OTHER_WORDS = ("summarise", "summarize", "summary", "translate", "count", "how many", "compare", "explain",
+               "calculate", "compute", "add", "sum", "total", "which of", "mention", "mentions", "find", "search",
+               "and then", "then")
+
+
+def asks_for(message: str, words) -> bool:
+    """Whether `message` has one of `words` (or phrases) as words of their own, in any case."""
+    low = message.lower()
+    return any(re.search(rf"(?<![\w'-]){re.escape(w)}(?![\w'-])", low) for w in words)

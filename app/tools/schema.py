@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import re
 import types
 import typing
@@ -97,6 +98,36 @@ class Pattern:
             re.compile(r)
         except re.error as exc:
             raise SchemaError(f"pattern {r!r}: {exc}") from None
+
+
+RANGE_ENUM = 64  # an int range with at most this many values is an enum in the grammar
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number argument, both included: `Annotated[int, Range(1, 10)]`. Checked on
+    every call (jsonschema's minimum/maximum); an int range of at most RANGE_ENUM values is also
+    an enum, so the grammar can only write a value inside it (llama-cpp-python's converter
+    ignores minimum and maximum)."""
+
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.low is None and self.high is None:
+            raise SchemaError("Range: give a low bound, a high bound or both")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise SchemaError(f"Range({self.low}, {self.high}): the low bound is above the high one")
+
+    def apply(self, schema: dict, where: str) -> dict:
+        if schema.get("type") not in ("integer", "number"):
+            raise SchemaError(f"{where}: a Range applies to int and float only")
+        out = dict(schema, **({"minimum": self.low} if self.low is not None else {}),
+                   **({"maximum": self.high} if self.high is not None else {}))
+        if (schema["type"] == "integer" and self.low is not None and self.high is not None
+                and self.high - self.low < RANGE_ENUM):
+            out["enum"] = list(range(int(math.ceil(self.low)), int(math.floor(self.high)) + 1))
+        return out
 
 
 @dataclass
@@ -171,8 +202,11 @@ def _type_schema(annotation, where: str) -> tuple[dict, bool]:
     if origin is typing.Annotated:
         schema, optional = _type_schema(args[0], where)
         patterns = [m for m in args[1:] if isinstance(m, Pattern)]
-        if len(patterns) > 1:
-            raise SchemaError(f"{where}: one Pattern per parameter")
+        ranges = [m for m in args[1:] if isinstance(m, Range)]
+        if len(patterns) > 1 or len(ranges) > 1:
+            raise SchemaError(f"{where}: one Pattern or Range per parameter")
+        if ranges:
+            schema = ranges[0].apply(schema, where)
         if patterns:
             if schema.get("type") != "string":
                 raise SchemaError(f"{where}: a Pattern applies to str only")

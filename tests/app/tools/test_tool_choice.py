@@ -262,13 +262,38 @@ def test_named_in_matches_a_file_name_as_a_word_of_its_own():
     assert files.named_in("What does sub/plan.md say", "sub/plan.md") and files.named_in("Read plan.md", "sub/plan.md")
     assert not files.named_in("Read my_notes.txt", "notes.txt") and not files.named_in("notes.txt.bak", "notes.txt")
     assert not files.named_in("notes.txtx", "notes.txt") and not files.named_in("Read it", ".")
+    assert files.asks_for("What's in todo.txt?", files.READ_WORDS) and not files.asks_for("Reader", files.READ_WORDS)
+
+
+def test_a_regenerated_turn_is_judged_by_what_the_user_wrote(tmp_path, engine):
+    """With no new text (regenerate), the message is the last user entry that is not a tool result."""
+    root = tmp_path / "plain"
+    root.mkdir()
+    (root / "notes.txt").write_text("Buy milk.")
+    reg = ToolRegistry.discover(ToolContext(roots=[str(root)]))
+    loop = ToolLoop(ChatSession(engine, Sampling(temperature=0.0, max_tokens=32)), reg, Policy(), lambda *a: True,
+                    choose="sample")
+    asked = scripted(loop, [{"tool": "read_file", "arguments": {"path": "notes.txt"}}, {"tool": "none", "answer": "x"}])
+    history = [{"role": "user", "content": "Read notes.txt."}, {"role": "assistant", "content": "{}"},
+               {"role": "user", "content": "Tool result (list_dir, ok):\nnotes.txt"}]
+    gen = loop.events(history)
+    while True:
+        try:
+            next(gen)
+        except StopIteration:
+            break
+    assert loop.message == "Read notes.txt." and "Buy milk." in asked[1]._grammar
 
 
 @pytest.mark.parametrize("message,call,stated", [
     ("Read notes.txt and tell me what it says.", ("read_file", {"path": "notes.txt"}), "Buy milk."),
     ("Summarise my shopping note.", ("read_file", {"path": "notes.txt"}), None),  # the file was not named
     ("Read notes.txt and todo.txt.", ("read_file", {"path": "notes.txt"}), None),  # the other one is still to read
+    ("Summarise notes.txt.", ("read_file", {"path": "notes.txt"}), None),  # asks for more than the text
+    ("Read notes.txt and add up the prices.", ("read_file", {"path": "notes.txt"}), None),
     ("What files do I have?", ("list_dir", {"path": "."}), "notes.txt\ntodo.txt"),
+    ("What does my shopping note say?", ("list_dir", {"path": "."}), None),  # a step towards reading it
+    ("Which of my files mention the dentist?", ("list_dir", {"path": "."}), None),
     ("Is notes.txt there? List the folder.", ("list_dir", {"path": "."}), None),  # about a named file
 ])
 def test_a_file_result_answers_the_message_that_asked_for_it(tmp_path, engine, message, call, stated):
@@ -285,7 +310,7 @@ def test_a_file_result_answers_the_message_that_asked_for_it(tmp_path, engine, m
     turn = loop.run(message)
     assert turn.calls[0].status == "ok"
     if stated is None:
-        assert asked[1] is loop._grammar and not turn.contradicts_result  # free to call again or answer
+        assert asked[1] is loop._grammar  # free to call again or answer
     else:
         assert turn.calls[0].result == stated and json.dumps(stated)[1:-1].replace("\\", "\\\\") in asked[1]._grammar
         assert turn.contradicts_result  # the scripted answer left the result out
