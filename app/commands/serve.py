@@ -15,7 +15,7 @@ import sys
 
 from ..errors import CLIError
 
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+from ..serve.options import LOCAL_HOSTS as LOOPBACK
 
 
 def add_parser(sub) -> None:
@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
                    help="let requests' crofter.tools run this crofter tool (repeatable); tools with side effects "
                    "and the file readers (read_file, list_dir) are denied unless named here, the calculator, "
                    "clock and document search run anyway")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to this Host name on a loopback server (repeatable: a "
+                   "reverse proxy or tunnel that passes its own name on); localhost, 127.0.0.1, [::1] and "
+                   "*.localhost always are")
     g = p.add_argument_group("model and hardware")
     g.add_argument("--n-ctx", type=int, metavar="N", help="context window per model (default: config `n_ctx`)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads (0: all available)")
@@ -73,7 +77,7 @@ def options_from_args(args):
     api_key = args.api_key if args.api_key is not None else os.environ.get("CROFTER_API_KEY", "")
     return ServeOptions(settings=settings, loader=loader(settings), models=names, api_key=api_key, cors=list(args.cors),
                         max_models=args.max_models, queue=args.queue, scorer=scorer, allow_tools=list(args.allow_tool),
-                        **({} if args.host in LOOPBACK else {"hosts": []}))  # on loopback: only its own names
+                        hosts=[*LOOPBACK, *args.allow_host] if args.host in LOOPBACK else [])  # elsewhere: any name
 
 
 def loader(settings):

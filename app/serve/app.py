@@ -53,7 +53,7 @@ class Gate:
     def __init__(self, app, api_key: str = "", hosts: list[str] | None = None):
         self.app = app
         self.api_key = api_key
-        self.hosts = {h.lower() for h in hosts or []}
+        self.hosts = {host_name(h) for h in hosts or []}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -72,9 +72,9 @@ class Gate:
 
         try:
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-            if self.hosts and host_name(host) not in self.hosts:
-                body = error_body(421, f"Host {host!r} is not this server's name (it answers {', '.join(sorted(self.hosts))}; "
-                                  "serve on another --host to answer others)", code="misdirected_request")
+            if self.hosts and not self._answers(host):
+                body = error_body(421, f"Host {host!r} is not this server's name (it answers {', '.join(sorted(self.hosts))} "
+                                  "and *.localhost; add a name with --allow-host NAME)", code="misdirected_request")
                 return await JSONResponse(body, status_code=421)(scope, receive, sending)
             if self.api_key and scope["method"] != "OPTIONS" and not self._authorized(scope):
                 body = error_body(401, "invalid API key: send Authorization: Bearer <key>", code="invalid_api_key")
@@ -84,6 +84,11 @@ class Gate:
             client = scope.get("client") or ("-", 0)
             log.info("%s %s %s %d %.1f ms", client[0], scope["method"], path, status["code"] or 499,
                      (time.perf_counter() - t0) * 1000)
+
+    def _answers(self, host: str) -> bool:
+        """A request with no Host (HTTP/1.0: never a browser's) or one of the server's names."""
+        name = host_name(host)
+        return not host.strip() or name in self.hosts or name.endswith(".localhost")
 
     def _authorized(self, scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")

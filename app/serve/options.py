@@ -39,8 +39,9 @@ class ServeOptions:
     that read the user's files run only if named here; other read-only ones (calculator,
     clock, document search) run anyway."""
     hosts: list[str] = field(default_factory=lambda: list(LOCAL_HOSTS))
-    """Host headers the server answers (any port); empty: any. A loopback server answers only
-    its own names, so a web page that rebinds its DNS name to 127.0.0.1 cannot reach it."""
+    """Host names the server answers (any port; *.localhost and a request without Host too);
+    empty: any. A loopback server answers only its own names, so a web page that rebinds its
+    DNS name to 127.0.0.1 cannot reach it."""
 
     def __post_init__(self) -> None:
         if self.max_models < 1:

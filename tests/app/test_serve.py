@@ -358,6 +358,7 @@ def test_crofter_collections_ground_the_answer_and_return_the_sources(crofter_ho
             "model": MODEL, "messages": [{"role": "user", "content": "Who kept the Skerry lighthouse in 1901?"}],
             "max_tokens": 48, "temperature": 0, "tool_choice": {"type": "function", "function": {"name": "search_documents"}},
             "crofter": {"collections": ["notes"], "tools": ["calculator"]}})
+        assert r.status_code == 200, r.text
         call = r.json()["crofter"]["calls"][0]
         assert call["name"] == "search_documents" and call["status"] == "ok" and "Morag Lindqvist" in call["result"]
         bad = httpx.post(s.url + "/chat/completions", timeout=60, json={

@@ -289,6 +289,31 @@ def test_a_body_not_sent_as_json_and_a_foreign_host_are_refused(server):
     assert httpx.get(server.url + "/models", headers={"host": f"[::1]:{server.port}"}).status_code == 200
 
 
+def test_allowed_host_names_and_a_request_without_host_are_answered():
+    """--allow-host adds a name (a proxy passing its own); *.localhost is always loopback; a
+    request with no Host at all (HTTP/1.0, never a browser) is answered."""
+    import socket
+
+    with LiveServer(options(models=[MODEL], hosts=["localhost", "127.0.0.1", "::1", "Proxy.Example:443"])) as s:
+        for host, want in (("proxy.example", 200), ("app.localhost:3000", 200), ("other.example", 421)):
+            assert httpx.get(s.url + "/models", headers={"host": host}).status_code == want, host
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as conn:
+            conn.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
+            assert conn.recv(64).split(b"\r\n")[0].endswith(b"200 OK")
+
+
+def test_the_command_answers_any_host_only_off_loopback(crofter_home):
+    import argparse
+
+    from app.commands import serve
+
+    p = argparse.ArgumentParser()
+    serve.add_parser(p.add_subparsers())
+    local = serve.options_from_args(p.parse_args(["serve", "--allow-host", "box.lan"]))
+    assert set(local.hosts) == {"127.0.0.1", "::1", "localhost", "box.lan"}
+    assert serve.options_from_args(p.parse_args(["serve", "--host", "0.0.0.0"])).hosts == []
+
+
 def test_host_names_are_read_without_their_port():
     from app.serve.app import host_name
 
