@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 from . import calc, files
 from .registry import ToolContext
-from .schema import Pattern, Tool, tool
+from .schema import Pattern, Range, Tool, tool
 
 
 def provide(ctx: ToolContext) -> list[Tool]:
@@ -54,7 +54,7 @@ def provide(ctx: ToolContext) -> list[Tool]:
         """
         return "\n".join(files.list_entries(ctx.roots, path)) or "(empty)"
 
-    def search_documents(query: str, k: int = 5) -> str:
+    def search_documents(query: str, k: Annotated[int, Range(1, 10)] = 5) -> str:
         """Search the user's document collections attached to this chat; returns numbered passages with their source.
 
         Args:

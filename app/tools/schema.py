@@ -28,6 +28,8 @@ grammar (a native template, a remote endpoint, a script) is refused too:
     {'type': 'string', 'minLength': 1, 'pattern': '^[A-Z]{3}[0-9]+$'}
 
 `Pattern` documents the regular-expression dialect both sides read the same way.
+A number parameter may carry bounds, `Annotated[int, Range(1, 10)]`: checked on every call,
+and a small int range is an enum the grammar holds to.
 """
 from __future__ import annotations
 

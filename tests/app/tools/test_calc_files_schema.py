@@ -18,7 +18,7 @@ from app.tools.files import (
     list_entries,
     read_text,
 )
-from app.tools.schema import Pattern, SchemaError, tool
+from app.tools.schema import Pattern, Range, SchemaError, tool
 
 COMPUTES = [("1 + 2 * 3", 7), ("2 ** 10", 1024), ("7 // 2", 3), ("-3 % 5", 2), ("sqrt(16) + abs(-2)", 6.0),
             ("max(1, 9, 4)", 9), ("round(pi, 2)", 3.14), ("log10(1000)", 3.0), ("1.5e3 + .5", 1500.5)]
@@ -276,3 +276,29 @@ def test_schema_errors_name_the_parameter():
         tool(untyped)
     with pytest.raises(SchemaError, match="parameter 'x'"):
         tool(weird)
+
+
+def test_a_range_bounds_a_number_and_a_small_int_range_is_an_enum():
+    def pick(k: Annotated[int, Range(1, 4)], t: Annotated[float, Range(0.0, 2.0)] = 1.0,
+             n: Annotated[int, Range(low=0)] = 0) -> str:
+        """Pick."""
+        return str(k)
+
+    props = tool(pick).parameters["properties"]
+    assert props["k"] == {"type": "integer", "minimum": 1, "maximum": 4, "enum": [1, 2, 3, 4]}
+    assert props["t"] == {"type": "number", "minimum": 0.0, "maximum": 2.0}  # floats: checked, not in the grammar
+    assert props["n"] == {"type": "integer", "minimum": 0}
+    for bad in ({"k": 5}, {"k": 2, "t": 2.5}, {"k": 2, "n": -1}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, tool(pick).parameters)
+
+    def on_str(x: Annotated[str, Range(1, 2)]) -> str:
+        """X."""
+        return x
+
+    with pytest.raises(SchemaError, match="int and float only"):
+        tool(on_str)
+    with pytest.raises(SchemaError, match="above"):
+        Range(5, 1)
+    with pytest.raises(SchemaError, match="bound"):
+        Range()

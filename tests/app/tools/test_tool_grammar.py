@@ -97,3 +97,16 @@ def test_sampled_calculator_calls_many_seeds(engine, tmp_path):
     print(f"\ncalculator: 40 seeds at T=1.5, {sum(f == 'stop' for _, _, f in samples)} complete, "
           f"{sum(o is not None and o['arguments']['expression'] == '' for o, _, _ in samples)} empty")
     assert _check_paths(_sample(engine, reg, "read_file", range(100, 120))) == 20
+
+
+def test_sampled_ranged_ints_stay_inside_their_range(engine):
+    """search_documents' k is Range(1, 10): an enum in the grammar, so even a hot sample can only
+    write 1..10 (llama-cpp-python's converter would ignore minimum and maximum)."""
+    reg = ToolRegistry.discover(ToolContext(search=lambda query, k: []))
+    assert reg.tools["search_documents"].parameters["properties"]["k"]["enum"] == list(range(1, 11))
+    ks = []
+    for obj, raw, finish in _sample(engine, reg, "search_documents", range(4), 48):
+        m = re.search(r'"k"\s*:\s*(-?[0-9.]+)', raw)
+        if m:
+            ks.append(m.group(1))
+    assert all(k in [str(i) for i in range(1, 11)] for k in ks), ks
