@@ -118,7 +118,12 @@ def _print_turn(args, events):
     """Stream the answer to stdout (the trace and tool calls to stderr); return the Done."""
     from ..turn import Done, TextDelta, ThinkingDelta, ToolFinished
 
+    from ..render import display_safe
+
     out, done, thinking = sys.stdout, None, False
+    # On a terminal, control characters (an escape sequence in a file the answer quotes) are shown,
+    # not obeyed; a pipe gets the text as it is.
+    shown = display_safe if out.isatty() else (lambda text: text)
     for ev in events:
         if isinstance(ev, Done):
             done = ev
@@ -128,28 +133,31 @@ def _print_turn(args, events):
             if not thinking:
                 print("crofter: thinking:", file=sys.stderr)
                 thinking = True
-            sys.stderr.write(ev.text)
+            sys.stderr.write(display_safe(ev.text))
             sys.stderr.flush()
         elif isinstance(ev, TextDelta):
             if thinking:
                 print(file=sys.stderr)
                 thinking = False
-            out.write(ev.text)
+            out.write(shown(ev.text))
             out.flush()
         elif isinstance(ev, ToolFinished):
             c = ev.call
-            print(f"crofter: tool {c.name}({json.dumps(c.arguments, ensure_ascii=False)}) -> {c.status}: {c.result[:200]}",
-                  file=sys.stderr)
+            print(display_safe(f"crofter: tool {c.name}({json.dumps(c.arguments, ensure_ascii=False)}) -> {c.status}: "
+                               f"{c.result[:200]}"), file=sys.stderr)
     return done
 
 
 def _finish(args, entry, done) -> None:
+    from ..render import display_safe
+
     dropped = done.fit.describe_dropped()
     if dropped:
         print(f"crofter: {dropped}", file=sys.stderr)
     if done.contradicts_result:
         last = [c for c in done.calls if c.status == "ok"][-1]
-        print(f"crofter: warning: the answer does not state the result of {last.name} ({last.result[:80]})", file=sys.stderr)
+        print(display_safe(f"crofter: warning: the answer does not state the result of {last.name} ({last.result[:80]})"),
+              file=sys.stderr)
     if done.finish_reason == "error":  # a remote model's stream broke mid-reply
         print(f"crofter: the reply is incomplete: {entry.name}'s server stopped sending", file=sys.stderr)
     if args.json:

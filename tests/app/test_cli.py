@@ -137,3 +137,31 @@ def test_ask_with_tools_json_lists_calls():
 def test_allow_tool_must_name_a_tool():
     r = crofter("ask", "hi", "--tools", "--allow-tool", "rm_rf")
     assert r.returncode == 1 and "--allow-tool rm_rf: no such tool" in r.stderr
+
+
+def test_ask_shows_control_characters_of_tool_results_and_on_a_terminal(capsys, monkeypatch):
+    """A file with an escape sequence, read by a tool and quoted by the answer, cannot drive the
+    terminal: stderr's tool line always shows it, stdout on a terminal too; a pipe gets it as is."""
+    import argparse
+    import io
+
+    from app.commands.ask import _print_turn
+    from app.tools.calling import ToolCall
+    from app.turn import Done, TextDelta, ToolFinished
+
+    evil = "\x1b[2Jgone"
+    events = [ToolFinished(ToolCall("read_file", {"path": "x.txt"}, "ok", evil)), TextDelta(evil),
+              Done(evil, None, None, "stop")]
+    args = argparse.Namespace(json=False, show_thinking=False)
+    _print_turn(args, iter(events))
+    out, err = capsys.readouterr()
+    assert out == evil and "\x1b" not in err and "gone" in err  # a pipe: the text as it is
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    _print_turn(args, iter(events))
+    assert "\x1b" not in tty.getvalue() and tty.getvalue().endswith("gone")
