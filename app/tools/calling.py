@@ -123,6 +123,7 @@ class ToolLoop:
         self.on_call = on_call
         self.defer = defer
         self.message = ""  # the user's message of the turn running (events sets it)
+        self._answered: dict[int, bool] = {}  # id(call) -> _answers(call), for this turn's calls
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
         from ..turn import opens_thinking
@@ -196,9 +197,12 @@ class ToolLoop:
         return self._make_grammar(output_schema([], False), stated_answer_gbnf(call.result.strip(), more))
 
     def _answers(self, call: ToolCall) -> bool:
-        """Whether `call`'s result is, by itself, the answer to this turn's message (Tool.answers)."""
-        t = self.tools.get(call.name)
-        return t is not None and t.answers_call(call.arguments, self.message)
+        """Whether `call`'s result is, by itself, the answer to this turn's message (Tool.answers);
+        asked once per call (a file tool's predicate walks the roots)."""
+        if id(call) not in self._answered:
+            t = self.tools.get(call.name)
+            self._answered[id(call)] = t is not None and t.answers_call(call.arguments, self.message)
+        return self._answered[id(call)]
 
     def scaffold(self, history: list[dict]) -> list[dict]:
         """`history` with the tool instructions joined to its system prompt (or as one)."""
@@ -283,7 +287,7 @@ class ToolLoop:
         if message is None:
             said = (m.get("content") for m in reversed(history) if m.get("role") == "user")
             message = next((c for c in said if isinstance(c, str) and not c.startswith("Tool result (")), "")
-        self.message = message
+        self.message, self._answered = message, {}
         kept: list[dict] = []  # what the session keeps: results as the chat's history shows them
         turn = ToolTurn(answer="", messages=msgs)
         seen: dict[str, str] = {}

@@ -130,7 +130,7 @@ READ_WORDS = ("read", "open", "show", "print", "display", "view", "cat", "conten
 LIST_WORDS = ("list", "listing", "files", "folder", "folders", "directory", "documents", "ls")
 OTHER_WORDS = ("summarise", "summarize", "summary", "translate", "count", "how many", "compare", "explain",
                "calculate", "compute", "add", "sum", "total", "which of", "mention", "mentions", "find", "search",
-               "and then", "then")
+               "then")
 
 
 def asks_for(message: str, words) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Annotated
 
 import jsonschema
 import pytest
@@ -22,6 +23,7 @@ from app.tools.calc import PATTERN
 from app.tools.calling import ToolLoop, call_schema, output_schema
 from app.tools.policy import Policy
 from app.tools.registry import ToolContext, ToolRegistry
+from app.tools.schema import Range, tool
 
 PROMPT = "What is 1234 * 5678? Use the calculator tool."
 
@@ -99,14 +101,27 @@ def test_sampled_calculator_calls_many_seeds(engine, tmp_path):
     assert _check_paths(_sample(engine, reg, "read_file", range(100, 120))) == 20
 
 
+def pick_page(page: Annotated[int, Range(1, 10)]) -> str:
+    """Open one page of the user's notebook.
+
+    Args:
+        page: the page number
+    """
+    return str(page)
+
+
 def test_sampled_ranged_ints_stay_inside_their_range(engine):
-    """search_documents' k is Range(1, 10): an enum in the grammar, so even a hot sample can only
+    """A required Range(1, 10) argument is an enum in the grammar, so even a hot sample can only
     write 1..10 (llama-cpp-python's converter would ignore minimum and maximum)."""
-    reg = ToolRegistry.discover(ToolContext(search=lambda query, k: []))
-    assert reg.tools["search_documents"].parameters["properties"]["k"]["enum"] == list(range(1, 11))
-    ks = []
-    for obj, raw, finish in _sample(engine, reg, "search_documents", range(4), 48):
-        m = re.search(r'"k"\s*:\s*(-?[0-9.]+)', raw)
-        if m:
-            ks.append(m.group(1))
-    assert all(k in [str(i) for i in range(1, 11)] for k in ks), ks
+    reg = ToolRegistry()
+    reg.register(tool(pick_page, side_effects=False), "test")
+    assert reg.tools["pick_page"].parameters["properties"]["page"]["enum"] == list(range(1, 11))
+    finished = 0
+    for obj, raw, finish in _sample(engine, reg, "pick_page", range(4), 32):
+        m = re.search(r'"page"\s*:\s*(-?[0-9.]+)', raw)
+        if finish == "stop":
+            assert obj is not None and obj["arguments"]["page"] in range(1, 11), raw
+            finished += 1
+        elif m:  # cut off after the number: still one of the enum's
+            assert m.group(1) in [str(i) for i in range(1, 11)], raw
+    assert finished >= 1  # 32 tokens are enough for {"tool": "pick_page", "arguments": {"page": N}}
