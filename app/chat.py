@@ -19,7 +19,7 @@ from models.registry import ModelEntry, Registry
 
 from .budget import reply_reserve
 from .config import Settings
-from .engine import Engine, LoadOptions, Sampling
+from .engine import Engine, EngineError, LoadOptions, Sampling
 from .history import Chat, HistoryStore, Message
 from .session import ChatSession
 from .turn import Done, TurnTools, run_turn
@@ -48,13 +48,16 @@ class ContextMeter:
         return text + (f" · dropped {self.dropped_messages} old msgs" if self.dropped_messages else "")
 
 
-def default_loader(entry: ModelEntry, settings: Settings) -> Engine:
-    """The engine of `entry`: a GGUF loaded here, or a remote server's model (app/remote.py)."""
+def default_loader(entry: ModelEntry, settings: Settings, lora=None) -> Engine:
+    """The engine of `entry`: a GGUF loaded here (with a GGUF LoRA adapter applied when `lora`
+    names one), or a remote server's model (app/remote.py)."""
     if entry.kind == "remote":
+        if lora is not None:
+            raise EngineError(f"{entry.name}: a remote model cannot take a local adapter ({lora})")
         from .remote import RemoteEngine
 
         return RemoteEngine.connect(entry)
-    return Engine.load(entry, LoadOptions.from_settings(settings))
+    return Engine.load(entry, dataclasses.replace(LoadOptions.from_settings(settings), lora=lora))
 
 
 class ChatController:

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--allow-tool", action="append", default=[], metavar="NAME", help="run NAME without asking (repeatable)")
     tg.add_argument("--yes", action="store_true", help="approve every tool call that would otherwise be asked about")
     _add_load_flags(ask)
+    ask.add_argument("--lora", metavar="A.gguf", help="apply a GGUF LoRA adapter (crofter convert-lora) to the model, unmerged")
     _add_sampling_flags(ask)
 
     models = sub.add_parser("models", help="list, inspect, add, remove and pull models", description="The local model store.")

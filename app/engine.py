@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from models.gguf_check import check_gguf
+from models.gguf_check import GGUFError, check_adapter, check_gguf
 from models.registry import ModelEntry
 
 from .logprobs import LogprobReader
@@ -99,6 +99,7 @@ class LoadOptions:
     threads: int = 0
     gpu_layers: int = -1
     seed: int = -1
+    lora: Path | None = None  # a GGUF LoRA adapter (crofter convert-lora) applied at scale 1, not merged
 
     @classmethod
     def from_settings(cls, settings) -> "LoadOptions":
@@ -154,7 +155,11 @@ class Engine:
         options = options or LoadOptions()
         if entry.kind != "gguf":
             raise EngineError(f"{entry.name}: an HF checkpoint cannot be chatted with directly; run `crofter convert` first")
-        summary = check_gguf(entry.file)  # a malformed file never reaches llama.cpp
+        summary = check_gguf(entry.file)  # a malformed file (model or adapter) never reaches llama.cpp
+        try:
+            lora = str(check_adapter(options.lora, summary).path) if options.lora else None
+        except GGUFError as exc:
+            raise EngineError(str(exc)) from None
         try:  # nor, in this process, one that crashed (or has not yet loaded) in a child
             ensure_probed(entry)
         except ProbeError as exc:
@@ -173,6 +178,7 @@ class Engine:
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=gpu_layers,
+                lora_path=lora,
                 seed=options.seed if options.seed >= 0 else random.randrange(2**31),
                 verbose=False,
             )
@@ -184,12 +190,8 @@ class Engine:
         return cls(llm, entry.file, template, gpu_layers, threads)
 
     def reset(self) -> None:
-        """Forget the KV cache: the next generation evaluates its whole prompt.
-
-        Runs on the worker, after any generation in flight. Useful to compare runs:
-        llama.cpp's logits differ in the last bits between a prompt evaluated in one
-        batch and one whose prefix came from the cache, which can flip a greedy tie.
-        """
+        """Forget the KV cache: the next generation evaluates its whole prompt (on the worker, after
+        any generation in flight). To compare runs: a cached prefix can flip a greedy tie."""
         self.call(self.llm.reset)
 
     def call(self, fn):

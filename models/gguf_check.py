@@ -320,3 +320,28 @@ def check_gguf(path: str | os.PathLike) -> GGUFSummary:
         raise GGUFError(f"{p}: header: file is {st.st_size} bytes, too short for a GGUF header (truncated?)")
     with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         return _walk(mm, p, st.st_size)
+
+
+def check_adapter(path: str | os.PathLike, model: GGUFSummary) -> GGUFSummary:
+    """Validate a GGUF LoRA adapter (`crofter convert-lora`) for the model `model` summarises:
+    a well-formed file, of type adapter/lora, for the same architecture, every tensor pair
+    naming a weight the model has with the matching width. GGUFError names the file and field."""
+    s = check_gguf(path)
+    p, meta = s.path, s.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise GGUFError(f"{p}: general.type: not a LoRA adapter ({meta.get('general.type') or 'a model'}; "
+                        "make one with crofter convert-lora)")
+    arch, want = meta.get("general.architecture"), model.metadata.get("general.architecture")
+    if arch != want:
+        raise GGUFError(f"{p}: general.architecture: the adapter is for {arch!r}, the model {model.path.name} is {want!r}")
+    for name, (shape, _t, _o, _n) in s.tensors.items():
+        base, _, part = name.rpartition(".lora_")
+        if part not in ("a", "b") or base not in model.tensors:
+            raise GGUFError(f"{p}: tensor {name!r}: no weight {base!r} in {model.path.name} for it to adapt")
+        w = model.tensors[base][0]  # GGUF shapes run innermost first: a weight (in, out), lora_a (in, r), lora_b (r, out)
+        if len(shape) != 2 or (shape[0] != w[0] if part == "a" else shape[1] != w[1]):
+            raise GGUFError(f"{p}: tensor {name!r}: shape {list(shape)} does not fit {base!r} "
+                            f"{list(model.tensors[base][0])} (an adapter for another model size?)")
+    if not s.tensors:
+        raise GGUFError(f"{p}: no LoRA tensors")
+    return s

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 from ..errors import CLIError
 
@@ -51,7 +52,7 @@ def run(args) -> int:
     with ExitStack() as stack:
         search = _search(args, settings, stack)
         uses = _uses(args, settings, search)
-        engine = default_loader(entry, settings)
+        engine = default_loader(entry, settings, Path(args.lora).expanduser() if args.lora else None)
         stack.callback(engine.close)
         if engine.template.warning:
             print(f"crofter: warning: {engine.template.warning}", file=sys.stderr)

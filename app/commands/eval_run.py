@@ -128,7 +128,7 @@ class Runner:
                 store["s"] = documents.open_store(s)
             return store["s"]
 
-        engine = eval_turns.load_engine(t.entry, self.settings)
+        engine = eval_turns.load_engine(t.entry, self.settings, t.adapter)
         try:
             answer = eval_turns.suite_answer(engine, self.settings, store_for, self.args.allow_tool, self.args.yes)
             judge = self._judge_for(engine, t)
@@ -153,7 +153,7 @@ class Runner:
         from .evaluate import _targets
 
         (j,) = _targets([self.args.judge], None)
-        if j.path == t.path:
+        if j.path == t.path and t.adapter is None:  # the judge is the model itself, never its adapter
             return eval_turns.grammar_judge(engine)
         if self._judge is None:
             self._judge = eval_turns.load_engine(j.entry, self.settings)

@@ -9,10 +9,10 @@ JUDGE_GRAMMAR = 'root ::= "yes" | "no"'
 JUDGE_SYSTEM = "You grade answers strictly. Reply with one word: yes or no."
 
 
-def load_engine(entry, settings):
+def load_engine(entry, settings, lora=None):
     from ..chat import default_loader
 
-    return default_loader(entry, settings)
+    return default_loader(entry, settings, lora)
 
 
 def suite_answer(engine, settings, store_for, allow_tools: list[str], yes: bool):

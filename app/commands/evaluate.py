@@ -78,6 +78,9 @@ def _targets(names: list[str], adapter: str | None) -> list[Target]:
                 ad = Path(adapter)
                 if not ad.is_file():
                     raise CLIError(f"--adapter {adapter}: a GGUF model takes a GGUF adapter file (crofter convert-lora)")
+                from models.gguf_check import check_adapter, check_gguf
+
+                check_adapter(ad, check_gguf(entry.path))  # GGUFError: one line naming the file and field
         short = entry.name if entry.source != "path" else Path(name).name  # a store name, or the file's name
         label = short if ad is None else f"{short}+{ad.name}"
         out.append(Target(label, Path(entry.path), entry.kind, ad, entry))
