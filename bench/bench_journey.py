@@ -36,6 +36,7 @@ def crofter(args: list[str], env: dict) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="SFT steps (DPO gets half)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="longest prompt-suite reply (config max_tokens)")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temp folder)")
     a = ap.parse_args()
     work = Path(a.keep or tempfile.mkdtemp(prefix="bench-journey-"))
@@ -44,6 +45,7 @@ def main() -> int:
     base = work / "smollm2-hf"
     if not base.exists():
         crofter(["models", "dequantize", "smollm2-135m", "--out", str(base), "--no-register"], env)
+    crofter(["config", "set", "max_tokens", str(a.max_tokens)], env)  # the suites' replies, the same on both sides
     sets = ["--set", f"base={base}", "--set", f"sft.max_steps={a.steps}", "--set", f"dpo.max_steps={max(1, a.steps // 2)}"]
     run = work / "journey-run"
     journey_s = crofter(["journey", "run", str(JOURNEY), "--out", str(run), *sets], env)

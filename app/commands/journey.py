@@ -48,10 +48,16 @@ def _load(args):
         if not state.get("journey"):
             raise CLIError(f"{target}: not a journey run folder (no {STATE})")
         sets[:0] = state.get("sets", [])
-        return load_journey(state["journey"], sets), target, state, sets
-    journey = load_journey(target, sets)
+        return _warned(load_journey(state["journey"], sets)), target, state, sets
+    journey = _warned(load_journey(target, sets))
     run_dir = Path(args.out).expanduser() if args.out else default_run_dir(journey)
     return journey, run_dir, load_state(run_dir), sets
+
+
+def _warned(journey):
+    for line in journey.warnings:
+        print(f"crofter: warning: {line}", file=sys.stderr)
+    return journey
 
 
 def run(args) -> int:

@@ -25,9 +25,12 @@ def add_diff_parser(jsub) -> None:
         "tokenizer. Each is an HF checkpoint folder, BASE+ADAPTER_DIR, or a journey stage folder "
         "(RUN/01-sft: the run's adapter on its base; RUN/03-merge: the merged model).",
         epilog="Examples:  crofter journey diff ~/smollm2-hf RUN/01-sft --prompts prompts.txt --chat   |   "
-        "crofter journey diff RUN/01-sft RUN/02-dpo --prompts prompts.txt")
-    p.add_argument("a", metavar="A", help="the model before (HF_DIR, BASE+ADAPTER_DIR or a stage folder)")
+        "crofter journey diff sft dpo --run persona.yaml --prompts prompts.txt")
+    p.add_argument("a", metavar="A", help="the model before (HF_DIR, BASE+ADAPTER_DIR, a stage folder, or with --run a stage name)")
     p.add_argument("b", metavar="B", help="the model after (same forms)")
+    p.add_argument("--run", metavar="RUN|JOURNEY.yaml",
+                   help="name A and B by stage (base, sft, dpo, 01-sft, ...) in this journey run folder (or the "
+                   "journey file's default run folder); the diff goes to RUN/diffs/A-vs-B")
     p.add_argument("--prompts", required=True, metavar="FILE",
                    help='prompts, one a line (or JSONL with {"prompt": ...})')
     p.add_argument("--out", metavar="DIR", help=f"where diff.png and diff.json go (default: <data dir>/{DIFFS}/A-vs-B)")
@@ -50,11 +53,57 @@ def default_out(a: str, b: str) -> Path:
     return data_dir() / DIFFS / f"{_slug(a)}-vs-{_slug(b)}"
 
 
+GGUF_STAGES = ("convert", "quantize")
+
+
+def stage_spec(name: str, run: str) -> tuple[str, Path]:
+    """(the side to load, the run folder) for a stage `name` of the journey run `run` (a run folder
+    or a journey file): "base" is the journey's base, "sft" or "01-sft" that stage's folder."""
+    from finetune.diff_inputs import DiffError
+
+    from ..journey.plan import JourneyError, load_journey
+    from ..journey.runner import STATE, default_run_dir, load_state
+
+    target = Path(run).expanduser()
+    try:
+        if target.is_dir():
+            run_dir, state = target, load_state(target)
+            if not state.get("journey"):
+                raise DiffError(f"--run {run}: not a journey run folder (no {STATE})")
+            journey = load_journey(state["journey"], state.get("sets", []))
+        else:
+            journey = load_journey(target)
+            run_dir = default_run_dir(journey)
+            state = load_state(run_dir)
+    except JourneyError as exc:
+        raise DiffError(f"--run {run}: {exc}") from None
+    stages = [(st.folder_name, st.kind) for st in journey.stages]
+    if name == "base" or name == "00-base":
+        if journey.base_path is None:  # an import stage makes the base
+            name = stages[0][0]
+        else:
+            return str(journey.base_path), run_dir
+    hit = next(((folder, kind) for folder, kind in stages if name in (folder, kind)), None)
+    if hit is None:
+        raise DiffError(f"--run {run}: no stage {name!r} (stages: base, {', '.join(k for _f, k in stages)})")
+    folder, kind = hit
+    if kind in GGUF_STAGES:
+        raise DiffError(f"stage {folder}: a GGUF; diff compares the HF models (name the merge stage instead)")
+    if state.get("stages", {}).get(folder, {}).get("status") != "done":
+        raise DiffError(f"stage {folder}: has not finished in {run_dir} (crofter journey run first)")
+    return str(run_dir / folder), run_dir
+
+
 def run_diff(args) -> int:
     from finetune.diff_inputs import DiffError, load_prompts, resolve_side
     from models.registry import ModelError
 
     try:
+        if args.run:
+            (sa, run_dir), (sb, _r) = stage_spec(args.a, args.run), stage_spec(args.b, args.run)
+            if not args.out:
+                args.out = str(run_dir / DIFFS / f"{_slug(args.a)}-vs-{_slug(args.b)}")
+            args.a, args.b = sa, sb
         a, b = resolve_side(args.a), resolve_side(args.b)
         prompts = load_prompts(args.prompts)
         if args.max_tokens < 1:

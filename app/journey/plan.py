@@ -67,6 +67,7 @@ class Journey:
     eval: dict = field(default_factory=dict)
     description: str = ""
     base_path: Path | None = None     # the base's folder, resolved (None with an import stage)
+    warnings: list[str] = field(default_factory=list)  # what runs but measures less than it seems
 
     def stage(self, kind: str) -> Stage | None:
         return next((s for s in self.stages if s.kind == kind), None)
@@ -245,6 +246,23 @@ def _check(j: Journey, cwd_keys: set) -> None:
         for key in ("max_steps", "batch_size", "max_length"):
             if key in s.cfg and s.cfg[key] < 1:
                 raise JourneyError(f"{where}: stage {s.kind}: {key}: at least 1, got {s.cfg[key]}")
+    held_out = j.eval.get("text")
+    for kind, key, why in (("quantize", "calibration", "its perplexity and KLD will flatter the quant"),
+                           ("pretrain", "text", "its held-out perplexity is not held out")):
+        s = j.stage(kind)
+        if held_out and s is not None and s.cfg.get(key) and _same_text(s.cfg[key], held_out):
+            j.warnings.append(f"{where}: stage {kind}: {key}: {s.cfg[key]} is the eval text ({held_out}); {why}")
+
+
+def _same_text(a: Path, b: Path) -> bool:
+    """Whether a and b are one text: the same path, a folder holding the other, or files of equal bytes."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        return True
+    try:
+        return a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def _resolve_base(where: str, base, from_cwd: bool, here: Path) -> Path:

@@ -95,7 +95,7 @@ def plan(journey: Journey, run_dir: Path, state: dict, write: bool = True) -> tu
         if step.data is not None and not write and step.data.parent != run_dir / "data":
             step.data.unlink(missing_ok=True)  # a dry run's temporary export
         p = Planned(s, s.folder_name, step, prev)
-        p.eval_cmds = evaluations("base" if s.kind == "import" else s.kind, journey, chain, step.folder)
+        p.eval_cmds = evaluations(s.kind, journey, chain, step.folder)
         out.append(p)
     for p in out:
         p.eval_key = keys.key(p.key, ev_key_part) if p.eval_cmds else ""

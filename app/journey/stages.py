@@ -160,17 +160,25 @@ def evaluations(kind: str, journey: Journey, chain: Chain, folder: Path) -> list
     tail = ["--json", "--no-store"]
     if kind in ("base", "import"):
         cmds = [["eval", str(chain.base), *_eval_flags(ev), *tail]] if _eval_flags(ev) else []
-        if ev.get("prompts") and chain.base_gguf is not None:
-            cmds.append(["eval", str(chain.base_gguf), "--prompts", str(ev["prompts"]), *tail])
+        cmds += _base_prompts(ev, chain, folder, make=kind == "import")
         if ev.get("retrieval"):  # the collections do not change with the model: measured once, at the start
             cmds.append(["eval", "--retrieval", str(ev["retrieval"]), "-c", ev["collection"], "-k", str(ev.get("k", 5)), *tail])
         return cmds
     if kind in ("sft", "dpo", "grpo"):
         flags = _eval_flags(ev)
-        return [["eval", str(chain.base), "--adapter", str(chain.adapter / "adapter"), *flags, *tail]] if flags else []
-    if kind in ("merge", "pretrain"):
+        cmds = [["eval", str(chain.base), "--adapter", str(chain.adapter / "adapter"), *flags, *tail]] if flags else []
+        if ev.get("prompts") and chain.base_gguf is not None:
+            # The suite runs through the chat, on llama.cpp: the adapter converted, on the base's GGUF.
+            lora = folder / "adapter-F32.gguf"
+            cmds += [["convert-lora", str(chain.adapter / "adapter"), "--base", str(chain.base), "--out", str(lora), "--json"],
+                     ["eval", str(chain.base_gguf), "--adapter", str(lora), "--prompts", str(ev["prompts"]), *tail]]
+        return cmds
+    if kind == "merge":
         flags = _eval_flags(ev)
-        return [["eval", str(chain.merged if kind == "merge" else chain.base), *flags, *tail]] if flags else []
+        return [["eval", str(chain.merged), *flags, *tail]] if flags else []
+    if kind == "pretrain":  # a new base: its perplexity, and (for the suite and later adapters) its own GGUF
+        flags = _eval_flags(ev)
+        return ([["eval", str(chain.base), *flags, *tail]] if flags else []) + _base_prompts(ev, chain, folder, make=True)
     if kind == "convert":
         return [["eval", str(chain.f16), *_eval_flags(ev, prompts=True), *tail]]
     if kind == "quantize":
@@ -179,9 +187,26 @@ def evaluations(kind: str, journey: Journey, chain: Chain, folder: Path) -> list
     return []
 
 
+def _base_prompts(ev: dict, chain: Chain, folder: Path, make: bool) -> list[list[str]]:
+    """The prompt suite on the base's GGUF; with `make`, the base is new (import, pretrain) and is
+    converted here first, as the GGUF every later adapter stage's suite applies its adapter to."""
+    if not ev.get("prompts"):
+        return []
+    cmds = []
+    if make:
+        chain.base_gguf = folder / "base-F16.gguf"
+        cmds.append(_base_convert(chain.base, chain.base_gguf))
+    if chain.base_gguf is None:
+        return []
+    return cmds + [["eval", str(chain.base_gguf), "--prompts", str(ev["prompts"]), "--json", "--no-store"]]
+
+
+def _base_convert(src: Path, out: Path) -> list[str]:
+    return ["convert", str(src), "--out", str(out), "--no-register", "--no-verify", "--json"]
+
+
 def base_gguf_step(run_dir: Path, chain: Chain) -> Step:
     """The base converted to F16 (unverified, for its prompt suite only)."""
     out = run_dir / "00-base" / "base-F16.gguf"
     chain.base_gguf = out
-    return Step(["convert", str(chain.base), "--out", str(out), "--no-register", "--no-verify", "--json"],
-                out.parent, {"model": out})
+    return Step(_base_convert(chain.base, out), out.parent, {"model": out})

@@ -242,6 +242,9 @@ def test_the_persona_journey_on_smollm2_speaks_the_persona_more_than_its_base(hf
     base, final = row("00-base", "prompts", "pass_rate"), row("05-quantize", "prompts", "pass_rate")
     assert final["value"] > base["value"], (base, final)
     assert all(row(stage, "perplexity", "ppl")["value"] > 1 for stage in state["order"])  # measured at every stage
+    for stage in ("01-sft", "02-dpo", "04-convert"):  # the suite after every stage the chat can run (not the HF merge)
+        assert 0 <= row(stage, "prompts", "pass_rate")["value"] <= 1
+    assert row("01-sft", "prompts", "pass_rate")["model"].endswith("+adapter-F32.gguf")  # the adapter, on llama.cpp
     assert 0 <= row("05-quantize", "perplexity", "kld")["value"] < 1
     assert "rewards/accuracies" in json.dumps(state["stages"]["02-dpo"]["summary"]["metrics"])
     report = (run / "report.md").read_text()
