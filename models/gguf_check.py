@@ -324,8 +324,11 @@ def check_gguf(path: str | os.PathLike) -> GGUFSummary:
 
 def check_adapter(path: str | os.PathLike, model: GGUFSummary) -> GGUFSummary:
     """Validate a GGUF LoRA adapter (`crofter convert-lora`) for the model `model` summarises:
-    a well-formed file, of type adapter/lora, for the same architecture, every tensor pair
-    naming a weight the model has with the matching width. GGUFError names the file and field."""
+    a well-formed file, of type adapter/lora, for the same architecture, every weight it adapts
+    present in the model with a lora_a and a lora_b of one rank that fit it. GGUFError names the
+    file and field (llama.cpp's own refusal would name only the model)."""
+    if Path(path).is_dir():
+        raise GGUFError(f"{path}: a folder (a peft adapter?); convert it first: crofter convert-lora {path} --base HF_DIR")
     s = check_gguf(path)
     p, meta = s.path, s.metadata
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
@@ -334,14 +337,22 @@ def check_adapter(path: str | os.PathLike, model: GGUFSummary) -> GGUFSummary:
     arch, want = meta.get("general.architecture"), model.metadata.get("general.architecture")
     if arch != want:
         raise GGUFError(f"{p}: general.architecture: the adapter is for {arch!r}, the model {model.path.name} is {want!r}")
+    parts: dict[str, dict[str, list]] = {}
     for name, (shape, _t, _o, _n) in s.tensors.items():
-        base, _, part = name.rpartition(".lora_")
-        if part not in ("a", "b") or base not in model.tensors:
+        base, sep, part = name.rpartition(".lora_")
+        if not sep or part not in ("a", "b"):
+            raise GGUFError(f"{p}: tensor {name!r}: not a LoRA tensor (WEIGHT.lora_a or WEIGHT.lora_b)")
+        if base not in model.tensors:
             raise GGUFError(f"{p}: tensor {name!r}: no weight {base!r} in {model.path.name} for it to adapt")
-        w = model.tensors[base][0]  # GGUF shapes run innermost first: a weight (in, out), lora_a (in, r), lora_b (r, out)
-        if len(shape) != 2 or (shape[0] != w[0] if part == "a" else shape[1] != w[1]):
-            raise GGUFError(f"{p}: tensor {name!r}: shape {list(shape)} does not fit {base!r} "
-                            f"{list(model.tensors[base][0])} (an adapter for another model size?)")
-    if not s.tensors:
+        parts.setdefault(base, {})[part] = list(shape)
+    for base, ab in parts.items():
+        if set(ab) != {"a", "b"}:
+            raise GGUFError(f"{p}: tensor {base!r}: lora_{''.join(ab)} without its lora_{'b' if 'a' in ab else 'a'}")
+        # GGUF shapes run innermost first: the weight (in, out), lora_a (in, r), lora_b (r, out).
+        a, b, w = ab["a"], ab["b"], model.tensors[base][0]
+        if len(a) != 2 or len(b) != 2 or a[0] != w[0] or b[1] != w[1] or a[1] != b[0]:
+            raise GGUFError(f"{p}: tensor {base!r}: lora_a {a} and lora_b {b} do not fit the weight {list(w)} "
+                            "(an adapter for another model size?)")
+    if not parts:
         raise GGUFError(f"{p}: no LoRA tensors")
     return s

@@ -92,7 +92,7 @@ WORDS = {"done": "done", "run": "to run", "resume": "interrupted: resumes from i
 
 
 def _status(args, journey, run_dir: Path, state: dict) -> int:
-    from ..journey.runner import plan
+    from ..journey.runner import missing_outputs, plan
 
     steps, _ = plan(journey, run_dir, state, write=False)
     saved = state.get("stages", {})
@@ -102,7 +102,8 @@ def _status(args, journey, run_dir: Path, state: dict) -> int:
         status = p.status
         if status != "done" and rec.get("status") == "failed" and rec.get("key") == p.key:
             status = "failed"
-        eval_state = "" if not p.eval_cmds else ("evaluated" if rec.get("eval_key") == p.eval_key else "to evaluate")
+        fresh = rec.get("eval_key") == p.eval_key and not missing_outputs(p.eval_cmds)
+        eval_state = "" if not p.eval_cmds else ("evaluated" if fresh else "to evaluate")
         rows.append({"stage": p.name, "status": status, "key": p.key, "seconds": rec.get("seconds"),
                      "eval": eval_state, "command": ["crofter", *p.step.argv] if p.step else None})
     if args.json:

@@ -62,19 +62,18 @@ def stage_spec(name: str, run: str) -> tuple[str, Path]:
     from finetune.diff_inputs import DiffError
 
     from ..journey.plan import JourneyError, load_journey
-    from ..journey.runner import STATE, default_run_dir, load_state
+    from ..journey.runner import STATE, load_state, run_dir_for
 
     target = Path(run).expanduser()
+    # A journey file's run is its default folder, read with the --set values it ran with (a file
+    # whose base came from --set has none of its own).
+    run_dir = target if target.is_dir() else run_dir_for(target)
     try:
-        if target.is_dir():
-            run_dir, state = target, load_state(target)
-            if not state.get("journey"):
-                raise DiffError(f"--run {run}: not a journey run folder (no {STATE})")
-            journey = load_journey(state["journey"], state.get("sets", []))
-        else:
-            journey = load_journey(target)
-            run_dir = default_run_dir(journey)
-            state = load_state(run_dir)
+        state = load_state(run_dir)
+        if not state.get("journey"):
+            raise DiffError(f"--run {run}: " + (f"not a journey run folder (no {STATE})" if target.is_dir()
+                                                 else f"has not run yet (no {run_dir / STATE})"))
+        journey = load_journey(state["journey"] if target.is_dir() else target, state.get("sets", []))
     except JourneyError as exc:
         raise DiffError(f"--run {run}: {exc}") from None
     stages = [(st.folder_name, st.kind) for st in journey.stages]

@@ -259,8 +259,10 @@ def _same_text(a: Path, b: Path) -> bool:
     a, b = Path(a).resolve(), Path(b).resolve()
     if a == b or a in b.parents or b in a.parents:
         return True
+    import filecmp
+
     try:
-        return a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+        return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
 

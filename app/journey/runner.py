@@ -28,9 +28,14 @@ STATE = "journey.json"
 
 
 def default_run_dir(journey: Journey) -> Path:
+    return run_dir_for(journey.path)
+
+
+def run_dir_for(journey_file: Path) -> Path:
+    """Where a journey file runs without --out: <data dir>/journeys/<its stem>."""
     from models import paths
 
-    return paths.data_dir() / "journeys" / journey.path.stem
+    return paths.data_dir() / "journeys" / Path(journey_file).stem
 
 
 def load_state(run_dir: Path) -> dict:
@@ -98,7 +103,7 @@ def plan(journey: Journey, run_dir: Path, state: dict, write: bool = True) -> tu
         p.eval_cmds = evaluations(s.kind, journey, chain, step.folder)
         out.append(p)
     for p in out:
-        p.eval_key = keys.key(p.key, ev_key_part) if p.eval_cmds else ""
+        p.eval_key = keys.key(p.key, ev_key_part, p.eval_cmds) if p.eval_cmds else ""  # new commands: evaluated again
         rec = saved.get(p.name, {})
         done = rec.get("key") == p.key and rec.get("status") == "done" and all(
             Path(v).exists() for v in rec.get("outputs", {}).values())
@@ -225,7 +230,7 @@ class Runner:
         else:
             rec = {"kind": "base", "key": p.key, "status": "done", "outputs": {}}
             self.state["stages"][p.name] = rec
-        if p.eval_cmds and rec.get("eval_key") != p.eval_key:
+        if p.eval_cmds and (rec.get("eval_key") != p.eval_key or missing_outputs(p.eval_cmds)):
             t, rows = time.monotonic(), []
             self.say(f"{label}: evaluating")
             for cmd in p.eval_cmds:
@@ -265,6 +270,11 @@ class Runner:
         Registry().add(final, self.journey.name, source="journey")
         self.say(f"registered {final.name} as {self.journey.name!r}: crofter chat -m {self.journey.name}")
         return self.journey.name
+
+
+def missing_outputs(cmds: list[list[str]]) -> bool:
+    """Whether a file an evaluation makes for later ones (a base's GGUF, an adapter's) is gone."""
+    return any(not Path(c[c.index("--out") + 1]).exists() for c in cmds if "--out" in c[:-1])
 
 
 def _brief(summary) -> str:

@@ -88,7 +88,7 @@ def test_an_adapter_that_does_not_fit_is_refused_naming_the_file(pair, hf_model,
     for f in TOKENIZER_FILES:
         (bigger / f).write_bytes((base / f).read_bytes())
     big = convert(bigger, tmp_path / "bigger.gguf", "f32").path
-    with pytest.raises(EngineError, match=r"does not fit .* \(an adapter for another model size\?\)") as err:
+    with pytest.raises(EngineError, match=r"do not fit the weight .* \(an adapter for another model size\?\)") as err:
         Engine.load(Registry().resolve(str(big)), LoadOptions(n_ctx=256, lora=adapter))
     assert str(adapter) in str(err.value)
 
@@ -96,6 +96,43 @@ def test_an_adapter_that_does_not_fit_is_refused_naming_the_file(pair, hf_model,
     truncated.write_bytes(adapter.read_bytes()[:-100])
     with pytest.raises(EngineError, match="cut.gguf"):
         Engine.load(entry, LoadOptions(n_ctx=256, lora=truncated))
+
+
+def _handmade(path, tensors: dict) -> None:
+    """An adapter GGUF with exactly `tensors` (numpy shapes: lora_a (r, in), lora_b (out, r))."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string(gguf.Keys.General.TYPE, "adapter")
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
+    for name, shape in tensors.items():
+        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("tensors,message", [
+    ({"blk.0.attn_q.weight.lora_a": (4, 64)}, "'blk.0.attn_q.weight': lora_a without its lora_b"),
+    ({"blk.0.attn_q.weight.lora_a": (4, 64), "blk.0.attn_q.weight.lora_b": (64, 3)}, r"lora_a \[64, 4\] and lora_b \[3, 64\] do not fit"),
+    ({"blk.0.attn_q.weight.lora_a": (4, 64), "blk.0.attn_q.weight.lora_b": (32, 4)}, "do not fit the weight"),
+    ({"blk.9.attn_q.weight.lora_a": (4, 64), "blk.9.attn_q.weight.lora_b": (64, 4)}, "no weight 'blk.9.attn_q.weight'"),
+    ({"blk.0.attn_q.weight.delta": (4, 64)}, "not a LoRA tensor"),
+    ({}, "no LoRA tensors"),
+])
+def test_a_handmade_adapter_that_llama_cpp_would_refuse_is_refused_naming_the_tensor(pair, tmp_path, tensors, message):
+    from models.gguf_check import GGUFError, check_adapter, check_gguf
+
+    gguf_path, _base, _adapter = pair
+    bad = tmp_path / "bad.gguf"
+    _handmade(bad, tensors)
+    with pytest.raises(GGUFError, match=message) as err:
+        check_adapter(bad, check_gguf(gguf_path))
+    assert str(err.value).startswith(f"{bad}: ")
+    with pytest.raises(GGUFError, match="a folder .*crofter convert-lora"):
+        check_adapter(tmp_path, check_gguf(gguf_path))
 
 
 def test_eval_runs_a_prompt_suite_with_the_adapter_applied(pair, tmp_path):

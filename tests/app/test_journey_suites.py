@@ -14,7 +14,8 @@ from tests.converter.conftest import crofter, tiny_llama
 
 from .test_journey import PERSONA, _journey
 
-SUITE = "name: tiny\nprompts:\n  - prompt: Say hello.\n    checks: [{regex: '(?s).*'}]\n  - prompt: Name a colour.\n    checks: [{contains: zzzz}]\n"
+# One check every reply passes, one no reply can pass: the pass rate is 0.5 whatever the words.
+SUITE = "name: tiny\nprompts:\n  - prompt: Say hello.\n    checks: [{regex: '(?s).*'}]\n  - prompt: Name a colour.\n    checks: [{regex: '(?!)'}]\n"
 
 
 def _cmds(p) -> list[list[str]]:
@@ -85,7 +86,7 @@ def test_the_suite_runs_on_the_sft_stage_through_its_adapter(tiny_run):
     for name, model in (("00-base", "base-F16.gguf"), ("01-sft", "base-F16.gguf+adapter-F32.gguf")):
         rows = [r for r in state["stages"][name]["eval"] if r["suite"] == "prompts" and r["metric"] == "pass_rate"]
         assert len(rows) == 1 and rows[0]["model"] == model and rows[0]["n"] == 2, (name, rows)
-        assert rows[0]["value"] == 0.5  # the regex that takes anything passes, the word no tiny model says fails
+        assert rows[0]["value"] == 0.5
     assert (run / "01-sft" / "adapter-F32.gguf").is_file()
     report = (run / "report.md").read_text()
     assert "prompt suite" in report and "| 01-sft |" in report
@@ -101,7 +102,6 @@ def test_journey_diff_takes_stage_names_and_writes_into_the_run(tiny_run, tmp_pa
     out = json.loads(r.stdout)
     assert out["json"] == str(run / "diffs" / "base-vs-sft" / "diff.json") and Path(out["png"]).is_file()
     assert out["b"]["adapter"] == str(run / "01-sft" / "adapter")
-    # by the journey file too (its run folder: here given with --out when it ran, so named as a folder)
     for a, b, message in (("base", "nope", "no stage 'nope' (stages: base, sft)"),
                           ("base", "01-sft", None)):
         got = crofter("journey", "diff", a, b, "--run", str(run), "--prompts", str(prompts), "--max-tokens", "4",
@@ -133,6 +133,23 @@ def test_journey_diff_by_name_refuses_gguf_stages_and_stages_not_run(hf_model, t
         stage_spec("sft", str(tmp_path))
 
 
+def test_journey_diff_by_a_journey_file_reads_its_default_run_with_its_sets(hf_model, tmp_path, monkeypatch):
+    from app.commands.journey_diff import stage_spec
+    from app.journey.runner import run_dir_for
+    from finetune.diff_inputs import DiffError
+
+    monkeypatch.setenv("CROFTER_HOME", str(tmp_path / "home"))
+    path = _journey(tmp_path, f"stages:\n  sft: {{data: {PERSONA / 'persona.jsonl'}}}\n")  # its base came from --set
+    with pytest.raises(DiffError, match="has not run yet"):
+        stage_spec("sft", str(path))
+    run = run_dir_for(path)
+    run.mkdir(parents=True)
+    (run / "journey.json").write_text(json.dumps({"journey": str(path), "sets": [f"base={hf_model}"],
+                                                  "stages": {"01-sft": {"status": "done"}}}))
+    assert stage_spec("base", str(path)) == (str(hf_model), run)
+    assert stage_spec("01-sft", str(path)) == (str(run / "01-sft"), run)
+
+
 def test_calibrating_on_the_eval_text_is_warned_of(hf_model, tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text("Held-out words.")
@@ -145,8 +162,48 @@ def test_calibrating_on_the_eval_text_is_warned_of(hf_model, tmp_path):
     other = tmp_path / "train.txt"
     other.write_text("Other words entirely.")
     assert load_journey(_journey(tmp_path, body.replace("CAL", str(other)))).warnings == []
+    pre = f"base: {hf_model}\neval: {{text: {text}}}\nstages:\n  pretrain: {{text: {tmp_path}}}\n"  # a folder holding it
+    (warning,) = load_journey(_journey(tmp_path, pre)).warnings
+    assert "stage pretrain: text" in warning and "not held out" in warning
     home = tmp_path / "home"
     home.mkdir()
     r = crofter("journey", "run", str(_journey(tmp_path, body.replace("CAL", str(text)))), "--dry-run",
                 "--out", str(tmp_path / "run"), home=home)
     assert r.returncode == 0 and "crofter: warning: " in r.stderr and "is the eval text" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer(tmp_path_factory):
+    from tests.converter.nanogpt_build import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("gpt2-tokenizer"))
+
+
+def test_your_own_nanogpt_through_a_journey_with_a_suite_after_each_stage(gpt2_tokenizer, tmp_path):
+    """import (a nanoGPT ckpt.pt) -> sft: the imported base gets its GPT-2 GGUF, and the SFT stage's
+    Conv1D adapter runs the suite on it through llama.cpp."""
+    from tests.converter.nanogpt_build import write_nanogpt
+
+    ckpt, _sd, _args = write_nanogpt(tmp_path / "ckpt.pt", 1000, block_size=128)
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    (tmp_path / "fast.yaml").write_text("save_steps: 2\nbatch_size: 2\nmax_length: 64\ngradient_checkpointing: false\n"
+                                        "warmup_ratio: 0.0\neval_split: 0.0\n")
+    path = _journey(tmp_path, f"""name: tiny-gpt2
+eval: {{text: {PERSONA / 'held_out.txt'}, ctx: 32, max_windows: 2, prompts: {tmp_path / 'suite.yaml'}}}
+stages:
+  import: {{checkpoint: {ckpt}, tokenizer: {gpt2_tokenizer}}}
+  sft: {{data: {PERSONA / 'persona.jsonl'}, recipe: fast.yaml, max_steps: 2}}
+""")
+    home = tmp_path / "home"
+    home.mkdir()
+    assert crofter("config", "set", "max_tokens", "8", home=home).returncode == 0
+    run = tmp_path / "run"
+    r = crofter("journey", "run", str(path), "--out", str(run), home=home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((run / "journey.json").read_text())
+    assert state["order"] == ["01-import", "02-sft"]
+    for name, model in (("01-import", "base-F16.gguf"), ("02-sft", "base-F16.gguf+adapter-F32.gguf")):
+        rows = {(x["suite"], x["metric"]): x for x in state["stages"][name]["eval"]}
+        assert rows[("prompts", "pass_rate")]["model"] == model and rows[("prompts", "pass_rate")]["value"] == 0.5
+        assert rows[("perplexity", "ppl")]["value"] > 1
+    assert (run / "01-import" / "base-F16.gguf").is_file() and (run / "02-sft" / "adapter-F32.gguf").is_file()
