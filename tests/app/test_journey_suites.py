@@ -207,3 +207,11 @@ stages:
         assert rows[("prompts", "pass_rate")]["model"] == model and rows[("prompts", "pass_rate")]["value"] == 0.5
         assert rows[("perplexity", "ppl")]["value"] > 1
     assert (run / "01-import" / "base-F16.gguf").is_file() and (run / "02-sft" / "adapter-F32.gguf").is_file()
+    # The imported base's GGUF is made by its evaluation, for the later suites: deleted, it is made again.
+    (run / "01-import" / "base-F16.gguf").unlink()
+    status = json.loads(crofter("journey", "status", str(path), "--out", str(run), "--json", home=home).stdout)
+    assert [(s["status"], s["eval"]) for s in status["stages"]] == [("done", "to evaluate"), ("done", "evaluated")]
+    again = crofter("journey", "run", str(path), "--out", str(run), home=home)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[1/2] 01-import: evaluating" in again.stderr and "02-sft: evaluating" not in again.stderr
+    assert (run / "01-import" / "base-F16.gguf").is_file()
