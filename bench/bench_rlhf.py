@@ -33,7 +33,7 @@ hf, data, out, steps = sys.argv[1:5]
 r = load_recipe("reward").replace(batch_size=4, grad_accum=1, learning_rate=1e-4, eval_split=0.0, save_steps=10_000,
                                   gradient_checkpointing=False, warmup_ratio=0.0, max_length=256, center_rewards=0.0)
 s = reward(Path(hf), Path(data), Path(out), r, max_steps=int(steps))
-print(json.dumps({"seconds": s.seconds, "steps": s.steps}))
+print(json.dumps({"seconds": s.train_runtime, "steps": s.steps}))
 """
 
 PLAIN_REWARD = r"""
@@ -68,7 +68,7 @@ r = load_recipe("grpo").replace(batch_size=4, grad_accum=1, learning_rate=1e-4, 
                                 gradient_checkpointing=False, warmup_ratio=0.0, num_generations=4,
                                 max_completion_length=16)
 s = grpo(Path(hf), Path(prompts), Path(out), r, reward=f"python:{fn}:opens_with_the", max_steps=int(steps))
-print(json.dumps({"seconds": s.seconds, "steps": s.steps}))
+print(json.dumps({"seconds": s.train_runtime, "steps": s.steps}))
 """
 
 PLAIN_GRPO = r"""
@@ -112,14 +112,21 @@ def pair(ours: str, plain: str, argv: list[str], steps: int, rounds: int, tmp: s
     child(plain, *argv, f"{tmp}/warm-plain-{label}", "2", *tail)
     child(ours, *argv, f"{tmp}/warm-ours-{label}", "2", *tail)
     ratios = []
-    for i in range(rounds):
-        p = child(plain, *argv, f"{tmp}/plain-{label}{i}", str(steps), *tail)
-        o = child(ours, *argv, f"{tmp}/ours-{label}{i}", str(steps), *tail)
+    for i in range(rounds):  # who runs first alternates, so neither side always follows the other
+        run_p = lambda: child(plain, *argv, f"{tmp}/plain-{label}{i}", str(steps), *tail)  # noqa: E731
+        run_o = lambda: child(ours, *argv, f"{tmp}/ours-{label}{i}", str(steps), *tail)  # noqa: E731
+        if i % 2:
+            o, p = run_o(), run_p()
+        else:
+            p, o = run_p(), run_o()
         rate_p, rate_o = p["steps"] * per / p["seconds"], o["steps"] * per / o["seconds"]
         ratios.append(rate_o / rate_p)
         print(f"{label} round {i + 1}: crofter {rate_o:.3f} {unit} ({o['seconds']:.0f} s), plain TRL {rate_p:.3f} {unit} "
               f"({p['seconds']:.0f} s), ratio {ratios[-1]:.3f}")
-    print(f"{label} ratio crofter/plain: mean {sum(ratios) / len(ratios):.3f} (goal >= 1.0)")
+    import statistics
+
+    print(f"{label} ratio crofter/plain: mean {sum(ratios) / len(ratios):.3f}, median {statistics.median(ratios):.3f} "
+          f"over {len(ratios)} rounds (goal >= 1.0)")
 
 
 def main() -> None:

@@ -39,9 +39,6 @@ class CurveLogger:
             def on_log(self, args, state, control, logs=None, **kw):
                 outer.log(state.global_step, logs or {})
 
-            def on_train_end(self, args, state, control, **kw):
-                outer.plot()
-
         self.callback = _CB()
 
     def log(self, step: int, logs: dict) -> None:

@@ -106,4 +106,5 @@ def pretrain(base: Path, text: Path, run_dir: Path, recipe: Recipe, *, max_steps
     metrics = {"held_out_perplexity_before": ppl(before), "held_out_perplexity": ppl(eval_loss), "model": str(merged),
                "blocks": len(rows), "block_tokens": size}
     return RunSummary("pretrain", run_dir, adapter, out.global_step, out.training_loss, eval_loss, ppl(eval_loss),
-                      tokens / train_time if tokens and train_time else None, seconds, 0, len(rows), metrics)
+                      tokens / train_time if tokens and train_time else None, seconds, 0, len(rows), metrics,
+                      out.metrics.get("train_runtime"))

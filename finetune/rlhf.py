@@ -67,7 +67,7 @@ def reward(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, max_steps: 
     metrics = {k: v for k, v in {**curve.last, **ev}.items() if k.removeprefix("eval_") in REWARD_METRICS}
     metrics["held_out_pairs"] = len(eval_rows)
     return RunSummary("reward", run_dir, saved, trainer.state.global_step, out.training_loss, ev.get("eval_loss"),
-                      None, None, seconds, dropped, len(pairs), metrics)
+                      None, None, seconds, dropped, len(pairs), metrics, out.metrics.get("train_runtime"))
 
 
 def grpo(base: Path, prompts: Path, run_dir: Path, recipe: Recipe, *, reward: str, adapter: Path | None = None,
@@ -122,4 +122,4 @@ def grpo(base: Path, prompts: Path, run_dir: Path, recipe: Recipe, *, reward: st
                "reward_mean": sum(rewards) / len(rewards) if rewards else None, "kl": curve.last.get("kl"),
                "reward_std": curve.last.get("reward_std")}
     return RunSummary("grpo", run_dir, saved, trainer.state.global_step, out.training_loss, None, None, None,
-                      seconds, 0, len(rows), metrics)
+                      seconds, 0, len(rows), metrics, out.metrics.get("train_runtime"))

@@ -53,6 +53,7 @@ class RunSummary:
     truncated: int = 0
     examples: int = 0
     metrics: dict = field(default_factory=dict)  # DPO: rewards/accuracies, margins... (last eval, else last train log)
+    train_runtime: float | None = None  # the Trainer's own time in its training loop (seconds: the whole call)
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -279,7 +280,8 @@ def sft(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, max_steps: int
     eval_loss = ev.get("eval_loss")
     return RunSummary("sft", run_dir, adapter, trainer.state.global_step, out.training_loss, eval_loss,
                       math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
-                      tokens / train_time if tokens and train_time else None, seconds, truncated, len(rows))
+                      tokens / train_time if tokens and train_time else None, seconds, truncated, len(rows),
+                      train_runtime=out.metrics.get("train_runtime"))
 
 
 def _count_tokens(rows: list[dict], state) -> int:
@@ -317,7 +319,7 @@ def dpo(base: Path, data: Path, run_dir: Path, recipe: Recipe, *, adapter: Path 
     metrics = {k: v for k, v in {**curve.last, **ev}.items() if "rewards/" in k or "logps/" in k}
     eval_loss = ev.get("eval_loss")
     return RunSummary("dpo", run_dir, saved, trainer.state.global_step, out.training_loss, eval_loss, None,
-                      None, seconds, 0, len(pairs), metrics)
+                      None, seconds, 0, len(pairs), metrics, out.metrics.get("train_runtime"))
 
 
 def policy_model(base: Path, recipe: Recipe, dev: dict, adapter: Path | None):
