@@ -65,6 +65,8 @@ def stage_spec(name: str, run: str) -> tuple[str, Path]:
     from ..journey.runner import STATE, load_state, run_dir_for
 
     target = Path(run).expanduser()
+    if not target.exists():
+        raise DiffError(f"--run {run}: no such journey file or run folder")
     # A journey file's run is its default folder, read with the --set values it ran with (a file
     # whose base came from --set has none of its own).
     run_dir = target if target.is_dir() else run_dir_for(target)
@@ -72,7 +74,7 @@ def stage_spec(name: str, run: str) -> tuple[str, Path]:
         state = load_state(run_dir)
         if not state.get("journey"):
             raise DiffError(f"--run {run}: " + (f"not a journey run folder (no {STATE})" if target.is_dir()
-                                                 else f"has not run yet (no {run_dir / STATE})"))
+                                                 else f"has not run in its default folder {run_dir} (if it ran with --out DIR, give --run DIR)"))
         journey = load_journey(state["journey"] if target.is_dir() else target, state.get("sets", []))
     except JourneyError as exc:
         raise DiffError(f"--run {run}: {exc}") from None

@@ -103,7 +103,9 @@ def plan(journey: Journey, run_dir: Path, state: dict, write: bool = True) -> tu
         p.eval_cmds = evaluations(s.kind, journey, chain, step.folder)
         out.append(p)
     for p in out:
-        p.eval_key = keys.key(p.key, ev_key_part, p.eval_cmds) if p.eval_cmds else ""  # new commands: evaluated again
+        # New commands are evaluated again; the run folder's spelling (or a move) is not a change.
+        cmds = [[x.replace(str(run_dir), "{RUN}") for x in c] for c in p.eval_cmds]
+        p.eval_key = keys.key(p.key, ev_key_part, cmds) if p.eval_cmds else ""
         rec = saved.get(p.name, {})
         done = rec.get("key") == p.key and rec.get("status") == "done" and all(
             Path(v).exists() for v in rec.get("outputs", {}).values())

@@ -92,6 +92,15 @@ def test_the_suite_runs_on_the_sft_stage_through_its_adapter(tiny_run):
     assert "prompt suite" in report and "| 01-sft |" in report
 
 
+def test_the_run_folder_spelt_another_way_is_still_up_to_date(tiny_run, tmp_path):
+    path, run, home = tiny_run
+    link = tmp_path / "same-run"
+    link.symlink_to(run)
+    r = crofter("journey", "run", str(path), "--out", str(link), home=home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("up to date, skipped") == 2 and "evaluating" not in r.stderr, r.stderr[-3000:]
+
+
 def test_journey_diff_takes_stage_names_and_writes_into_the_run(tiny_run, tmp_path):
     path, run, home = tiny_run
     prompts = tmp_path / "p.txt"
@@ -140,8 +149,10 @@ def test_journey_diff_by_a_journey_file_reads_its_default_run_with_its_sets(hf_m
 
     monkeypatch.setenv("CROFTER_HOME", str(tmp_path / "home"))
     path = _journey(tmp_path, f"stages:\n  sft: {{data: {PERSONA / 'persona.jsonl'}}}\n")  # its base came from --set
-    with pytest.raises(DiffError, match="has not run yet"):
+    with pytest.raises(DiffError, match=r"has not run in its default folder .* give --run DIR"):
         stage_spec("sft", str(path))
+    with pytest.raises(DiffError, match="no such journey file or run folder"):
+        stage_spec("sft", str(tmp_path / "nope.yaml"))
     run = run_dir_for(path)
     run.mkdir(parents=True)
     (run / "journey.json").write_text(json.dumps({"journey": str(path), "sets": [f"base={hf_model}"],
