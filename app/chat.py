@@ -80,10 +80,11 @@ class ChatController:
         self.allowed_in_chat: set[tuple[int, str]] = set()  # (chat id, tool) the user approved for the chat
 
     # -- models ------------------------------------------------------------
-    def load_model(self, name: str) -> ModelEntry:
-        """Load `name` (registry name or path), replacing the current engine."""
+    def load_model(self, name: str, lora=None) -> ModelEntry:
+        """Load `name` (registry name or path), replacing the current engine; `lora`: a GGUF
+        LoRA adapter for that model, applied unmerged (a later switch loads the plain model)."""
         entry = self.registry.resolve(name)
-        engine = self.loader(entry, self.settings)
+        engine = self.loader(entry, self.settings) if lora is None else self.loader(entry, self.settings, lora)
         if self.engine is not None:
             self.engine.close()
         self.engine, self.model = engine, entry

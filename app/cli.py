@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import CLIError
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="open the chat app (the default command)", description="Open the terminal chat app.")
     chat.add_argument("-m", "--model", help="registry name or path of a GGUF file (default: config `model`)")
     chat.add_argument("--chat", type=int, metavar="ID", help="open this saved chat (see `crofter chats list`)")
+    chat.add_argument("--lora", metavar="A.gguf", help="apply a GGUF LoRA adapter (crofter convert-lora) to the model, unmerged")
 
     ask = sub.add_parser(
         "ask",
@@ -290,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in (None, "chat"):
             from .tui.app import CrofterApp
 
-            CrofterApp(model=getattr(args, "model", None), chat_id=getattr(args, "chat", None)).run()
+            lora = getattr(args, "lora", None)
+            if lora and not Path(lora).expanduser().is_file():
+                raise CLIError(f"--lora {lora}: no such file (a GGUF adapter: crofter convert-lora ADAPTER --base HF_DIR)")
+            CrofterApp(model=getattr(args, "model", None), chat_id=getattr(args, "chat", None),
+                       lora=Path(lora).expanduser() if lora else None).run()
             return 0
         if args.command == "ask":
             from .commands.ask import run

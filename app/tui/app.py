@@ -56,10 +56,11 @@ class CrofterApp(App):
         Binding("ctrl+q", "quit", "Quit"),
     ]
 
-    def __init__(self, model: str | None = None, chat_id: int | None = None, controller=None) -> None:
+    def __init__(self, model: str | None = None, chat_id: int | None = None, controller=None, lora=None) -> None:
         super().__init__()
         self._model_name = model
         self._chat_id = chat_id
+        self._lora = lora  # a GGUF adapter for the first model only
         self.controller = controller
         self._cancel = threading.Event()
         self._reply_box: MessageBox | None = None
@@ -98,7 +99,7 @@ class CrofterApp(App):
                 self.controller = ChatController(HistoryStore(), load_settings())
             ctl = self.controller
             if ctl.engine is None:
-                ctl.load_model(self._model_name or ctl.settings.model)
+                ctl.load_model(self._model_name or ctl.settings.model, self._lora)
             if self._chat_id is not None:
                 ctl.open_chat(self._chat_id)
             elif ctl.chat is None:

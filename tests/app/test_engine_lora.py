@@ -4,6 +4,7 @@ model is refused in one line naming the file and field before llama.cpp sees it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,25 @@ def test_ask_takes_a_lora_and_refuses_one_that_is_not(pair, tmp_path):
     bad = crofter("ask", "Say hi.", "-m", str(gguf), "--lora", str(missing), "--json", home=home)
     lines = error_lines(bad.stderr)
     assert bad.returncode != 0 and len(lines) == 1 and str(missing) in lines[0], bad.stderr[-2000:]
+
+
+async def test_the_chat_app_opens_its_first_model_with_the_adapter_and_a_switch_drops_it(pair):
+    from app.tui.app import CrofterApp
+    from tests.app.pilot import SIZE, start
+
+    gguf, _base, adapter = pair
+    app = CrofterApp(model=str(gguf), lora=adapter)
+    async with app.run_test(size=SIZE) as pilot:
+        await start(pilot)
+        assert app.controller.engine.llm._lora_adapter is not None   # llama.cpp holds the adapter
+        assert Path(app.controller.model.path) == gguf
+        app.controller.load_model(str(gguf))                           # another load: the plain model
+        assert app.controller.engine.llm._lora_adapter is None
+
+
+def test_chat_refuses_a_lora_that_is_not_there_before_the_app_opens(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    r = crofter("chat", "--lora", str(tmp_path / "none.gguf"), home=home, timeout=60)
+    assert r.returncode != 0 and error_lines(r.stderr) == [
+        f"crofter: error: --lora {tmp_path / 'none.gguf'}: no such file (a GGUF adapter: crofter convert-lora ADAPTER --base HF_DIR)"]
