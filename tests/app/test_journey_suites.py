@@ -18,10 +18,6 @@ from .test_journey import PERSONA, _journey
 SUITE = "name: tiny\nprompts:\n  - prompt: Say hello.\n    checks: [{regex: '(?s).*'}]\n  - prompt: Name a colour.\n    checks: [{regex: '(?!)'}]\n"
 
 
-def _cmds(p) -> list[list[str]]:
-    return [c[:1] + [Path(x).name if "/" in x else x for x in c[1:]] for c in p.eval_cmds]
-
-
 def test_adapter_stages_run_the_suite_on_the_base_gguf_with_their_adapter(hf_model, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("Domain text.")
@@ -58,19 +54,16 @@ def test_a_journey_without_a_suite_converts_nothing_for_one(hf_model, tmp_path):
     assert all(c[0] == "eval" and "--prompts" not in c for p in steps for c in p.eval_cmds)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(hf_model, tmp_path_factory):
-    """A real journey on a tiny Llama: the base and an SFT stage, each with held-out text and a suite."""
-    d = tmp_path_factory.mktemp("suites")
-    tiny = tiny_llama(hf_model, d / "tiny")
+def _run_with_suite(d: Path, top: str, first: str = "") -> tuple[Path, Path, Path]:
+    """Write and run a journey in `d`: `top` (base or name), held-out text and SUITE after every
+    stage, the stage lines `first`, then a 2-step SFT; returns (journey file, run folder, home)."""
     (d / "fast.yaml").write_text("save_steps: 2\nbatch_size: 2\nmax_length: 64\ngradient_checkpointing: false\n"
                                  "warmup_ratio: 0.0\neval_split: 0.0\nlearning_rate: 0.01\n")
     (d / "suite.yaml").write_text(SUITE)
-    path = _journey(d, f"""base: {tiny}
-name: tiny-suites
+    path = _journey(d, f"""{top}
 eval: {{text: {PERSONA / 'held_out.txt'}, ctx: 32, max_windows: 2, prompts: {d / 'suite.yaml'}}}
 stages:
-  sft: {{data: {PERSONA / 'persona.jsonl'}, recipe: fast.yaml, max_steps: 2}}
+{first}  sft: {{data: {PERSONA / 'persona.jsonl'}, recipe: fast.yaml, max_steps: 2}}
 """)
     home = d / "home"
     home.mkdir()
@@ -78,6 +71,13 @@ stages:
     r = crofter("journey", "run", str(path), "--out", str(d / "run"), home=home)
     assert r.returncode == 0, r.stderr[-3000:]
     return path, d / "run", home
+
+
+@pytest.fixture(scope="module")
+def tiny_run(hf_model, tmp_path_factory):
+    """A real journey on a tiny Llama: the base and an SFT stage, each with held-out text and a suite."""
+    d = tmp_path_factory.mktemp("suites")
+    return _run_with_suite(d, f"base: {tiny_llama(hf_model, d / 'tiny')}\nname: tiny-suites")
 
 
 def test_the_suite_runs_on_the_sft_stage_through_its_adapter(tiny_run):
@@ -196,21 +196,8 @@ def test_your_own_nanogpt_through_a_journey_with_a_suite_after_each_stage(gpt2_t
     from tests.converter.nanogpt_build import write_nanogpt
 
     ckpt, _sd, _args = write_nanogpt(tmp_path / "ckpt.pt", 1000, block_size=128)
-    (tmp_path / "suite.yaml").write_text(SUITE)
-    (tmp_path / "fast.yaml").write_text("save_steps: 2\nbatch_size: 2\nmax_length: 64\ngradient_checkpointing: false\n"
-                                        "warmup_ratio: 0.0\neval_split: 0.0\n")
-    path = _journey(tmp_path, f"""name: tiny-gpt2
-eval: {{text: {PERSONA / 'held_out.txt'}, ctx: 32, max_windows: 2, prompts: {tmp_path / 'suite.yaml'}}}
-stages:
-  import: {{checkpoint: {ckpt}, tokenizer: {gpt2_tokenizer}}}
-  sft: {{data: {PERSONA / 'persona.jsonl'}, recipe: fast.yaml, max_steps: 2}}
-""")
-    home = tmp_path / "home"
-    home.mkdir()
-    assert crofter("config", "set", "max_tokens", "8", home=home).returncode == 0
-    run = tmp_path / "run"
-    r = crofter("journey", "run", str(path), "--out", str(run), home=home)
-    assert r.returncode == 0, r.stderr[-3000:]
+    path, run, home = _run_with_suite(tmp_path, "name: tiny-gpt2",
+                                      f"  import: {{checkpoint: {ckpt}, tokenizer: {gpt2_tokenizer}}}\n")
     state = json.loads((run / "journey.json").read_text())
     assert state["order"] == ["01-import", "02-sft"]
     for name, model in (("01-import", "base-F16.gguf"), ("02-sft", "base-F16.gguf+adapter-F32.gguf")):
