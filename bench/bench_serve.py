@@ -204,7 +204,7 @@ def main() -> int:
                   f"vs ask {k['ttft'] * 1000:.1f} ms")
         print(f"decode serve/ask: median ratio {statistics.median(ratios):.3f} (goal >= 0.97); ratio of medians "
               f"{statistics.median(serve_rates) / statistics.median(ask_rates):.3f}; serve's engine by its own clock / ask "
-              f"{statistics.median(e / k if k else float("nan") for e, k in zip(engine_rates, ask_rates)):.3f} (what the HTTP path costs the "
+              f"{statistics.median(e / k if k else float('nan') for e, k in zip(engine_rates, ask_rates)):.3f} (what the HTTP path costs the "
               f"decode itself, apart from the client's view)")
         print(f"TTFT overhead over ask: median {statistics.median(overheads):.1f} ms (goal <= 15 ms; two processes, "
               f"two prompt evaluations)")
