@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin (repeatable; default: no CORS)")
     p.add_argument("--max-models", type=int, default=1, metavar="N", help="engines resident at once (default 1)")
     p.add_argument("--queue", type=int, default=32, metavar="N", help="requests that may wait per model before 429 (default 32)")
+    p.add_argument("--stream-interval", type=int, default=50, metavar="MS",
+                   help="gather a streamed reply's text for MS ms per chunk (default 50; 0: every token; the first goes at once)")
     p.add_argument("--allow-tool", action="append", default=[], metavar="NAME",
                    help="let requests' crofter.tools run this crofter tool (repeatable); tools with side effects "
                    "and the file readers (read_file, list_dir) are denied unless named here, the calculator, "
@@ -58,6 +60,8 @@ def options_from_args(args):
         raise CLIError(f"--max-models {args.max_models}: must be at least 1")
     if args.queue < 0:
         raise CLIError(f"--queue {args.queue}: must be 0 or more")
+    if not 0 <= args.stream_interval <= 10_000:
+        raise CLIError(f"--stream-interval {args.stream_interval}: must be 0..10000 ms")
     names = [n.strip() for n in (args.models or "").split(",") if n.strip()]
     if names:
         from models.registry import Registry
@@ -76,7 +80,8 @@ def options_from_args(args):
             raise CLIError(f"--allow-tool {unknown[0]}: no such tool (have: {', '.join(sorted(have)) or 'none'})")
     api_key = args.api_key if args.api_key is not None else os.environ.get("CROFTER_API_KEY", "")
     return ServeOptions(settings=settings, loader=loader(settings), models=names, api_key=api_key, cors=list(args.cors),
-                        max_models=args.max_models, queue=args.queue, scorer=scorer, allow_tools=list(args.allow_tool),
+                        max_models=args.max_models, queue=args.queue, stream_interval=args.stream_interval / 1000,
+                        scorer=scorer, allow_tools=list(args.allow_tool),
                         hosts=[*LOOPBACK, *args.allow_host] if args.host in LOOPBACK else [])  # elsewhere: any name
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+
 from .errors import ApiError
 
 
@@ -79,17 +81,69 @@ def openai_calls(calls) -> list[dict]:
 
 
 # -- crofter's own tools, run by the server (`crofter.tools`) --------------------------------------
+def _unknown(name: str, have) -> ApiError:
+    return ApiError(400, f"crofter.tools: no tool named {name!r} on this server "
+                         f"(it has: {', '.join(sorted(have)) or 'none'})", "crofter.tools")
+
+
+class ToolNames:
+    """The names of the crofter tools the server's settings provide, so that a request naming
+    one that does not exist is refused before it waits in its model's line. Discovered on first
+    use (on a worker thread: it may start MCP servers), and again only when a file in
+    `<data dir>/tools` or `mcp.toml` changes."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._seen: tuple | None = None
+        self._names: frozenset = frozenset()
+
+    @staticmethod
+    def signature() -> tuple:
+        from models import paths
+
+        from ..tools import mcp
+
+        files = sorted((paths.data_dir() / "tools").glob("*.py")) + [paths.data_dir() / mcp.CONFIG]
+        out = []
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((f.name, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def names(self) -> frozenset:
+        """Every tool name (search_documents aside: it exists when a request attaches collections)."""
+        from ..tools.registry import ToolRegistry
+
+        with self._lock:
+            sig = self.signature()
+            if sig != self._seen:
+                self._names = frozenset(ToolRegistry.for_settings(self.settings).tools)
+                self._seen = sig
+            return self._names
+
+    def check(self, names: list[str]) -> None:
+        """Raise the 400 for the first of `names` this server does not have."""
+        have = self.names()
+        for n in names:
+            if n != "search_documents" and n not in have:
+                raise _unknown(n, have)
+
+
 def builtin_registry(settings, names: list[str], search=None):
     """A ToolRegistry of the crofter tools a request names (`crofter.tools`), from what the
     server's settings provide (built-ins, plugins, MCP servers); an unknown name is a 400
-    listing the ones there are. Runs on the job thread: discovery may start MCP servers."""
+    listing the ones there are (`ToolNames.check` has refused most before the request queued;
+    this catches a tool that went away since). Runs on the job thread."""
     from ..tools.registry import ToolRegistry
 
     every = ToolRegistry.for_settings(settings, search)
     unknown = [n for n in names if n not in every.tools]
     if unknown:
-        raise ApiError(400, f"crofter.tools: no tool named {unknown[0]!r} on this server "
-                       f"(it has: {', '.join(sorted(every.tools)) or 'none'})", "crofter.tools")
+        raise _unknown(unknown[0], every.tools)
     reg = ToolRegistry()
     for n in dict.fromkeys(names):
         reg.register(every.tools[n], every.tools[n].meta.get("origin", ""))

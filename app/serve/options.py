@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+STREAM_INTERVAL_S = 0.05  # a streamed reply's text goes out at most this often (the first piece at once)
 BODY_LIMIT = 10 * 1024 * 1024  # bytes; a larger request body gets a 413 before it is read whole
 
 
@@ -43,8 +44,14 @@ class ServeOptions:
     empty: any. A loopback server answers only its own names, so a web page that rebinds its
     DNS name to 127.0.0.1 cannot reach it."""
 
+    stream_interval: float = STREAM_INTERVAL_S
+    """Seconds a streamed reply's text is gathered before it goes out as one chunk (the first
+    piece goes at once; 0: every token as it comes)."""
+
     def __post_init__(self) -> None:
         if self.max_models < 1:
             raise ValueError(f"max_models: must be at least 1, not {self.max_models}")
         if self.queue < 0:
             raise ValueError(f"queue: must be 0 or more, not {self.queue}")
+        if not 0 <= self.stream_interval <= 10:
+            raise ValueError(f"stream_interval: must be 0..10 s, not {self.stream_interval}")
