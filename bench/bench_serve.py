@@ -7,8 +7,8 @@
    Prompt evaluation varies by tens of ms between two runs, so the overhead is also measured on
    one request: the client's TTFT minus the TTFT serve's engine reports (`crofter.timings`),
    which is everything the HTTP path adds (parsing, the template, tokenizing, thread hops, SSE).
-2. vs `python -m llama_cpp.server` on the same GGUF: single-stream client-side tok/s
-   (goal >= 1.0x), then C clients x R streamed requests at once on each server: p50/p95
+2. vs `python -m llama_cpp.server` on the same GGUF: single-stream client-side tok/s, rounds
+   alternating which server goes first, both up at once (goal: median ratio >= 1.0x), then C clients x R streamed requests at once on each server: p50/p95
    latency side by side and how many completed (llama_cpp.server interrupts the stream in
    flight when another request arrives, by default). Its `[server]` extra may live in another
    venv: `--llama-server-python PATH`; without it importable this part is skipped, saying so.
@@ -210,29 +210,35 @@ def main() -> int:
               f"two prompt evaluations)")
         print(f"TTFT serve adds to its own engine's (same request, client clock minus engine clock): median "
               f"{statistics.median(own):.1f} ms, max {max(own):.1f} ms (goal <= 15 ms)")
-        crofter_single = stream_chat(url, a.model, "Single stream.", a.tokens, 7)
         crofter_fan = fan_out(url, a.model, a.clients, a.requests, a.fan_tokens)
+        anchor = start_llama_server(a.llama_server_python, gguf, a.n_ctx, threads)
+        if anchor is None:
+            print(f"crofter serve alone: {a.clients}x{a.requests}: {crofter_fan['completed']}/{crofter_fan['asked']} "
+                  f"completed, p50 {crofter_fan['p50']:.2f} s, p95 {crofter_fan['p95']:.2f} s")
+            return 0
+        aproc, aurl = anchor
+        try:
+            # Single streams, both servers up (an idle one takes no CPU), alternating who goes first.
+            stream_chat(aurl, "anchor", "Warm-up.", 8, 1)
+            pairs = []
+            for r in range(a.rounds):
+                system = f"Single stream {r}: you are a storyteller."
+                order = ("crofter", "anchor") if r % 2 == 0 else ("anchor", "crofter")
+                got = {side: (stream_chat(url, a.model, system, a.tokens, 7) if side == "crofter"
+                              else stream_chat(aurl, "anchor", system, a.tokens, 7)) for side in order}
+                pairs.append((got["crofter"]["tok_s"], got["anchor"]["tok_s"]))
+                print(f"  single stream {r}: crofter {pairs[-1][0]:.1f} tok/s, llama_cpp.server {pairs[-1][1]:.1f} tok/s, "
+                      f"ratio {pairs[-1][0] / pairs[-1][1]:.3f}")
+            anchor_fan = fan_out(aurl, "anchor", a.clients, a.requests, a.fan_tokens)
+        finally:
+            aproc.terminate()
+            aproc.wait(timeout=30)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-    anchor = start_llama_server(a.llama_server_python, gguf, a.n_ctx, threads)
-    if anchor is None:
-        print(f"crofter serve alone: single stream {crofter_single['tok_s']:.1f} tok/s; {a.clients}x{a.requests}: "
-              f"{crofter_fan['completed']}/{crofter_fan['asked']} completed, p50 {crofter_fan['p50']:.2f} s, "
-              f"p95 {crofter_fan['p95']:.2f} s")
-        return 0
-    aproc, aurl = anchor
-    try:
-        stream_chat(aurl, "anchor", "Warm-up.", 8, 1)
-        anchor_single = stream_chat(aurl, "anchor", "Single stream.", a.tokens, 7)
-        anchor_fan = fan_out(aurl, "anchor", a.clients, a.requests, a.fan_tokens)
-    finally:
-        aproc.terminate()
-        aproc.wait(timeout=30)
-    ratio = crofter_single["tok_s"] / anchor_single["tok_s"] if anchor_single["tok_s"] else float("nan")
-    print(f"single stream: crofter {crofter_single['tok_s']:.1f} tok/s, llama_cpp.server {anchor_single['tok_s']:.1f} "
-          f"tok/s, ratio {ratio:.3f} (goal >= 1.0)")
+    ratios = [c / k for c, k in pairs if k]
+    print(f"single stream crofter/llama_cpp.server: median ratio {statistics.median(ratios):.3f} over {len(ratios)} rounds "
+          f"(goal >= 1.0); medians {statistics.median(c for c, _ in pairs):.1f} vs {statistics.median(k for _, k in pairs):.1f} tok/s")
     for name, f in (("crofter serve", crofter_fan), ("llama_cpp.server", anchor_fan)):
         print(f"{a.clients} clients x {a.requests}: {name:16s} completed {f['completed']}/{f['asked']}, "
               f"p50 {f['p50']:.2f} s, p95 {f['p95']:.2f} s, finishes {f['finishes']}")

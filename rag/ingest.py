@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .chunking import DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker, title_of
+from .embed import release_heap
 from .loaders import MAX_FILE_BYTES, LoadError, extract, supported
 from .store import FileRecord, RagError, Store
 
@@ -228,6 +229,7 @@ class Ingestor:
             batch.append((rec, chunks, vectors[i:i + len(chunks)] if chunks else None))
             i += len(chunks)
         self.store.write_files(collection, batch)
+        release_heap()
         for rec, chunks in pending:
             if rec.status == "ok":
                 summary.ingested.append(rec.path)

@@ -167,3 +167,21 @@ def test_10k_documents_killed_resumed_plateau_and_needles(seed, tmp_path, crofte
         check_needles(s, embedder, needles)
         again = ing.run([docs], "load")
         assert again.ingested == [] and len(again.unchanged) == 10_000
+
+
+def test_the_heap_is_trimmed_after_every_commit_group(tmp_path, store, embedder, monkeypatch):
+    """glibc keeps the blocks freed by each new batch shape; the ingest hands them back after
+    each group it commits, so a long ingest's memory stays flat (the L2 rows above)."""
+    import platform
+
+    from rag.embed import release_heap
+
+    if platform.libc_ver()[0] == "glibc":
+        assert release_heap() is True
+    calls = []
+    monkeypatch.setattr(rag.ingest, "release_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(rag.ingest, "GROUP_CHUNKS", 10)
+    docs = tmp_path / "docs"
+    build(docs, 40, 1, seed=3)
+    s = Ingestor(store, lambda: embedder, embedder_name="all-MiniLM-L6-v2").run([docs], "load")
+    assert len(s.ingested) == 40 and len(calls) == 4  # 40 one-chunk files, groups of 10
