@@ -189,6 +189,7 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def gguf_to_checkpoint(gguf_path: str | Path, out: str | Path) -> Path:
     """Dequantize a GGUF (one transformers can read) into an HF safetensors checkpoint folder,
     tokenizer and chat template included: how the bundled SmolLM2 becomes a trainable model.
+    A SentencePiece vocabulary (Gemma) also gets its tokenizer.model back (spm_rebuild).
 
     transformers loads the GGUF with a quantization config attached; the model is rebuilt
     from the config without it and given the dequantized weights, so it saves as a plain
@@ -209,4 +210,9 @@ def gguf_to_checkpoint(gguf_path: str | Path, out: str | Path) -> Path:
     model.load_state_dict(loaded.state_dict(), strict=False)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    from .spm_rebuild import spm_model_from_gguf
+
+    spm = spm_model_from_gguf(gguf_path)  # a SentencePiece vocabulary: its tokenizer.model, for convert
+    if spm is not None:
+        (out / "tokenizer.model").write_bytes(spm)
     return out

@@ -120,6 +120,9 @@ def load_vocab(folder: Path, vocab_size: int, config: dict) -> Vocab:
                  template, candidates)
 
 
+USER_DEFINED_PIECE = 4  # sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+
+
 def _sentencepiece_vocab(folder: Path, vocab_size: int, config: dict, tcfg: dict, tok: dict | None) -> Vocab:
     """llama.cpp's ``llama`` (SentencePiece) tokenizer: pieces, scores and types read from
     tokenizer.model itself, added tokens from tokenizer.json; parity is checked against
@@ -135,10 +138,14 @@ def _sentencepiece_vocab(folder: Path, vocab_size: int, config: dict, tcfg: dict
     proto.ParseFromString(path.read_bytes())
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i))
+        piece = sp.id_to_piece(i)
+        # sentencepiece matches a user-defined piece in the escaped text ("▁" for a space),
+        # llama.cpp in the raw text: Gemma's whitespace-run pieces must be written with spaces.
+        tokens.append(piece.replace("\u2581", " ") if proto.pieces[i].type == USER_DEFINED_PIECE else piece)
         scores.append(float(sp.get_score(i)))
         types.append(UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else UNUSED if sp.is_unused(i)
-                     else BYTE if sp.is_byte(i) else NORMAL)
+                     else BYTE if sp.is_byte(i) else USER_DEFINED if proto.pieces[i].type == USER_DEFINED_PIECE
+                     else NORMAL)
     for a in sorted((tok or {}).get("added_tokens", []), key=lambda a: a["id"]):
         if a["id"] < len(tokens):
             if a["content"] != tokens[a["id"]]:

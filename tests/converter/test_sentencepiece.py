@@ -74,3 +74,60 @@ def test_normalizing_sentencepiece_is_refused(tmp_path):
     with pytest.raises(ConvertError, match="normalizer.*nmt_nfkc, remove_extra_whitespaces"):
         convert(src, tmp_path / "x.gguf", "f32")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def spm_runs(tmp_path_factory):
+    """As Gemma's tokenizer.model: no dummy prefix, and user-defined pieces for runs of spaces."""
+    return _spm_llama(tmp_path_factory.mktemp("spm-runs"), normalization_rule_name="identity",
+                      remove_extra_whitespaces=False, add_dummy_prefix=False,
+                      user_defined_symbols=["\u2581\u2581", "\u2581\u2581\u2581", "\u2581\u2581\u2581\u2581"])
+
+
+RUNS = ["a  b   c    d", "    indented\n        deeper", "x" + " " * 9 + "y", "  lead and trail  "]
+
+
+def test_user_defined_space_runs_tokenize_as_sentencepiece_does(spm_runs, tmp_path):
+    """sentencepiece matches "▁▁" in the escaped text, llama.cpp matches a user-defined token in the
+    raw text: the GGUF must hold the piece with spaces, typed user-defined."""
+    import sentencepiece as spm
+
+    from converter.convert import gguf_token_ids, vocab_only_llama
+
+    out = convert(spm_runs, tmp_path / "runs.gguf", "f32").path
+    sp = spm.SentencePieceProcessor(model_file=str(spm_runs / "tokenizer.model"))
+    run = sp.piece_to_id("\u2581\u2581")
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(out)).fields
+    assert fields["tokenizer.ggml.tokens"].contents(run) == "  "
+    assert fields["tokenizer.ggml.token_type"].contents(run) == 4  # user defined
+    llm = vocab_only_llama(out)
+    try:
+        for text in RUNS:
+            assert gguf_token_ids(llm, text, special=False)[1:] == sp.encode(text), text
+        assert run in sp.encode("a  b")
+    finally:
+        llm.close()
+
+
+def test_dequantizing_a_sentencepiece_gguf_gives_back_its_tokenizer_model(spm_runs, tmp_path):
+    """GGUF -> HF folder (transformers' loader writes only tokenizer.json) -> the tokenizer.model
+    rebuilt from the GGUF's pieces, scores and types -> converted again, parity intact."""
+    import sentencepiece as spm
+
+    from converter.hf import gguf_to_checkpoint
+
+    gguf = convert(spm_runs, tmp_path / "a.gguf", "f32").path
+    back = gguf_to_checkpoint(gguf, tmp_path / "hf")
+    assert (back / "tokenizer.model").is_file()
+    old = spm.SentencePieceProcessor(model_file=str(spm_runs / "tokenizer.model"))
+    new = spm.SentencePieceProcessor(model_file=str(back / "tokenizer.model"))
+    corpus = (LICENSES / "GPL-3").read_text()[:6000].splitlines() + RUNS
+    assert all(new.encode(t) == old.encode(t) for t in corpus)
+    assert (new.bos_id(), new.eos_id(), new.unk_id()) == (old.bos_id(), old.eos_id(), old.unk_id())
+    again = convert(back, tmp_path / "b.gguf", "f32")
+    tok = verify.tokenizer_parity(back, again.path)
+    assert tok["reference"] == "sentencepiece" and tok["ok"], tok["mismatches"][:2]
+    lg = verify.logits_parity(back, again.path, new_tokens=4)
+    assert lg["ok"], lg["failures"]
