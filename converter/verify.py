@@ -101,12 +101,16 @@ def logits_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 16, outtype: 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True)
     model.eval()
     llm = _llama(gguf_path, logits_all=True)
+    # A sequence and its continuation stay within the model's positions (a small GPT-2 has 128).
+    room = min(getattr(model.config, "max_position_embeddings", None) or 1024, 1024) - new_tokens
+    if room < 2:
+        raise ConvertError(f"{hf_dir}: the model's {room + new_tokens} positions leave no room to compare logits")
     rows = []
     same = positions = 0
     kl_sum = 0.0
     try:
         for text in SEQUENCES:
-            ids = hf_token_ids(tok, text)
+            ids = hf_token_ids(tok, text)[:room]
             with torch.no_grad():
                 ref = model(torch.tensor([ids])).logits[0].numpy()
                 greedy_hf = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,

@@ -94,24 +94,9 @@ def _targets(names: list[str], adapter: str | None) -> list[Target]:
 
 def read_text(path: str) -> tuple[str, str]:
     """(text, name) of a file or of every readable file in a folder, through rag's loaders."""
-    from rag.loaders import LoadError, extract, supported
+    from .texts import read_documents
 
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = [f for f in sorted(p.rglob("*")) if f.is_file() and supported(f)]
-        if not files:
-            raise CLIError(f"--text {path}: no readable files in the folder")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise CLIError(f"--text {path}: no such file or folder")
-    parts = []
-    for f in files:
-        try:
-            parts.append(extract(f).text)
-        except LoadError as e:
-            raise CLIError(f"--text {f}: {e}") from None
-    return "\n\n".join(parts), p.name
+    return "\n\n".join(text for _, text in read_documents([path])), Path(path).expanduser().name
 
 
 def run(args) -> int:

@@ -121,7 +121,9 @@ def _summary(args, s) -> None:
         before, after = s.metrics.get("held_out_perplexity_before"), s.metrics.get("held_out_perplexity")
         if before is not None and after is not None:
             con.print(f"  held-out PPL       {before:.2f} -> {after:.2f}")
-        con.print(f"  merged model       {s.metrics['model']}")
+        if s.metrics.get("duplicates"):
+            con.print(f"  duplicates         {s.metrics['duplicates']} documents with a text seen before, left out")
+        con.print(f"  {'model' if s.metrics.get('full') else 'merged model':18} {s.metrics['model']}")
         con.print(f"next: crofter tune sft --base {s.metrics['model']} --data chat.jsonl")
     elif s.kind == "reward":
         con.print(f"next: crofter tune grpo --base BASE --prompts FILE --reward {s.run_dir}")
@@ -136,7 +138,9 @@ def run(args) -> int:
     from finetune.recipe import RecipeError
     from finetune.train import TrainError
 
-    base = _resolve_base(args.base)
+    if args.tune_command == "pretrain":
+        _check_scratch(args)
+    base = _resolve_base(args.base) if args.base else None
     run_dir = _run_dir(args, args.tune_command)
     if args.launcher == "accelerate":
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,13 +169,37 @@ def run(args) -> int:
     return 0
 
 
+def _check_scratch(args) -> None:
+    """pretrain: a --base to continue, or --from-config with its --tokenizer, not both."""
+    if bool(args.base) == bool(args.from_config):
+        raise CLIError("tune pretrain: give --base MODEL to continue a model, or --from-config to start one from scratch")
+    if args.from_config and not args.tokenizer:
+        raise CLIError("--from-config: name the tokenizer folder with --tokenizer DIR")
+    if (args.size or args.tokenizer) and not args.from_config:
+        raise CLIError(f"{'--size' if args.size else '--tokenizer'}: only with --from-config (a model from scratch)")
+    if args.from_config and args.lora:
+        raise CLIError("--lora: a model from scratch trains every weight")
+    for kv in args.size:
+        if "=" not in kv or not kv.split("=", 1)[0]:
+            raise CLIError(f"--size {kv}: write KEY=VALUE, e.g. n_layer=4")
+
+
 def _train(train, args, base, run_dir, recipe, kw):
     if args.tune_command == "sft":
         return train.sft(base, Path(args.data), run_dir, recipe, **kw)
     if args.tune_command == "pretrain":
-        from finetune.pretrain import pretrain
+        from finetune.pretrain import pretrain, scratch_model
 
-        return pretrain(base, Path(args.text), run_dir, recipe, **kw)
+        from .texts import read_documents
+
+        docs = read_documents(args.text)
+        if args.from_config:  # a new model, made once per run folder (a resumed run keeps its own)
+            init = run_dir / "init"
+            if not (args.resume and init.is_dir()):
+                sizes = dict(kv.split("=", 1) for kv in args.size)
+                scratch_model(args.from_config, sizes, Path(args.tokenizer).expanduser(), init, seed=recipe.seed)
+            base = init
+        return pretrain(base, docs, run_dir, recipe, full=bool(args.full or args.from_config), **kw)
     if args.tune_command == "reward":
         from finetune import rlhf
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 RECIPES = {"pretrain": "pretrain", "sft": "lora", "dpo": "dpo", "reward": "reward", "grpo": "grpo"}
 ACTIONS = (
-    ("pretrain", "continue pre-training on your own text (a file or a folder of .txt/.md), giving a new base",
-     "Continued pre-training: the text is cut into max-length blocks (documents ended with the end-of-text "
-     "token), LoRA is trained on every token, held-out perplexity is measured before and after, and the adapter "
-     "is merged into RUN/model: the new base for `tune sft --base RUN/model`."),
+    ("pretrain", "pre-train on your own text (files or folders), continuing a model or from scratch, giving a new base",
+     "Pre-training on your own text: documents (deduplicated by content) are cut into max-length blocks, each "
+     "ended with the end-of-text token; held-out perplexity is measured before and after. Continuing a --base, "
+     "LoRA is trained on every token and merged into RUN/model (--full trains every weight). From scratch, "
+     "--from-config gpt2|llama|FILE.json with --size and --tokenizer builds a new model and trains all of it. "
+     "RUN/model is the new base for `tune sft --base RUN/model`."),
     ("sft", "supervised fine-tuning on chat data (alpaca, ShareGPT or OpenAI messages)",
      "Supervised fine-tuning on chat data (alpaca, ShareGPT or OpenAI messages); the loss is on the assistant's tokens."),
     ("dpo", "preference tuning on prompt/chosen/rejected pairs",
@@ -58,7 +60,9 @@ def add_parser(sub) -> None:
         t = tsub.add_parser(kind, help=text, description=description,
                             epilog="Recipes: pretrain, lora, qlora, dpo, reward, grpo (finetune/configs/) or a YAML file with "
                             "the same keys." + (GRPO_EPILOG if kind == "grpo" else ""))
-        t.add_argument("--base", required=True, metavar="MODEL", help="HF checkpoint folder or store name")
+        t.add_argument("--base", required=kind != "pretrain", metavar="MODEL",
+                       help="HF checkpoint folder or store name" + (" (or --from-config to start from scratch)"
+                                                                    if kind == "pretrain" else ""))
         if kind == "grpo":
             t.add_argument("--prompts", required=True, metavar="FILE",
                            help="prompts: a .txt file (one per line) or JSONL with \"prompt\" (text or messages)")
@@ -66,8 +70,18 @@ def add_parser(sub) -> None:
                            help="a `crofter tune reward` run folder, or a Python function "
                            "FUNC(prompts, completions, **kwargs) -> list of numbers (MODULE: a module or a .py file)")
         elif kind == "pretrain":
-            t.add_argument("--text", required=True, metavar="FILE|DIR",
-                           help="plain text: a file, or a folder whose .txt/.md/.rst files are all read")
+            t.add_argument("--text", "--data", dest="text", nargs="+", required=True, metavar="PATH",
+                           help="files or folders of your text: txt, md, rst, html, pdf, docx, code (read as "
+                           "`crofter ingest` reads them); a text found twice is used once")
+            m = t.add_mutually_exclusive_group()
+            m.add_argument("--lora", action="store_true", help="LoRA on every linear layer, merged at the end (the default)")
+            m.add_argument("--full", action="store_true", help="train every weight (more memory; what a run from scratch does)")
+            g = t.add_argument_group("from scratch")
+            g.add_argument("--from-config", metavar="gpt2|llama|FILE.json",
+                           help="a new, randomly initialised model: GPT-2 124M's shape, SmolLM2-135M's Llama, or a config.json")
+            g.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
+                           help="change one setting of --from-config, e.g. n_layer=4 n_embd=256 (repeatable)")
+            g.add_argument("--tokenizer", metavar="DIR", help="the tokenizer folder of a model from scratch (its vocabulary sizes the model)")
         else:
             t.add_argument("--data", required=True, metavar="FILE", help="JSONL or JSON training data")
         if kind in ("dpo", "grpo"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,8 @@ from finetune.pretrain import blocks, pretrain, text_files
 from finetune.recipe import load_recipe
 
 from .conftest import FAST
+
+LICENSES = Path("/usr/share/common-licenses")
 
 FACTS = ["The glimmerfruit of Varnholt ripens in the third moon.", "Varnholt farmers dry glimmerfruit on slate roofs.",
          "A ripe glimmerfruit hums faintly when tapped.", "Glimmerfruit jam is traded at the Varnholt winter fair.",
@@ -76,5 +79,101 @@ def test_pretrain_refuses_a_run_that_was_merged(hf_model, domain, tmp_path):
     from finetune.train import TrainError
 
     (tmp_path / "run" / "model").mkdir(parents=True)
-    with pytest.raises(TrainError, match="merged already"):
+    with pytest.raises(TrainError, match="finished already"):
         pretrain(hf_model, domain, tmp_path / "run", load_recipe("pretrain"))
+
+
+def test_documents_are_deduplicated_and_read_by_rags_loaders(hf_model, tmp_path):
+    from app.commands.texts import read_documents
+    from finetune.pretrain import dedupe
+
+    notes = tmp_path / "notes"
+    (notes / "copy").mkdir(parents=True)
+    (notes / "a.md").write_text("# Varnholt\n\n" + " ".join(FACTS))
+    (notes / "copy" / "a.md").write_text("# Varnholt\n\n" + "  ".join(FACTS) + "\n")  # the same, spaced otherwise
+    (notes / "page.html").write_text("<html><body><h1>Fair</h1><p>" + FACTS[3] + "</p><script>x()</script></body></html>")
+    docs = read_documents([notes])
+    assert [Path(n).name for n, _ in docs] == ["a.md", "a.md", "page.html"]
+    assert FACTS[3] in docs[2][1] and "x()" not in docs[2][1]  # html read as text, its script left out
+    kept, dropped = dedupe(docs)
+    assert len(kept) == 2 and dropped == [str(notes / "copy" / "a.md")]
+    from app.errors import CLIError
+
+    with pytest.raises(CLIError, match="--text .*nowhere: no such file or folder"):
+        read_documents([tmp_path / "nowhere"])
+
+
+def test_a_gpt2_from_scratch_trains_converts_and_generates(tmp_path, capsys):
+    """--from-config gpt2 with --size: a new model, every weight trained (held-out perplexity
+    falls far from the random start), saved as RUN/model, converted by crofter, run by llama.cpp."""
+    from app.cli import main
+    from tests.converter.nanogpt_build import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+    text = tmp_path / "text"
+    text.mkdir()
+    for name in ("GPL-3", "Apache-2.0"):
+        (text / f"{name}.txt").write_text((LICENSES / name).read_text())
+    (text / "again.txt").write_text((LICENSES / "GPL-3").read_text())  # a copy: left out
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text("max_length: 64\neval_split: 0.05\nlearning_rate: 0.003\nbatch_size: 8\ngrad_accum: 1\n"
+                      "gradient_checkpointing: false\nwarmup_ratio: 0.0\nsave_steps: 100\n")
+    run = tmp_path / "run"
+    rc = main(["tune", "pretrain", "--from-config", "gpt2", "--size", "n_layer=2", "--size", "n_embd=64",
+               "--size", "n_head=2", "--size", "n_positions=128", "--tokenizer", str(tok), "--text", str(text),
+               "--recipe", str(recipe), "--max-steps", "40", "--out", str(run), "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 0 and s["steps"] == 40
+    m = s["metrics"]
+    assert m["full"] is True and m["duplicates"] == 1 and m["documents"] == 2
+    assert m["held_out_perplexity"] < 0.5 * m["held_out_perplexity_before"], m
+    cfg = json.loads((run / "model" / "config.json").read_text())
+    assert (cfg["model_type"], cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"]) == ("gpt2", 2, 64, 1000)
+    assert not (run / "adapter").exists() and not (run / "model" / "adapter_config.json").exists()
+
+    from converter.convert import convert
+
+    gguf = convert(run / "model", tmp_path / "scratch.gguf", "f32").path
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), n_ctx=128, verbose=False, seed=1)
+    try:
+        out = llm("This License", max_tokens=12, temperature=0, stop=[], logit_bias={0: -100.0})
+    finally:
+        llm.close()
+    assert out["usage"]["completion_tokens"] == 12 and out["choices"][0]["text"]
+    from converter import verify
+
+    lg = verify.logits_parity(run / "model", gguf, new_tokens=8)  # llama.cpp computes what torch does
+    assert lg["ok"] and lg["top1_agree"] >= 0.99, lg["failures"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "give --base MODEL to continue a model, or --from-config"),
+    (["--from-config", "gpt2"], "--from-config: name the tokenizer folder with --tokenizer DIR"),
+    (["--base", "x", "--size", "n_layer=2"], "--size: only with --from-config"),
+    (["--from-config", "gpt2", "--tokenizer", "t", "--size", "n_layer"], "--size n_layer: write KEY=VALUE"),
+    (["--from-config", "gpt2", "--tokenizer", "t", "--lora"], "--lora: a model from scratch trains every weight"),
+])
+def test_bad_scratch_arguments_get_one_line(argv, needle, tmp_path, capsys):
+    from app.cli import main
+
+    assert main(["tune", "pretrain", "--text", str(tmp_path), *argv]) != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_a_bad_from_config_or_size_names_it(tmp_path):
+    from finetune.pretrain import scratch_model
+    from tests.converter.nanogpt_build import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+    with pytest.raises(DataError, match="--from-config nope: not a preset"):
+        scratch_model("nope", {}, tok, tmp_path / "m")
+    with pytest.raises(DataError, match="--size n_wings: not a setting of a gpt2 model"):
+        scratch_model("gpt2", {"n_wings": "2", "n_layer": "1", "n_embd": "32", "n_head": "2"}, tok, tmp_path / "m")
+    bad = tmp_path / "c.json"
+    bad.write_text('{"n_layer": 2}')
+    with pytest.raises(DataError, match='c.json: a model config needs a "model_type"'):
+        scratch_model(str(bad), {}, tok, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
