@@ -21,7 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from .hf import Checkpoint, ConvertError, open_checkpoint, permute_rows
+from .hf import Checkpoint, ConvertError, open_checkpoint
+from .tensor_write import write_tensors
 from .vocab import Vocab, load_vocab
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -192,16 +193,6 @@ def _plan(ck: Checkpoint, outtype: str) -> list[_Planned]:
     return plan
 
 
-def _encode(arr: np.ndarray, qtype) -> np.ndarray:
-    import gguf
-
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return np.ascontiguousarray(arr, dtype=np.float32)
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return np.ascontiguousarray(arr, dtype=np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
-
-
 def write_gguf(ck: Checkpoint, vocab: Vocab, pre: str, path: Path, outtype: str, *, vocab_only: bool = False,
                name: str | None = None, on_tensor: Callable[[int, int, str], None] | None = None) -> int:
     """Write the GGUF to `path` (not atomically: callers pass a temp path). Returns the tensor count."""
@@ -226,7 +217,7 @@ def write_gguf(ck: Checkpoint, vocab: Vocab, pre: str, path: Path, outtype: str,
     for _, arr in extra:
         w.write_tensor_data(arr)
     try:
-        _write_tensors(w, ck, plan, on_tensor)
+        write_tensors(w, ck, plan, on_tensor)
     except BaseException:
         for fh in w.fout or []:  # close without the writer's flush, so nothing is written after a failure
             with contextlib.suppress(OSError):
@@ -234,43 +225,6 @@ def write_gguf(ck: Checkpoint, vocab: Vocab, pre: str, path: Path, outtype: str,
         raise
     w.close()
     return len(plan) + len(extra)
-
-
-def _write_tensors(w, ck: Checkpoint, plan: list[_Planned], on_tensor) -> None:
-    import gguf
-    from safetensors import safe_open
-
-    for done, p in enumerate(plan, 1):
-        # Open the shard per tensor: safetensors maps the file, and every page a tensor
-        # touched would otherwise stay resident until the shard is closed.
-        with safe_open(str(p.shard), framework="pt") as f:
-            arr = f.get_tensor(p.hf_name).float().numpy()
-        check_finite(arr, p.shard, p.hf_name)
-        if p.qtype == gguf.GGMLQuantizationType.F16 and arr.size and float(np.abs(arr).max()) > F16_MAX:
-            raise ConvertError(f"{p.shard.name}: tensor {p.hf_name!r} has values up to {float(np.abs(arr).max()):.4g}, "
-                               f"beyond F16's range (±{F16_MAX:g}); convert with --outtype bf16 or f32")
-        if arr.ndim == 2 and p.hf_name.endswith(ck.plan.transpose):
-            arr = arr.T
-        if ck.plan.norm_plus_one and p.hf_name.endswith("norm.weight"):
-            arr = arr + 1.0
-        if ck.plan.permute_qk and (".q_proj." in p.hf_name or ".k_proj." in p.hf_name):
-            arr = permute_rows(arr, ck.n_head if ".q_proj." in p.hf_name else ck.n_head_kv)
-        w.write_tensor_data(_encode(arr, p.qtype))
-        del arr
-        if on_tensor:
-            on_tensor(done, len(plan), p.name)
-
-
-F16_MAX = 65504.0  # the largest finite float16
-
-
-def check_finite(arr: np.ndarray, shard: Path, name: str) -> None:
-    """ConvertError naming the tensor when `arr` holds NaN or Inf (a diverged or corrupt checkpoint)."""
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ConvertError(f"{shard.name}: tensor {name!r} has {int(bad.sum())} NaN/Inf values (first at {first}); "
-                           "refusing to convert non-finite weights")
 
 
 def hf_token_ids(tokenizer, text: str) -> list[int]:

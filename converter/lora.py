@@ -57,7 +57,8 @@ def convert_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path 
     import gguf
     from safetensors import safe_open
 
-    from .convert import _arch, check_finite
+    from .convert import _arch
+    from .tensor_write import check_finite
     from .output import output_file
 
     adapter = Path(adapter_dir).expanduser()

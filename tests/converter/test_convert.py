@@ -161,3 +161,20 @@ def test_refusals(hf_model, tmp_path):
     with pytest.raises(ConvertError, match="num_hidden_layers"):
         convert(broken, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.partial"))
+
+
+def test_large_tensors_written_in_row_blocks_give_the_same_file(hf_model, tmp_path, monkeypatch):
+    """A tensor over tensor_write.BLOCK_BYTES is read and encoded in row blocks (bounded memory);
+    the bytes written are those of the whole-tensor path, for F16 and Q8_0 alike."""
+    from converter import tensor_write
+    from converter.convert import convert
+
+    from .conftest import tiny_llama
+
+    src = tiny_llama(hf_model, tmp_path / "tiny")
+    for outtype in ("f16", "q8_0"):
+        whole = convert(src, tmp_path / f"whole-{outtype}.gguf", outtype).path.read_bytes()
+        monkeypatch.setattr(tensor_write, "BLOCK_BYTES", 4096)  # every 2-D tensor over 4 KiB goes in blocks
+        blocks = convert(src, tmp_path / f"blocks-{outtype}.gguf", outtype).path.read_bytes()
+        monkeypatch.undo()
+        assert blocks == whole
