@@ -100,11 +100,11 @@ def logits_parity(hf_dir: Path, gguf_path: Path, new_tokens: int = 16, outtype: 
     tok = load_hf_tokenizer(Path(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True)
     model.eval()
-    llm = _llama(gguf_path, logits_all=True)
     # A sequence and its continuation stay within the model's positions (a small GPT-2 has 128).
     room = min(getattr(model.config, "max_position_embeddings", None) or 1024, 1024) - new_tokens
     if room < 2:
         raise ConvertError(f"{hf_dir}: the model's {room + new_tokens} positions leave no room to compare logits")
+    llm = _llama(gguf_path, logits_all=True)
     rows = []
     same = positions = 0
     kl_sum = 0.0

@@ -178,14 +178,18 @@ def pretrain(base: Path, text, run_dir: Path, recipe: Recipe, *, max_steps: int 
     if (run_dir / "model").exists():
         raise TrainError(f"{run_dir / 'model'} exists: this run finished already; choose another --out")
     dev = device_info()
-    model, tok = load_base(base, recipe, dev)
+    # Every weight trained: float32 master weights (bf16 on a GPU is the Trainer's autocast), or
+    # AdamW's small updates vanish in bf16's 8-bit mantissa.
+    model, tok = load_base(base, recipe, {**dev, "bf16": False, "fp16": False} if full else dev)
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     size = min(recipe.max_length, positions or recipe.max_length)
-    rows = [{"input_ids": b} for b in blocks(tok, docs, size)]
+    # Labels are the ids themselves: every token counts, the end-of-text tokens between documents
+    # too (a collator that masks the pad id would drop them, pad being EOS here).
+    rows = [{"input_ids": b, "labels": list(b)} for b in blocks(tok, docs, size)]
     n_eval = max(1, int(len(rows) * recipe.eval_split)) if recipe.eval_split > 0 and len(rows) > 1 else 0
     train_rows, eval_rows = (rows[:-n_eval], rows[-n_eval:]) if n_eval else (rows, [])
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, default_data_collator
 
     # The plain Trainer: blocks need no chat handling, and TRL's SFTTrainer would also compute
     # the entropy and token accuracy of every logit row each step (25% of a CPU step here).
@@ -203,7 +207,7 @@ def pretrain(base: Path, text, run_dir: Path, recipe: Recipe, *, max_steps: int 
         tok.pad_token = tok.eos_token
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[curve.callback])
+                      data_collator=default_data_collator, callbacks=[curve.callback])
     before = trainer.evaluate().get("eval_loss") if eval_rows and ckpt is None else None
     out, seconds, adapter, ev = _fit(trainer, curve, run_dir, ckpt, bool(eval_rows))
     del trainer, model

@@ -42,7 +42,8 @@ def checkpoint_complete(folder: Path) -> bool:
         json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return (folder / ADAPTER_WEIGHTS).is_file() and (folder / "optimizer.pt").is_file()
+    weights = any((folder / name).is_file() for name in (ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json"))
+    return weights and (folder / "optimizer.pt").is_file()  # an adapter, or a whole model (pretrain --full)
 
 
 def checkpoint_step(folder: Path) -> int | None:

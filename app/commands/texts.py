@@ -11,13 +11,14 @@ def read_documents(paths, flag: str = "--text") -> list[tuple[str, str]]:
     """(name, text) of each file, or of every readable file under each folder, sorted; a
     missing path, a folder with nothing readable or a file its loader refuses is a one-line
     error naming it."""
-    from rag.loaders import LoadError, extract, supported
+    from rag.ingest import walk
+    from rag.loaders import LoadError, extract
 
     docs = []
     for path in paths:
         p = Path(path).expanduser()
         if p.is_dir():
-            files = [f for f in sorted(p.rglob("*")) if f.is_file() and supported(f)]
+            files = sorted(walk([p])[0])  # as ingest walks: hidden folders (.git) and symlinked ones left out
             if not files:
                 raise CLIError(f"{flag} {path}: no readable files in the folder")
         elif p.is_file():

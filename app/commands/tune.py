@@ -177,6 +177,8 @@ def _check_scratch(args) -> None:
         raise CLIError("--from-config: name the tokenizer folder with --tokenizer DIR")
     if (args.size or args.tokenizer) and not args.from_config:
         raise CLIError(f"{'--size' if args.size else '--tokenizer'}: only with --from-config (a model from scratch)")
+    if args.qlora and (args.full or args.from_config):
+        raise CLIError("--qlora: a 4-bit base trains through LoRA only; drop --full / --from-config, or --qlora")
     if args.from_config and args.lora:
         raise CLIError("--lora: a model from scratch trains every weight")
     for kv in args.size:

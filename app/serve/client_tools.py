@@ -114,13 +114,14 @@ class ToolNames:
             out.append((f.name, st.st_mtime_ns, st.st_size))
         return tuple(out)
 
-    def names(self) -> frozenset:
-        """Every tool name (search_documents aside: it exists when a request attaches collections)."""
+    def names(self, fresh: bool = False) -> frozenset:
+        """Every tool name (search_documents aside: it exists when a request attaches collections);
+        `fresh`: discover again even if nothing changed (an MCP server may have come back)."""
         from ..tools.registry import ToolRegistry
 
         with self._lock:
             sig = self.signature()
-            if sig != self._seen:
+            if fresh or sig != self._seen:
                 self._names = frozenset(ToolRegistry.for_settings(self.settings).tools)
                 self._seen = sig
             return self._names
@@ -128,6 +129,8 @@ class ToolNames:
     def check(self, names: list[str]) -> None:
         """Raise the 400 for the first of `names` this server does not have."""
         have = self.names()
+        if any(n != "search_documents" and n not in have for n in names):
+            have = self.names(fresh=True)  # once more before refusing: a server down at the last look
         for n in names:
             if n != "search_documents" and n not in have:
                 raise _unknown(n, have)

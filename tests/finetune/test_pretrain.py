@@ -91,6 +91,8 @@ def test_documents_are_deduplicated_and_read_by_rags_loaders(hf_model, tmp_path)
     (notes / "copy").mkdir(parents=True)
     (notes / "a.md").write_text("# Varnholt\n\n" + " ".join(FACTS))
     (notes / "copy" / "a.md").write_text("# Varnholt\n\n" + "  ".join(FACTS) + "\n")  # the same, spaced otherwise
+    (notes / ".git").mkdir()
+    (notes / ".git" / "config").write_text("[core]\n\tbare = false\n")  # a notes folder under git: not text to learn
     (notes / "page.html").write_text("<html><body><h1>Fair</h1><p>" + FACTS[3] + "</p><script>x()</script></body></html>")
     docs = read_documents([notes])
     assert [Path(n).name for n, _ in docs] == ["a.md", "a.md", "page.html"]
@@ -117,7 +119,7 @@ def test_a_gpt2_from_scratch_trains_converts_and_generates(tmp_path, capsys):
     (text / "again.txt").write_text((LICENSES / "GPL-3").read_text())  # a copy: left out
     recipe = tmp_path / "fast.yaml"
     recipe.write_text("max_length: 64\neval_split: 0.05\nlearning_rate: 0.003\nbatch_size: 8\ngrad_accum: 1\n"
-                      "gradient_checkpointing: false\nwarmup_ratio: 0.0\nsave_steps: 100\n")
+                      "gradient_checkpointing: false\nwarmup_ratio: 0.0\nsave_steps: 20\n")
     run = tmp_path / "run"
     rc = main(["tune", "pretrain", "--from-config", "gpt2", "--size", "n_layer=2", "--size", "n_embd=64",
                "--size", "n_head=2", "--size", "n_positions=128", "--tokenizer", str(tok), "--text", str(text),
@@ -130,6 +132,10 @@ def test_a_gpt2_from_scratch_trains_converts_and_generates(tmp_path, capsys):
     cfg = json.loads((run / "model" / "config.json").read_text())
     assert (cfg["model_type"], cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"]) == ("gpt2", 2, 64, 1000)
     assert not (run / "adapter").exists() and not (run / "model" / "adapter_config.json").exists()
+    from models.adapters import last_complete_checkpoint
+
+    ckpt = last_complete_checkpoint(run / "checkpoints")  # a whole-model checkpoint counts: --resume works
+    assert ckpt is not None and (ckpt / "model.safetensors").is_file()
 
     from converter.convert import convert
 
@@ -154,6 +160,7 @@ def test_a_gpt2_from_scratch_trains_converts_and_generates(tmp_path, capsys):
     (["--base", "x", "--size", "n_layer=2"], "--size: only with --from-config"),
     (["--from-config", "gpt2", "--tokenizer", "t", "--size", "n_layer"], "--size n_layer: write KEY=VALUE"),
     (["--from-config", "gpt2", "--tokenizer", "t", "--lora"], "--lora: a model from scratch trains every weight"),
+    (["--base", "x", "--full", "--qlora"], "--qlora: a 4-bit base trains through LoRA only"),
 ])
 def test_bad_scratch_arguments_get_one_line(argv, needle, tmp_path, capsys):
     from app.cli import main
