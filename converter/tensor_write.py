@@ -72,7 +72,7 @@ def write_tensors(w, ck, plan: list, on_tensor) -> None:
         # Open the shard per tensor: safetensors maps the file, and every page a tensor
         # touched would otherwise stay resident until the shard is closed.
         with safe_open(str(p.shard), framework="pt") as f:
-            fout, written = _begin(w, p.nbytes), 0
+            fout, written = _begin(w, p.name, p.nbytes), 0
             for arr in _pieces(f, p, ck):
                 check_finite(arr, p.shard, p.hf_name)
                 if p.qtype == gguf.GGMLQuantizationType.F16 and arr.size and float(np.abs(arr).max()) > F16_MAX:
@@ -92,18 +92,27 @@ def write_tensors(w, ck, plan: list, on_tensor) -> None:
             on_tensor(done, len(plan), p.name)
 
 
-def _begin(w, nbytes: int):
+def _begin(w, name: str, nbytes: int):
     """GGUFWriter.write_tensor_data's bookkeeping for one tensor written in pieces: its info is
-    taken from the writer's queue and the file is padded to the tensor's alignment."""
+    taken from the writer's queue and the file is padded to the tensor's alignment. (The
+    writer's own call takes one whole array, which is what this module avoids holding.)"""
+    import sys
+
+    from gguf.constants import GGUFEndian
     from gguf.gguf_writer import WriterState
 
     if w.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
         raise ValueError(f"expected tensor info or weights, got {w.state}")
-    file_id = next(i for i, tensors in enumerate(w.tensors) if tensors)
+    if (w.endianess == GGUFEndian.BIG) != (sys.byteorder == "big"):
+        raise ValueError("the GGUF's byte order differs from this machine's; pieces are written as they are")
+    file_id = next((i for i, tensors in enumerate(w.tensors) if tensors), None)
+    if file_id is None:
+        raise ValueError(f"tensor {name}: no tensor info left to write it under")
     fout = w.fout[file_id]
-    info = w.tensors[file_id].pop(next(iter(w.tensors[file_id])))
-    if info.nbytes != nbytes:
-        raise ValueError(f"tensor info holds {info.nbytes} bytes, planned {nbytes}")
+    queued = next(iter(w.tensors[file_id]))
+    info = w.tensors[file_id].pop(queued)
+    if queued != name or info.nbytes != nbytes:
+        raise ValueError(f"tensor {name} ({nbytes} bytes) written where {queued} ({info.nbytes} bytes) was planned")
     w.write_padding(fout, fout.tell())
     w.state = WriterState.WEIGHTS
     return fout
