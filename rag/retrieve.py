@@ -1,10 +1,16 @@
-"""Hybrid retrieval: dense (Chroma) and keyword (SQLite FTS5 BM25) fused by reciprocal rank.
+"""Hybrid retrieval: dense (Chroma) and keyword (SQLite FTS5 BM25), fused by their scores.
 
-RRF (Cormack, Clarke & Buettcher, SIGIR 2009): score(d) = sum over rankings r of
-1 / (K + rank_r(d)). It needs no score calibration between BM25 and cosine, which is why
-an exact rare term that the dense model blurs still surfaces. K = 10 rather than the
-paper's 60, and no stopword list: what bench/bench_retrieval.py --grid found on its tuning
-set (docs/benchmarks.md, session 9); 50 candidates per leg, equal weights.
+The default fusion ("score") turns each leg's scores over all the candidates into z-scores and
+adds them with weights 0.6 (dense) and 0.4 (keyword); see `zfuse` for a candidate one leg did
+not return. Unlike reciprocal-rank fusion it keeps how far ahead a leg's best is: a
+query naming a rare exact term puts one passage far above the rest in BM25, and that margin
+survives even when the dense leg ranks look-alike passages first (what sank the planted
+needles of the 10k-document load test). bench/bench_retrieval.py measured it on two tuning
+sets (license, nodeapi) and a held-out one (docs/benchmarks.md, session 14).
+
+RRF (Cormack, Clarke & Buettcher, SIGIR 2009; score(d) = sum over rankings of 1 / (K + rank))
+stays as fusion="rrf", K = 10, equal weights: the session 9 defaults. No stopword list;
+50 candidates per leg.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from .store import Store
 
 RRF_K = 10
 MODES = ("hybrid", "dense", "keyword")
+FUSIONS = ("score", "rrf")
+SCORE_WEIGHTS = (0.6, 0.4)  # (dense, keyword) z-scores: bench_retrieval --grid, session 14
 
 
 @dataclass(frozen=True)
@@ -75,14 +83,44 @@ def collapse(hits: list[Hit]) -> list[Hit]:
 
 
 def rrf(rankings: list[list[str]], k: int = RRF_K, weights=None) -> dict[str, float]:
-    """>>> rrf([["a", "b"], ["b", "c"]], k=60)["b"] == 1/62 + 1/61
-    True"""
+    """
+    >>> rrf([["a", "b"], ["b", "c"]], k=60)["b"] == 1/62 + 1/61
+    True
+    """
     scores: dict[str, float] = {}
     for i, ranking in enumerate(rankings):
         w = weights[i] if weights else 1.0
         for rank, cid in enumerate(ranking, 1):
             scores[cid] = scores.get(cid, 0.0) + w / (k + rank)
     return scores
+
+
+def zfuse(legs: list[list[tuple[str, float]]], weights=SCORE_WEIGHTS, floors=None) -> dict[str, float]:
+    """Weighted sum of each leg's z-scores over every candidate of any leg.
+
+    A candidate a leg did not return takes that leg's `floors[i]` (default: the leg's lowest
+    score): the keyword leg passes 0 when it returned fewer than it was asked for, since every
+    passage it left out matches no query term, and that is what keeps a lone exact match far
+    ahead. A leg whose values are all equal adds nothing.
+
+    >>> s = zfuse([[("a", 0.9), ("b", 0.85), ("c", 0.5)], [("b", 12.0)]], (0.5, 0.5), floors=(None, 0.0))
+    >>> max(s, key=s.get)
+    'b'
+    """
+    ids = list(dict.fromkeys(cid for leg in legs for cid, _ in leg))
+    total = dict.fromkeys(ids, 0.0)
+    for i, (leg, w) in enumerate(zip(legs, weights)):
+        if not leg:
+            continue
+        got = dict(leg)
+        floor = floors[i] if floors and floors[i] is not None else min(got.values())
+        vals = [got.get(cid, floor) for cid in ids]
+        mean = sum(vals) / len(vals)
+        sd = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+        if sd > 0:
+            for cid, v in zip(ids, vals):
+                total[cid] += w * (v - mean) / sd
+    return total
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,14 +144,19 @@ class Retriever:
     """>>> Retriever(store, embedder).search("docs", "how to install", k=5)   # doctest: +SKIP"""
 
     def __init__(self, store: Store, embedder, reranker=None, candidates: int = 50, rrf_k: int = RRF_K,
-                 weights: tuple[float, float] = (1.0, 1.0), field_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 stopwords: bool = False):
+                 weights: tuple[float, float] | None = None,
+                 field_weights: tuple[float, float, float] = (1.0, 1.0, 1.0), stopwords: bool = False,
+                 fusion: str = "score"):
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}")
         self.store = store
         self.embedder = embedder
         self.reranker = reranker
         self.candidates = candidates  # per leg
         self.rrf_k = rrf_k
-        self.weights = weights  # (dense, keyword) in the fusion
+        self.fusion = fusion
+        # (dense, keyword) in the fusion
+        self.weights = weights or (SCORE_WEIGHTS if fusion == "score" else (1.0, 1.0))
         self.field_weights = field_weights  # BM25 (text, heading, title)
         self.stop = _stopwords() if stopwords else frozenset()
 
@@ -124,26 +167,23 @@ class Retriever:
             raise ValueError("k must be at least 1")
         self.store.require(collection)
         n = max(self.candidates, k)
-        rankings: list[list[str]] = []
-        raw: dict[str, float] = {}
+        legs: list[list[tuple[str, float]]] = []
         if mode in ("hybrid", "dense"):
             vec = self.embedder.encode([query])[0]
-            dense = self.store.dense(collection, vec, n)
-            rankings.append([cid for cid, _ in dense])
-            raw.update(dense)
+            legs.append(self.store.dense(collection, vec, n))
         if mode in ("hybrid", "keyword"):
-            kw = self.store.keyword(collection, _without(query, self.stop), n, self.field_weights)
-            rankings.append([cid for cid, _ in kw])
-            if mode == "keyword":
-                raw.update(kw)
+            legs.append(self.store.keyword(collection, _without(query, self.stop), n, self.field_weights))
         if mode == "hybrid":
-            scores = rrf(rankings, self.rrf_k, self.weights)
-            # Equal fused scores happen whenever each ranker has a different #1; the lexical
+            if self.fusion == "rrf":
+                scores = rrf([[cid for cid, _ in leg] for leg in legs], self.rrf_k, self.weights)
+            else:
+                scores = zfuse(legs, self.weights, floors=(None, 0.0 if len(legs[1]) < n else None))
+            # Equal fused scores (under RRF, whenever each leg has a different #1): the lexical
             # match wins the tie, since an exact term is the thing dense search blurs.
-            lexical = {cid: i for i, cid in enumerate(rankings[1])}
+            lexical = {cid: i for i, (cid, _) in enumerate(legs[1])}
             ranked = sorted(scores, key=lambda c: (-scores[c], lexical.get(c, len(lexical))))
         else:
-            scores = raw
+            scores = dict(legs[0])
             ranked = sorted(scores, key=lambda c: scores[c], reverse=True)
         # Ids Chroma knows but the catalogue does not (an ingest killed before its commit)
         # are dropped here: the catalogue is the source of truth. Copies of a passage score

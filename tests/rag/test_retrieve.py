@@ -7,7 +7,7 @@ import pytest
 
 from rag.cite import build_prompt, cited_numbers, cited_sources
 from rag.loaders import extract
-from rag.retrieve import RRF_K, Retriever, rrf
+from rag.retrieve import RRF_K, Retriever, rrf, zfuse
 
 from .conftest import LICENSES
 
@@ -91,6 +91,47 @@ def test_rrf_rewards_agreement():
     s = rrf([["a", "b", "c"], ["c", "b", "x"]])
     assert s["b"] > s["a"] and s["b"] > s["x"]
     assert s["b"] == pytest.approx(2 / (RRF_K + 2))
+
+
+def test_score_fusion_keeps_a_confident_keyword_match_ahead():
+    """The needle case of the 10k load test: twenty look-alike passages that the dense leg ranks
+    close together (the needle 5th), and one that BM25 puts far ahead of the rest. Equal-weight
+    RRF ranks a look-alike first; score fusion keeps BM25's margin and ranks the needle first."""
+    dense = [(f"like{i}", 0.80 - 0.002 * i) for i in range(4)] + [("needle", 0.79)]
+    dense += [(f"like{i}", 0.78 - 0.002 * i) for i in range(4, 20)]
+    keyword = [("needle", 14.0)] + [(f"like{i}", 3.0 - 0.01 * i) for i in range(20)]
+    fused_rrf = rrf([[c for c, _ in dense], [c for c, _ in keyword]])
+    assert max(fused_rrf, key=fused_rrf.get) != "needle"
+    fused = zfuse([dense, keyword], (0.6, 0.4))
+    assert max(fused, key=fused.get) == "needle"
+    assert sorted(fused) == sorted(c for c, _ in dense)
+
+
+def test_score_fusion_floors_what_a_leg_left_out():
+    """A passage one leg did not return scores as that leg's floor: the keyword leg's floor is 0
+    when it returned fewer than asked (nothing else matches a term), its lowest score otherwise;
+    a leg whose scores are all equal adds nothing."""
+    dense = [(c, 0.50 - 0.01 * i) for i, c in enumerate("abcdefghij")]
+    lone = [("e", 9.0)]  # the dense leg's 5th of 10
+    short = zfuse([dense, lone], (0.5, 0.5), floors=(None, 0.0))
+    assert max(short, key=short.get) == "e"
+    assert set(short) == set("abcdefghij")
+    flat = zfuse([dense, lone], (0.5, 0.5))  # the floor is the leg's own minimum: sd 0
+    assert flat == zfuse([dense, []], (0.5, 0.5))
+    assert max(flat, key=flat.get) == "a"
+    # A keyword-only candidate takes the dense leg's lowest score, not a free pass.
+    extra = zfuse([dense, [("e", 9.0), ("z", 9.0)]], (0.5, 0.5), floors=(None, 0.0))
+    assert extra["z"] < extra["e"]
+
+
+def test_both_fusions_search_and_an_unknown_one_is_refused(indexed, store, embedder):
+    q = "Is the software provided with any warranty?"
+    for fusion in ("score", "rrf"):
+        hits = Retriever(store, embedder, fusion=fusion).search("lic", q, k=5)
+        assert len(hits) == 5
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    with pytest.raises(ValueError, match="fusion must be one of score, rrf"):
+        Retriever(store, embedder, fusion="borda")
 
 
 def test_prompt_numbers_sources_and_defuses_tags(indexed, store, embedder):
