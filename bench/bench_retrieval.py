@@ -4,6 +4,9 @@ Quality, two collections ingested for real with the bundled MiniLM embedder:
 
 - ``license`` (the tuning set): the license texts in /usr/share/common-licenses and 30
   hand-written questions (bench/data/license_qa.json);
+- ``nodeapi`` (the second tuning set, session 14): 20 Markdown pages of the Node.js API docs in
+  /usr/share/doc/nodejs/api and 40 questions (bench/data/nodeapi_qa.json), written by a helper
+  who never saw a search result; headings, code and prose, unlike the other two;
 - ``pyref`` (held out: written without looking at any result, never tuned on): the
   Python language reference topics that ship with CPython (``pydoc_data.topics``), one
   file per topic, and 40 questions (bench/data/pyref_qa.json).
@@ -21,7 +24,7 @@ Latency: a store of N chunks (default 10,000) of real text from /usr/share/doc, 
 unit vectors standing in for embeddings (the query path is the same). Timed end to end per
 query, beside the anchor: the same query embedding plus one raw Chroma ``query`` call.
 
-    python bench/bench_retrieval.py [--sets license,pyref] [--variants] [--grid]
+    python bench/bench_retrieval.py [--sets license,nodeapi,pyref] [--variants] [--grid]
                                     [--backend torch|onnx|onnx-int8] [--chunks 10000] [--skip-latency]
 """
 from __future__ import annotations
@@ -49,12 +52,21 @@ from rag.store import FileRecord, Store  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 OPTS: dict = {}
-SETS = {"license": DATA / "license_qa.json", "pyref": DATA / "pyref_qa.json"}
+SETS = {"license": DATA / "license_qa.json", "pyref": DATA / "pyref_qa.json", "nodeapi": DATA / "nodeapi_qa.json"}
+NODE_API = Path("/usr/share/doc/nodejs/api")
+NODE_FILES = ("path timers console os events child_process url readline worker_threads cluster modules esm "
+              "packages globals querystring string_decoder dns net assert repl").split()
 
 
 def corpus(name: str, tmp: Path) -> Path:
     if name == "license":
         return Path("/usr/share/common-licenses")
+    if name == "nodeapi":
+        folder = tmp / "nodeapi"
+        folder.mkdir(exist_ok=True)
+        for stem in NODE_FILES:
+            (folder / f"{stem}.md").write_bytes((NODE_API / f"{stem}.md").read_bytes())
+        return folder
     import pydoc_data.topics
 
     folder = tmp / "pyref"
@@ -129,13 +141,17 @@ def quality(emb, tmp: Path, sets: list[str], contexts: list[str], grid: bool, ou
 
 
 def sweep(store: Store, emb, qa: list[dict], out: dict) -> None:
+    settings = [dict(fusion="rrf", rrf_k=k, weights=(1.0, wk), candidates=depth, field_weights=(1.0, wh, wt))
+                for k, depth, wk, wh, wt in itertools.product((10, 30, 60), (20, 50, 100), (0.5, 1.0, 1.5),
+                                                               (1.0, 3.0), (0.0, 1.0, 3.0))]
+    settings += [dict(fusion="score", weights=(a, round(1 - a, 2)), candidates=depth, field_weights=(1.0, wh, wt))
+                 for a, depth, wh, wt in itertools.product((0.4, 0.5, 0.6, 0.7, 0.8), (20, 50, 100), (1.0, 3.0),
+                                                           (0.0, 1.0, 3.0))]
     rows = []
-    for k, depth, wk, wh, wt in itertools.product((10, 30, 60), (20, 50, 100), (0.5, 1.0, 1.5), (1.0, 3.0),
-                                                   (0.0, 1.0, 3.0)):
-        r = Retriever(store, emb, candidates=depth, rrf_k=k, weights=(1.0, wk), field_weights=(1.0, wh, wt),
-                      stopwords=OPTS["stopwords"])
+    for kw in settings:
+        r = Retriever(store, emb, stopwords=OPTS["stopwords"], **kw)
         rec, mrr = score(qa, lambda q: [(h.sources(), h.text) for h in r.search("c", q, k=10)])
-        rows.append((rec, mrr, f"k={k} depth={depth} w_kw={wk} w_heading={wh} w_title={wt}"))
+        rows.append((rec, mrr, " ".join(f"{k}={v}" for k, v in kw.items())))
     rows.sort(key=lambda x: (-x[0], -x[1]))
     print("  fusion sweep (best 8 of %d):" % len(rows))
     for rec, mrr, label in rows[:8]:
@@ -190,7 +206,8 @@ def latency(emb, tmp: Path, n_chunks: int, n_queries: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", default="license,pyref", help="comma-separated: license, pyref")
+    ap.add_argument("--sets", default="license,nodeapi,pyref",
+                    help="comma-separated: license, nodeapi (tuning), pyref (held out)")
     ap.add_argument("--variants", action="store_true", help="every chunk context, not only the default")
     ap.add_argument("--grid", action="store_true", help="sweep the fusion settings on each set")
     ap.add_argument("--chunk-size", type=int, default=DEFAULT_SIZE)
