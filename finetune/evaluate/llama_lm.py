@@ -20,6 +20,7 @@ from .llama_scorer import GGUFScorer
 
 # on_progress(done, total, label): the CLI draws its bar from this.
 Progress = Callable[[int, int, str], None]
+ITEMS_PER_CALL = 64  # items handed to the scorer at a time (the bar moves between calls)
 
 
 class CrofterLM(TemplateLM):
@@ -72,30 +73,33 @@ class CrofterLM(TemplateLM):
         return _picked(self.scorer.predict(tokens, start), cont)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        # Sorted by tokens, the requests that share a context sit together: each run of them
-        # is one context evaluation and its endings side by side (scorer.predict_endings).
+        # Sorted by tokens, the requests that share a context sit together: each run of them is
+        # one item (its context evaluated once), and runs of items share one decode
+        # (scorer.predict_items). Without reuse every request is scored on its own.
         order = sorted(range(len(requests)), key=lambda i: (requests[i][1], requests[i][2]))
         out: list = [None] * len(requests)
         t0 = time.perf_counter()
-        done = 0
-        i = 0
-        while i < len(order):
-            j = i + 1
-            ctx = requests[order[i]][1]
-            if self.scorer.reuse_prefix:
-                while j < len(order) and requests[order[j]][1] == ctx:
-                    j += 1
-            group = order[i:j]
-            conts = [requests[k][2] for k in group]
-            if len(group) > 1 and all(conts) and len(ctx) + max(map(len, conts)) <= self.max_length:
-                for k, rows in zip(group, self.scorer.predict_endings(ctx, conts)):
-                    out[k] = _picked(rows, requests[k][2])
+        groups: list[list[int]] = []
+        for k in order:
+            if self.scorer.reuse_prefix and groups and requests[groups[-1][0]][1] == requests[k][1]:
+                groups[-1].append(k)
             else:
-                for k in group:
-                    out[k] = self._score(ctx, requests[k][2]) if requests[k][2] else (0.0, True)
-            done += len(group)
+                groups.append([k])
+        done = 0
+        for at in range(0, len(groups), ITEMS_PER_CALL):
+            chunk = groups[at:at + ITEMS_PER_CALL]
+            packed = [g for g in chunk if self.scorer.reuse_prefix and all(requests[k][2] for k in g)
+                      and len(requests[g[0]][1]) + max(len(requests[k][2]) for k in g) <= self.max_length]
+            items = [(requests[g[0]][1], [requests[k][2] for k in g]) for g in packed]
+            for g, rows in zip(packed, self.scorer.predict_items(items) if items else []):
+                for k, r in zip(g, rows):
+                    out[k] = _picked(r, requests[k][2])
+            for g in chunk:
+                for k in g:
+                    if out[k] is None:
+                        out[k] = self._score(requests[k][1], requests[k][2]) if requests[k][2] else (0.0, True)
+            done += sum(map(len, chunk))
             self._tick(done, len(order), "loglikelihood")
-            i = j
         self.seconds += time.perf_counter() - t0
         return out
 

@@ -55,6 +55,38 @@ def test_endings_side_by_side_score_what_each_scores_alone(smol_f32):
         batched.close()
 
 
+def test_several_items_in_one_decode_score_what_each_scores_alone(smol_f32):
+    """predict_items packs items (a shared few-shot prefix in sequence 0, each context's tail
+    once for all its endings, each ending a sequence of its own) into one decode; every row
+    must equal a fresh evaluation of context + ending."""
+    fresh = GGUFScorer(smol_f32, n_ctx=512, kv_f32=True, reuse_prefix=False)
+    packed = GGUFScorer(smol_f32, n_ctx=512, kv_f32=True)
+    try:
+        shot = fresh.tokenize("Q: What is ice? A: frozen water.\n")
+        items = [(shot + fresh.tokenize(f"Q: {q} A:"), [fresh.tokenize(e) for e in ends])
+                 for q, ends in (("Which animal barks?", (" a dog", " the cat that sat on the mat", " fish")),
+                                 ("What do bees make?", (" honey", " wax and honey", " x")),
+                                 ("Where is the sea?", (" far from the hills",)))]
+        items.append((fresh.tokenize("Another story entirely:"), [fresh.tokenize(" it rained")] * 2))
+        got = packed.predict_items(items)
+        for (ctx, ends), rows in zip(items, got):
+            assert len(rows) == len(ends)
+            for e, r in zip(ends, rows):
+                np.testing.assert_allclose(r, fresh.predict(ctx + e, len(ctx)), atol=2e-4)
+        # No shared prefix across all four contexts: one decode, every context token once.
+        assert packed.decodes == 1
+        assert packed.decoded == sum(len(c) + sum(len(e) - 1 for e in ends) for c, ends in items)
+        before = packed.decodes
+        again = packed.predict_items(items[:3])  # the few-shot prefix goes to sequence 0 once
+        assert packed.decodes - before == 2
+        for a, b in zip(again, got):
+            for x, y in zip(a, b):
+                np.testing.assert_allclose(x, y, atol=2e-4)
+    finally:
+        fresh.close()
+        packed.close()
+
+
 def test_an_ending_longer_than_a_batch_is_scored_on_its_own(smol_f32):
     from tests.finetune.test_eval_scores import TEXT
 
