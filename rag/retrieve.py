@@ -4,9 +4,11 @@ The default fusion ("score") turns each leg's scores over all the candidates int
 adds them with weights 0.6 (dense) and 0.4 (keyword); see `zfuse` for a candidate one leg did
 not return. Unlike reciprocal-rank fusion it keeps how far ahead a leg's best is: a
 query naming a rare exact term puts one passage far above the rest in BM25, and that margin
-survives even when the dense leg ranks look-alike passages first (what sank the planted
-needles of the 10k-document load test). bench/bench_retrieval.py measured it on two tuning
-sets (license, nodeapi) and a held-out one (docs/benchmarks.md, session 14).
+survives even when the dense leg ranks look-alike passages first. A keyword candidate that
+Chroma's HNSW search did not return gets its exact cosine from its stored vector (never less
+than the leg's last score): HNSW is approximate, and among the 10k load test's near-duplicate
+documents it passed over planted needles whose cosine was the best of all. bench/bench_retrieval.py measured the fusion on two
+tuning sets (license, nodeapi) and a held-out one (docs/benchmarks.md, sessions 14-15).
 
 RRF (Cormack, Clarke & Buettcher, SIGIR 2009; score(d) = sum over rankings of 1 / (K + rank))
 stays as fusion="rrf", K = 10, equal weights: the session 9 defaults. No stopword list;
@@ -123,6 +125,17 @@ def zfuse(legs: list[list[tuple[str, float]]], weights=SCORE_WEIGHTS, floors=Non
     return total
 
 
+def exact_cosines(query, stored: list[tuple[str, list[float]]]) -> list[tuple[str, float]]:
+    """(id, cosine similarity to `query`) for each (id, vector)."""
+    if not stored:
+        return []
+    import numpy as np
+
+    rows, q = np.asarray([v for _, v in stored], dtype=np.float64), np.asarray(query, dtype=np.float64)
+    cos = rows @ q / np.maximum(np.linalg.norm(rows, axis=1) * np.linalg.norm(q), 1e-12)
+    return [(cid, float(c)) for (cid, _), c in zip(stored, cos)]
+
+
 @functools.lru_cache(maxsize=1)
 def _stopwords() -> frozenset:
     """English function words (scikit-learn's list, a sentence-transformers dependency): left out of
@@ -168,11 +181,21 @@ class Retriever:
         self.store.require(collection)
         n = max(self.candidates, k)
         legs: list[list[tuple[str, float]]] = []
+        kw = self.store.keyword(collection, _without(query, self.stop), n, self.field_weights) if mode != "dense" else []
         if mode in ("hybrid", "dense"):
+            # Under score fusion, a keyword candidate that HNSW did not return gets its exact cosine:
+            # the search is approximate, and in the 10k load test it passed over needles whose
+            # cosine was the best of all (0.81 against its own top 0.65).
             vec = self.embedder.encode([query])[0]
             legs.append(self.store.dense(collection, vec, n))
+            if mode == "hybrid" and self.fusion == "score":
+                # Never below the leg's own last score: a passage outside its top n counts as
+                # the n-th (a lone exact keyword match keeps its lead), unless it is truly closer.
+                seen, low = {cid for cid, _ in legs[0]}, min((d for _, d in legs[0]), default=-1.0)
+                legs[0] += [(c, max(d, low)) for c, d in
+                            exact_cosines(vec, self.store.vectors(collection, [c for c, _ in kw if c not in seen]))]
         if mode in ("hybrid", "keyword"):
-            legs.append(self.store.keyword(collection, _without(query, self.stop), n, self.field_weights))
+            legs.append(kw)
         if mode == "hybrid":
             if self.fusion == "rrf":
                 scores = rrf([[cid for cid, _ in leg] for leg in legs], self.rrf_k, self.weights)

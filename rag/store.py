@@ -6,17 +6,16 @@ Layout under the store folder (``<data dir>/rag`` by default)::
     catalog.sqlite3    collections, files (content hash, status), chunks (+ FTS5 index)
     chroma/            Chroma PersistentClient (unless a Chroma server URL is given)
 
-SQLite is the source of truth: a chunk exists when its catalogue row does. Vectors are
-written to Chroma *before* the catalogue transaction that commits a file, and each
-file's old vectors are deleted by path first, so a process killed anywhere in between
-leaves the old version committed and the next ingest redoes the file with no
-duplicates. Query results from Chroma are joined back to catalogue rows by id.
+SQLite is the source of truth: a chunk exists when its catalogue row does. Vectors are written
+to Chroma *before* the catalogue transaction that commits a file, and each file's old vectors
+are deleted by path first, so a process killed anywhere in between leaves the old version
+committed and the next ingest redoes the file with no duplicates. Query results from Chroma
+are joined back to catalogue rows by id.
 
-Opening checks the store before anything uses it (rag/verify.py): a catalogue whose -wal
-was deleted after a crash, a damaged catalogue, damaged Chroma files. Each is refused with
-one line naming the file and offering `crofter collections rebuild`, which opens the
-store with ``repair=True`` and re-embeds from the chunk texts kept in the catalogue.
-"""
+Opening checks the store first (rag/verify.py): a catalogue whose -wal was deleted after a
+crash, a damaged catalogue, damaged Chroma files are each refused with one line naming the
+file and offering `crofter collections rebuild` (``repair=True``: re-embeds from the chunk
+texts kept in the catalogue)."""
 from __future__ import annotations
 
 import functools
@@ -363,13 +362,18 @@ class Store:
 
     @_locked
     def dense(self, collection: str, vector, n: int) -> list[tuple[str, float]]:
-        """(chunk id, cosine similarity), best first."""
+        """(chunk id, cosine similarity), best first, from HNSW (approximate)."""
         col = self._vectors(collection)
-        count = col.count()
-        if count == 0:
+        if (count := col.count()) == 0:
             return []
         res = col.query(query_embeddings=[list(map(float, vector))], n_results=min(n, count), include=["distances"])
         return [(cid, 1.0 - float(d)) for cid, d in zip(res["ids"][0], res["distances"][0])]
+
+    @_locked
+    def vectors(self, collection: str, ids: list[str]) -> list[tuple[str, list[float]]]:
+        """(chunk id, stored vector) for those of `ids` that Chroma holds."""
+        got = self._vectors(collection).get(ids=list(ids), include=["embeddings"]) if ids else {"ids": []}
+        return list(zip(got["ids"], got["embeddings"])) if len(got["ids"]) else []
 
     @_locked
     def keyword(self, collection: str, query: str, n: int, weights=(1.0, 1.0, 1.0)) -> list[tuple[str, float]]:
@@ -389,11 +393,7 @@ class Store:
     def vector_ids(self, collection: str) -> list[str]:
         """Every id Chroma holds for the collection (consistency checks)."""
         col = self._vectors(collection)
-        out: list[str] = []
-        total = col.count()
-        for off in range(0, total, 1000):
-            out.extend(col.get(limit=1000, offset=off, include=[])["ids"])
-        return out
+        return [i for off in range(0, col.count(), 1000) for i in col.get(limit=1000, offset=off, include=[])["ids"]]
 
     @_locked
     def chunk_ids(self, collection: str) -> list[str]:

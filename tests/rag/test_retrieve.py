@@ -7,7 +7,7 @@ import pytest
 
 from rag.cite import build_prompt, cited_numbers, cited_sources
 from rag.loaders import extract
-from rag.retrieve import RRF_K, Retriever, rrf, zfuse
+from rag.retrieve import RRF_K, Retriever, exact_cosines, rrf, zfuse
 
 from .conftest import LICENSES
 
@@ -122,6 +122,24 @@ def test_score_fusion_floors_what_a_leg_left_out():
     # A keyword-only candidate takes the dense leg's lowest score, not a free pass.
     extra = zfuse([dense, [("e", 9.0), ("z", 9.0)]], (0.5, 0.5), floors=(None, 0.0))
     assert extra["z"] < extra["e"]
+
+
+def test_a_passage_hnsw_passes_over_is_scored_from_its_stored_vector(indexed, store, embedder, monkeypatch):
+    """HNSW is approximate (in the 10k load test it missed needles whose cosine was the best of
+    all); a keyword candidate the dense leg did not return gets its exact cosine, the one HNSW
+    would have given it."""
+    q = "patent license grant"
+    vec = embedder.encode([q])[0]
+    dense = dict(store.dense("lic", vec, 50))
+    top = Retriever(store, embedder).search("lic", q, k=1)[0].id
+    assert top in dense and top in dict(store.keyword("lic", q, 50))
+    (cid, cos), = exact_cosines(vec, store.vectors("lic", [top]))
+    assert cid == top and cos == pytest.approx(dense[top], abs=1e-5)
+    real = store.dense
+    monkeypatch.setattr(store, "dense", lambda c, v, n: [(i, d) for i, d in real(c, v, n) if i != top])
+    assert top not in dict(store.dense("lic", vec, 50))
+    assert Retriever(store, embedder).search("lic", q, k=1)[0].id == top
+    assert store.vectors("lic", ["no-such-id"]) == [] and store.vectors("lic", []) == []
 
 
 def test_both_fusions_search_and_an_unknown_one_is_refused(indexed, store, embedder):
