@@ -56,7 +56,9 @@ class GGUFScorer:
         # F16), with room for several sequences.
         cp = C.llama_context_params.from_buffer_copy(self.llm.context_params)
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, self.n_batch, self.n_batch
-        cp.n_seq_max, cp.kv_unified = SEQUENCES, True
+        # llama.cpp aborts a decode (n_outputs_max) when a context has more sequences than batch rows.
+        self.n_seq = min(SEQUENCES, self.n_batch)
+        cp.n_seq_max, cp.kv_unified = self.n_seq, True
         cp.n_threads = cp.n_threads_batch = t
         if kv_f32:
             # An F16 KV cache rounds every key and value: ~5e-3 on a token's log-probability,
@@ -71,7 +73,7 @@ class GGUFScorer:
             adapters = (C.llama_adapter_lora_p_ctypes * 1)(self.llm._lora_adapter)
             if C.llama_set_adapters_lora(self.ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)):
                 raise EvalError(f"{lora}: llama.cpp could not apply the adapter")
-        self.batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=SEQUENCES, verbose=False)
+        self.batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=self.n_seq, verbose=False)
         self.n_ctx = n_ctx
         self.n_vocab = self.llm.n_vocab()
         self.reuse_prefix = reuse_prefix
@@ -140,6 +142,8 @@ class GGUFScorer:
         matches); the rest of each context is decoded once with the sequence ids of all its
         endings, and each ending as a sequence of its own, all in one batch of up to PACK_TOKENS
         (an item bigger than that goes alone, up to n_batch)."""
+        if self.n_seq < 2:  # a context of one token: nothing to pack
+            return [[self.predict(ctx + e, len(ctx)) for e in ends] for ctx, ends in items]
         results: list[list] = [[None] * len(ends) for _, ends in items]
         todo: list[tuple[int, list[int], list[int]]] = []  # (item, context, ending indexes)
         for n, (ctx, ends) in enumerate(items):
@@ -147,8 +151,8 @@ class GGUFScorer:
                   and len(e) <= self.n_batch]
             for i in sorted(set(range(len(ends))) - set(ok)):  # empty or too long: on its own, batch by batch
                 results[n][i] = self.predict(ctx + ends[i], len(ctx)) if ends[i] else np.zeros((0, self.n_vocab))
-            for at in range(0, len(ok), SEQUENCES - 1):
-                todo.append((n, ctx, ok[at:at + SEQUENCES - 1]))
+            for at in range(0, len(ok), self.n_seq - 1):
+                todo.append((n, ctx, ok[at:at + self.n_seq - 1]))
         while todo:
             pack, shared = self._pack(todo, items)
             del todo[:len(pack)]
@@ -168,7 +172,7 @@ class GGUFScorer:
             ctx = entry[1]
             s = min(shared, _common_prefix(pack[0][1], ctx), len(ctx) - 1)
             toks, cells = self._cost([*pack, entry], items, s)
-            if seqs + len(entry[2]) > SEQUENCES - 1 or toks > PACK_TOKENS or cells > self.n_ctx:
+            if seqs + len(entry[2]) > self.n_seq - 1 or toks > PACK_TOKENS or cells > self.n_ctx:
                 break
             pack.append(entry)
             shared, seqs = s, seqs + len(entry[2])

@@ -87,6 +87,23 @@ def test_several_items_in_one_decode_score_what_each_scores_alone(smol_f32):
         packed.close()
 
 
+def test_a_context_smaller_than_the_sequence_count_scores_and_packs(smol_f32):
+    """llama.cpp aborts a decode when a context has more sequences than batch rows; a 16-token
+    context (what `crofter eval --ctx 16` opens) keeps to 16 and still packs what fits."""
+    s = GGUFScorer(smol_f32, n_ctx=16, kv_f32=True)
+    fresh = GGUFScorer(smol_f32, n_ctx=16, kv_f32=True, reuse_prefix=False)
+    try:
+        assert s.n_seq == 16
+        toks = s.tokenize("one two three four five six seven eight nine ten eleven twelve thirteen fourteen")[:17]
+        assert s.predict(toks, 1).shape == (len(toks) - 1, s.n_vocab)
+        ctx, ends = s.tokenize("Bees make"), [s.tokenize(e) for e in (" honey", " wax", " noise", " a hive")]
+        for e, rows in zip(ends, s.predict_items([(ctx, ends)])[0]):
+            np.testing.assert_allclose(rows, fresh.predict(ctx + e, len(ctx)), atol=2e-4)
+    finally:
+        s.close()
+        fresh.close()
+
+
 def test_an_ending_longer_than_a_batch_is_scored_on_its_own(smol_f32):
     from tests.finetune.test_eval_scores import TEXT
 
