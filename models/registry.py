@@ -46,7 +46,8 @@ class ModelEntry:
     kind: "gguf" (a single file llama.cpp loads), "hf" (a transformers
     checkpoint folder with safetensors weights, for fine-tuning and conversion) or
     "remote" (a model of an OpenAI-compatible server; `path` is its base URL).
-    source: "bundled", "local" (added by path), "hub:<repo>" (pulled) or "remote".
+    source: "bundled", "local" (added by path), "hub:<repo>" (pulled), "merged" (tune merge),
+    "pretrained" (tune pretrain's RUN/model) or "remote".
     probed: fingerprint ("size:mtime_ns") of the file when it last loaded cleanly in a
     test process (app/probe.py); "" when it has not, or not since it changed.
     quarantine: why the file crashed or failed that test load; "" when it did not.

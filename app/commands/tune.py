@@ -123,8 +123,11 @@ def _summary(args, s) -> None:
             con.print(f"  held-out PPL       {before:.2f} -> {after:.2f}")
         if s.metrics.get("duplicates"):
             con.print(f"  duplicates         {s.metrics['duplicates']} documents with a text seen before, left out")
-        con.print(f"  {'model' if s.metrics.get('full') else 'merged model':18} {s.metrics['model']}")
-        con.print(f"next: crofter tune sft --base {s.metrics['model']} --data chat.jsonl")
+        name = s.metrics.get("registered_as")
+        con.print(f"  {'model' if s.metrics.get('full') else 'merged model':18} {s.metrics['model']}"
+                  + (f" (registered as {name})" if name else ""))
+        con.print(f"next: crofter tune sft --base {name or s.metrics['model']} --data chat.jsonl   "
+                  f"(or crofter convert {name or s.metrics['model']})")
     elif s.kind == "reward":
         con.print(f"next: crofter tune grpo --base BASE --prompts FILE --reward {s.run_dir}")
     else:
@@ -165,6 +168,14 @@ def run(args) -> int:
             s = _train(train, args, base, run_dir, recipe, kw)
     except (DataError, RecipeError, TrainError) as exc:
         raise CLIError(str(exc)) from None
+    if s.kind == "pretrain" and not args.no_register:  # a new base: `crofter convert NAME`, `--base NAME`
+        from models.registry import ModelError, Registry, slug
+
+        try:
+            s.metrics["registered_as"] = Registry().add(s.metrics["model"], args.name or slug(run_dir.name),
+                                                        source="pretrained").name
+        except ModelError as exc:
+            raise CLIError(f"{s.metrics['model']} is complete but was not registered: {exc}") from None
     _summary(args, s)
     return 0
 

@@ -82,6 +82,8 @@ def add_parser(sub) -> None:
             g.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
                            help="change one setting of --from-config, e.g. n_layer=4 n_embd=256 (repeatable)")
             g.add_argument("--tokenizer", metavar="DIR", help="the tokenizer folder of a model from scratch (its vocabulary sizes the model)")
+            t.add_argument("--name", help="store name for RUN/model (default: from the run folder's name)")
+            t.add_argument("--no-register", action="store_true", help="do not add RUN/model to the model store")
         else:
             t.add_argument("--data", required=True, metavar="FILE", help="JSONL or JSON training data")
         if kind in ("dpo", "grpo"):

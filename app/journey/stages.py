@@ -91,7 +91,7 @@ def build(stage: Stage, run_dir: Path, chain: Chain, journey: Journey, write: bo
                      str(f / "model"), "--no-register", "--json"], f, {"model": f / "model"})
     if k == "pretrain":  # its output is a new base (the adapter merged in): what every later stage starts from
         argv = ["tune", "pretrain", "--base", str(chain.base), "--text", str(c["text"]), "--out", str(f), "--json",
-                *_tune_flags(c)]
+                "--no-register", *_tune_flags(c)]
         chain.base = f / "model"
         return Step(argv, f, {"model": f / "model"})
     if k in ("sft", "dpo", "reward"):

@@ -63,6 +63,10 @@ def test_pretrain_lowers_held_out_perplexity_and_leaves_a_merged_base(hf_model, 
     assert m["held_out_perplexity"] < m["held_out_perplexity_before"], m  # the blocks held out are the same domain
     model = tmp_path / "run" / "model"
     assert m["model"] == str(model) and (model / "model.safetensors").is_file() and (model / "tokenizer.json").is_file()
+    from models.registry import Registry
+
+    entry = Registry().get(m["registered_as"])  # the new base is in the store, under the run's name
+    assert m["registered_as"] == "run" and entry.path == str(model.resolve()) and entry.source == "pretrained"
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["kind"] == "pretrain" and cfg["block_tokens"] == 64 and cfg["held_out_blocks"] >= 1
     # The merged folder is a plain base for the next stage: it trains like any other.
@@ -123,9 +127,12 @@ def test_a_gpt2_from_scratch_trains_converts_and_generates(tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(["tune", "pretrain", "--from-config", "gpt2", "--size", "n_layer=2", "--size", "n_embd=64",
                "--size", "n_head=2", "--size", "n_positions=128", "--tokenizer", str(tok), "--text", str(text),
-               "--recipe", str(recipe), "--max-steps", "40", "--out", str(run), "--json"])
+               "--recipe", str(recipe), "--max-steps", "40", "--out", str(run), "--json", "--no-register"])
     s = json.loads(capsys.readouterr().out)
-    assert rc == 0 and s["steps"] == 40
+    assert rc == 0 and s["steps"] == 40 and "registered_as" not in s["metrics"]
+    from models.registry import Registry
+
+    assert [e for e in Registry().entries() if e.source == "pretrained"] == []
     m = s["metrics"]
     assert m["full"] is True and m["duplicates"] == 1 and m["documents"] == 2
     assert m["held_out_perplexity"] < 0.5 * m["held_out_perplexity_before"], m
