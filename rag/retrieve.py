@@ -7,8 +7,9 @@ query naming a rare exact term puts one passage far above the rest in BM25, and 
 survives even when the dense leg ranks look-alike passages first. A keyword candidate that
 Chroma's HNSW search did not return gets its exact cosine from its stored vector (never less
 than the leg's last score): HNSW is approximate, and among the 10k load test's near-duplicate
-documents it passed over planted needles whose cosine was the best of all. bench/bench_retrieval.py measured the fusion on two
-tuning sets (license, nodeapi) and a held-out one (docs/benchmarks.md, sessions 14-15).
+documents it passed over planted needles whose cosine was the best of all (0.81 against its
+own top 0.65). bench/bench_retrieval.py measured the fusion on two tuning sets (license,
+nodeapi) and a held-out one (docs/benchmarks.md, sessions 14-15).
 
 RRF (Cormack, Clarke & Buettcher, SIGIR 2009; score(d) = sum over rankings of 1 / (K + rank))
 stays as fusion="rrf", K = 10, equal weights: the session 9 defaults. No stopword list;
@@ -181,16 +182,15 @@ class Retriever:
         self.store.require(collection)
         n = max(self.candidates, k)
         legs: list[list[tuple[str, float]]] = []
-        kw = self.store.keyword(collection, _without(query, self.stop), n, self.field_weights) if mode != "dense" else []
+        terms = _without(query, self.stop)
+        kw = [] if mode == "dense" else self.store.keyword(collection, terms, n, self.field_weights)
         if mode in ("hybrid", "dense"):
-            # Under score fusion, a keyword candidate that HNSW did not return gets its exact cosine:
-            # the search is approximate, and in the 10k load test it passed over needles whose
-            # cosine was the best of all (0.81 against its own top 0.65).
             vec = self.embedder.encode([query])[0]
             legs.append(self.store.dense(collection, vec, n))
             if mode == "hybrid" and self.fusion == "score":
-                # Never below the leg's own last score: a passage outside its top n counts as
-                # the n-th (a lone exact keyword match keeps its lead), unless it is truly closer.
+                # Keyword candidates HNSW passed over: their exact cosine, never below the leg's
+                # last score (a passage outside its top n counts as the n-th, so a lone exact
+                # keyword match keeps its lead), unless it is truly closer.
                 seen, low = {cid for cid, _ in legs[0]}, min((d for _, d in legs[0]), default=-1.0)
                 legs[0] += [(c, max(d, low)) for c, d in
                             exact_cosines(vec, self.store.vectors(collection, [c for c, _ in kw if c not in seen]))]
