@@ -193,8 +193,8 @@ class GGUFScorer:
         parts, seq = [], 1
         for n, ctx, idx in pack:
             ids = tuple(range(seq, seq + len(idx)))
-            for s in ids:
-                if shared:
+            if shared:
+                for s in ids:
                     self.ctx.kv_cache_seq_cp(0, s, 0, shared)
             parts.append((ids, shared, ctx[shared:], len(ctx) - 1))
             for s, i in zip(ids, idx):
@@ -211,11 +211,6 @@ class GGUFScorer:
                 at += m
         for s in range(1, seq):
             self.ctx.kv_cache_seq_rm(s, -1, -1)
-
-    def predict_endings(self, context: list[int], endings: list[list[int]]) -> list[np.ndarray]:
-        """predict(context + e, len(context)) for every ending e, the context evaluated (at
-        most) once and the endings side by side."""
-        return self.predict_items([(context, endings)])[0]
 
     def _decode(self, parts: list[tuple[tuple[int, ...], int, list[int], int]]) -> list[tuple[int, np.ndarray]]:
         """One llama_decode of several (seq_ids, first position, tokens, logits-from position)

@@ -39,14 +39,14 @@ def test_the_f32_gguf_and_the_hf_folder_pick_the_same_answers(crofter_lm, hf_mod
 
 
 def test_endings_side_by_side_score_what_each_scores_alone(smol_f32):
-    """predict_endings decodes the endings as sequences 1..N sharing the context's cells;
+    """predict_items decodes one item's endings as sequences 1..N sharing the context's cells;
     each must get what a fresh evaluation of context + ending gets."""
     fresh = GGUFScorer(smol_f32, n_ctx=512, kv_f32=True, reuse_prefix=False)
     batched = GGUFScorer(smol_f32, n_ctx=512, kv_f32=True)
     try:
         ctx = fresh.tokenize("Question: Which animal barks?\nAnswer:")
         endings = [fresh.tokenize(e) for e in (" dog", " a small brown cat", " fish", " the bird in the tree", " dog")]
-        together = batched.predict_endings(ctx, endings)
+        (together,) = batched.predict_items([(ctx, endings)])
         for e, rows in zip(endings, together):
             np.testing.assert_allclose(rows, fresh.predict(ctx + e, len(ctx)), atol=2e-4)
         assert batched.decoded == len(ctx) + sum(len(e) - 1 for e in endings)
@@ -112,7 +112,7 @@ def test_an_ending_longer_than_a_batch_is_scored_on_its_own(smol_f32):
         ctx = s.tokenize("The story of the mill:")
         long_end = s.tokenize(" " + TEXT + " " + TEXT + " " + TEXT)[:600]
         assert len(long_end) == 600
-        short, long_rows = s.predict_endings(ctx, [s.tokenize(" It burned."), long_end])
+        ((short, long_rows),) = s.predict_items([(ctx, [s.tokenize(" It burned."), long_end])])
         assert long_rows.shape == (600, s.n_vocab) and short.shape[0] == len(s.tokenize(" It burned."))
         s.forget()
         np.testing.assert_allclose(long_rows, s.predict(ctx + long_end, len(ctx)), atol=2e-4)
