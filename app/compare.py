@@ -1,7 +1,9 @@
-"""Compare: one prompt answered by several models in turn, for the user to pick the better.
+"""Compare: one prompt answered by several models, for the user to pick the better.
 
 On a CPU two models do not share memory well, so the models answer one after the
-other: load, answer, close. The chat's own model, when it is one of them, answers on
+other: load, answer, close. When at most one of them needs the CPU (the others are
+remote, or wholly offloaded to a GPU with room for all of them: `at_once`), they
+answer side by side, each on its own thread. The chat's own model, when it is one of them, answers on
 the chat's engine (already in memory; never closed here). Every model gets the same
 turn the chat uses (`ChatSession.send`, the chat's sampling settings and system
 prompt) with one seed for all, so the answers differ only by the model.
@@ -21,9 +23,13 @@ prompt) with one seed for all, so the answers differ only by the model.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import random
+import shutil
+import subprocess
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -41,6 +47,51 @@ _ONE_AT_A_TIME = threading.Lock()
 def running() -> bool:
     """Whether a comparison (or the close of one that was stopped) is still in progress."""
     return _ONE_AT_A_TIME.locked()
+
+
+# What a model needs on the GPU beyond its file: its context, buffers and the CUDA runtime's share.
+GPU_ROOM = 1.2
+GPU_EXTRA = 512 << 20
+
+
+def free_gpu_bytes() -> int | None:
+    """Free memory of the first CUDA device by nvidia-smi, or None where there is none."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout
+        return int(out.split()[0]) << 20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def at_once(models: list[ModelEntry], settings: Settings, *, offload: bool | None = None,
+            gpu_free: int | None = -1) -> bool:
+    """Whether `models` can answer side by side: at most one of them needs the CPU. A remote
+    model needs none; a local one needs none when every layer goes to a GPU (gpu_layers -1 on
+    a build that offloads) and the GPU has room for all the local models at once. `offload`
+    and `gpu_free` (bytes) are detected when not given."""
+    local = [m for m in models if m.kind != "remote"]
+    if len(local) <= 1:
+        return len(models) > 1
+    if settings.gpu_layers != -1:
+        return False
+    if offload is None:
+        import llama_cpp
+
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+    if not offload:
+        return False
+    free = free_gpu_bytes() if gpu_free == -1 else gpu_free
+    if free is None or not all(m.path for m in local):
+        return False
+    try:
+        need = sum(GPU_ROOM * Path(m.file).stat().st_size + GPU_EXTRA for m in local)
+    except (OSError, ValueError):
+        return False
+    return need <= free
 
 
 @dataclass
@@ -80,11 +131,12 @@ class Step:
 
 
 class Comparison:
-    """`prompt` answered by each of `models` in turn; `stop()` cancels from any thread."""
+    """`prompt` answered by each of `models`, in turn or side by side (`together`: None
+    decides by `at_once`); `stop()` cancels from any thread."""
 
     def __init__(self, prompt: str, models: list[ModelEntry], settings: Settings, *,
                  loader: Callable[[ModelEntry, Settings], Engine], system: str = "",
-                 current: tuple[str, Engine] | None = None):
+                 current: tuple[str, Engine] | None = None, together: bool | None = None):
         self.prompt = prompt
         self.models = list(models)
         self.settings = settings
@@ -97,8 +149,10 @@ class Comparison:
         self.seed = settings.seed if settings.seed >= 0 else random.randrange(2**31)
         self.sampling = dataclasses.replace(Sampling.from_settings(settings), seed=self.seed)
         self.answers = [Answer(e.name) for e in self.models]
+        self.together = at_once(self.models, settings) if together is None else together
         self._stopped = threading.Event()
-        self._cancel = threading.Event()  # the running generation's (Engine.stream sets it when done)
+        # The running generations' cancel events (Engine.stream sets one when it is done).
+        self._cancels = [threading.Event() for _ in self.models]
 
     @property
     def stopped(self) -> bool:
@@ -107,19 +161,52 @@ class Comparison:
     def stop(self) -> None:
         """Cancel the running generation through the engine's cancel event; load nothing more."""
         self._stopped.set()
-        self._cancel.set()
+        for cancel in self._cancels:
+            cancel.set()
 
     def run(self) -> Iterator[Step]:
-        """Answer with each model in turn (run it on a worker thread); `answers` fills in."""
+        """Answer with each model (run this on a worker thread); `answers` fills in. Side by
+        side, the steps of the models interleave as they come."""
         if not _ONE_AT_A_TIME.acquire(blocking=False):
             raise RuntimeError("another comparison is still running or closing its model")
         try:
+            if self.together:
+                yield from self._together()
+                return
             for i, entry in enumerate(self.models):
                 if self.stopped:
                     return
                 yield from self._answer(i, entry)
         finally:
             _ONE_AT_A_TIME.release()
+
+    def _together(self) -> Iterator[Step]:
+        steps: queue.Queue[Step | None] = queue.Queue()
+
+        def answer(i: int, entry: ModelEntry) -> None:
+            try:
+                for step in self._answer(i, entry):
+                    steps.put(step)
+            finally:
+                steps.put(None)
+
+        threads = [threading.Thread(target=answer, args=(i, e), name=f"crofter-compare:{i}", daemon=True)
+                   for i, e in enumerate(self.models)]
+        for t in threads:
+            t.start()
+        try:
+            left = len(threads)
+            while left:
+                step = steps.get()
+                if step is None:
+                    left -= 1
+                else:
+                    yield step
+        finally:  # the reader went away early: stop the others, and let them close their models
+            if any(t.is_alive() for t in threads):
+                self.stop()
+            for t in threads:
+                t.join()
 
     def _answer(self, i: int, entry: ModelEntry) -> Iterator[Step]:
         from .session import ChatSession
@@ -139,8 +226,7 @@ class Comparison:
                 t0 = time.perf_counter()
                 engine = self.loader(entry, self.settings)
                 answer.load_s = time.perf_counter() - t0
-            cancel = threading.Event()
-            self._cancel = cancel
+            cancel = self._cancels[i]
             if self.stopped:  # stopped while loading: close it, answer nothing
                 return
             yield Step(i, "answering")

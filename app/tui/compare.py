@@ -1,8 +1,9 @@
 """The compare view: one prompt, several models side by side, the better answer picked.
 
 Choose the models (the chat's own is preselected) and the prompt (the chat's draft, if
-any), then F9: the answers stream in one column per model, one model after the other
-(app.compare.Comparison loads, answers and closes each in turn). Keys 1..N (or a
+any), then F9: the answers stream in one column per model, one model after the other on a
+CPU, side by side when at most one of them needs the CPU (app.compare.Comparison loads,
+answers and closes each). Keys 1..N (or a
 column's Pick button) choose the better answer; each other answer is stored with it as
 a preference pair for DPO (app.preferences). T stores nothing (a tie, or both bad).
 Esc closes the view and cancels what runs.
@@ -142,6 +143,7 @@ class CompareScreen(ModalScreen[None]):
         s = self.comparison.sampling
         self.query_one("#compare-info", Label).update(Text(
             f"Prompt: {display_safe(prompt)}\nseed {s.seed} · temperature {s.temperature} · max {s.max_tokens} tokens"
+            + (" · side by side" if self.comparison.together else " · one after the other")
             + (" · system prompt of the chat" if self.system else ""), no_wrap=True, overflow="ellipsis"))
         self.set_focus(None)  # digits pick from here on, not type
         self._work(self.comparison)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import pytest
 from textual.widgets import SelectionList
@@ -239,3 +240,97 @@ def test_a_model_that_fails_to_load_is_reported_in_its_column_and_the_others_sti
     bad, good = cmp.answers
     assert "broken.gguf" in bad.error and not bad.complete and "failed:" in bad.describe()
     assert good.complete and good.text.strip() and good.load_s is None
+
+
+def test_side_by_side_the_models_load_and_answer_at_once_and_answer_as_in_turn(bundled_path):
+    """together=True on this CPU (the path a GPU that holds both takes): the second model loads
+    while the first is still loading, and each answer equals the one the same file gives in turn."""
+    from app.compare import Comparison
+    from app.config import Settings
+    from models.registry import ModelEntry
+
+    second_loading = threading.Event()
+    waited = []
+
+    def loader(entry, settings):
+        if entry.name == "a":  # the first waits for the second's load to begin (in turn: never)
+            waited.append(second_loading.wait(15 if together else 0.5))
+        else:
+            second_loading.set()
+        return default_loader(entry, settings)
+
+    entries = [ModelEntry("a", str(bundled_path), "gguf"), ModelEntry("b", str(bundled_path), "gguf")]
+    settings = Settings(temperature=0.0, max_tokens=12, n_ctx=1024, seed=5)
+    runs = {}
+    before = engine_threads()
+    for together in (False, True):
+        cmp = Comparison("Name a colour.", entries, settings, loader=loader, together=together)
+        assert cmp.together is together
+        stages = [(s.index, s.stage) for s in cmp.run() if s.stage != "text"]
+        runs[together] = cmp
+        assert sorted(stages) == sorted([(0, "loading"), (0, "answering"), (0, "done"),
+                                         (1, "loading"), (1, "answering"), (1, "done")])
+        second_loading.clear()
+    assert waited == [False, True]
+    in_turn, side = runs[False].answers, runs[True].answers
+    assert all(a.complete for a in in_turn + side)
+    assert [a.text for a in side] == [a.text for a in in_turn] and side[0].text.strip()
+    assert engine_threads() == before  # both comparisons closed the models they loaded
+
+
+def test_a_stop_side_by_side_cancels_every_answer_and_closes_every_model(bundled_path):
+    from app.compare import Comparison
+    from app.config import Settings
+    from models.registry import ModelEntry
+
+    held = []
+
+    def loader(entry, settings):  # each model's token loop held after its first token
+        eng = default_loader(entry, settings)
+        held.append(HeldLlama(eng.llm))
+        eng.llm = held[-1]
+        return eng
+
+    entries = [ModelEntry(n, str(bundled_path), "gguf") for n in ("a", "b")]
+    cmp = Comparison("Tell me about the sea.", entries, Settings(temperature=0.0, max_tokens=64, n_ctx=1024),
+                     loader=loader, together=True)
+    before = engine_threads()
+    both = []
+
+    def stop_when_both_generate():
+        deadline = time.monotonic() + 120
+        while len(held) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        both.append(all(h.generating.wait(120) for h in list(held)))  # both mid-answer at once
+        cmp.stop()
+        for h in held:
+            h.release.set()
+
+    watcher = threading.Thread(target=stop_when_both_generate)
+    watcher.start()
+    steps = list(cmp.run())
+    watcher.join()
+    assert both == [True] and len(held) == 2
+    assert [a.result.finish_reason for a in cmp.answers] == ["cancelled", "cancelled"]
+    assert [a.result.completion_tokens for a in cmp.answers] == [1, 1]  # stopped at the token after the hold
+    assert {(s.index, s.stage) for s in steps if s.stage == "done"} == {(0, "done"), (1, "done")}
+    assert engine_threads() == before  # both closed
+
+
+def test_side_by_side_only_when_at_most_one_model_needs_the_cpu(bundled_path):
+    from app.compare import at_once
+    from app.config import Settings
+    from models.registry import ModelEntry
+
+    a, b = (ModelEntry(n, str(bundled_path), "gguf") for n in ("a", "b"))
+    remote = ModelEntry("r", "http://127.0.0.1:9/v1", "remote", "remote")
+    size = bundled_path.stat().st_size
+    on_gpu = Settings(gpu_layers=-1)
+    assert at_once([a, b], on_gpu, offload=True, gpu_free=10 * size + (2 << 30))
+    assert not at_once([a, b], on_gpu, offload=True, gpu_free=2 * size)  # no room for both
+    assert not at_once([a, b], on_gpu, offload=False, gpu_free=10 << 30)  # a build without offload
+    assert not at_once([a, b], Settings(gpu_layers=0), offload=True, gpu_free=10 << 30)  # CPU chosen
+    assert not at_once([a, b], Settings(gpu_layers=20), offload=True, gpu_free=10 << 30)  # partly on the CPU
+    assert not at_once([a, b], on_gpu, offload=True, gpu_free=None)  # no free figure: in turn
+    assert at_once([a, remote], Settings(gpu_layers=0))  # the remote one needs no CPU here
+    assert not at_once([a], on_gpu, offload=True, gpu_free=10 << 30)
