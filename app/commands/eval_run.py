@@ -94,15 +94,13 @@ class Runner:
             scorer = self._scorer(t, self.args.task_ctx)
             lm = CrofterLM(scorer)
         else:
-            from lm_eval.models.huggingface import HFLM
+            from finetune.evaluate.hf_lm import hf_lm
 
             scorer = None
-            lm = HFLM(pretrained=str(t.path), device="cpu", dtype="float32", batch_size=8,
-                      peft=str(t.adapter) if t.adapter else None, max_length=self.args.task_ctx)
+            lm = hf_lm(t.path, adapter=t.adapter, max_length=self.args.task_ctx)
         try:
             with self._bar(f"tasks {t.label}", "requests") as tick:
-                if scorer is not None:
-                    lm.on_progress = tick
+                lm.on_progress = tick
                 return run_tasks(lm, self.tasks, t.label, self.args.include_path, limit=self.args.limit,
                                  num_fewshot=self.args.num_fewshot, local=self.local_tasks).rows
         finally:
@@ -200,12 +198,18 @@ class Runner:
         if bar is None:
             yield lambda done, total, what: None
             return
-        t0 = time.monotonic()
+        now = time.monotonic()
+        clock = {"what": None, "t0": now, "last": now}
         with bar:
             task = bar.add_task(label, total=None, rate="", what="")
 
             def tick(done: int, total: int, what: str) -> None:
-                rate = done / max(time.monotonic() - t0, 1e-9)
+                now = time.monotonic()
+                if what != clock["what"]:  # each kind of request counts from 0, timed from the last one's end
+                    clock.update(what=what, t0=clock["last"])
+                    bar.reset(task, total=total)
+                clock["last"] = now
+                rate = done / max(now - clock["t0"], 1e-9)
                 bar.update(task, completed=done, total=total, rate=f"{rate:.1f} {unit}/s", what=what)
 
             yield tick

@@ -29,7 +29,6 @@ class CrofterLM(TemplateLM):
         self.scorer = scorer
         self.on_progress = on_progress
         self.max_gen_toks = max_gen_toks
-        self.requests_done = 0
         self.seconds = 0.0
 
     # -- what TemplateLM asks for ---------------------------------------------------------
@@ -129,7 +128,6 @@ class CrofterLM(TemplateLM):
         return out
 
     def _tick(self, done: int, total: int, label: str) -> None:
-        self.requests_done += 1
         if self.on_progress:
             self.on_progress(done, total, label)
 

@@ -49,9 +49,51 @@ def _check_jsonl(path: Path) -> None:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    json.loads(line)
+                    row = json.loads(line)
                 except ValueError as e:
                     raise EvalError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise EvalError(f"{path}:{lineno}: not a JSON object (a {type(row).__name__})")
+
+
+def _first_row(path: Path) -> dict | None:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return json.loads(line)
+    return None
+
+
+TEMPLATE_KEYS = ("doc_to_text", "doc_to_choice", "doc_to_target")
+
+
+def _check_templates(cfg: dict, path: Path, lines: dict[str, int]) -> None:
+    """Render the prompt templates on the first row of the scored split's JSONL file, so a
+    field the data does not have (or a template that does not parse) names the task file's
+    line, not a frame deep inside lm-eval."""
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    split = cfg.get("test_split") or cfg.get("validation_split")
+    data = files.get(split) if isinstance(files, dict) else files
+    data = data[0] if isinstance(data, list) and data else data
+    if not isinstance(data, str) or not data.endswith(".jsonl"):
+        return
+    row = _first_row(Path(data))
+    if row is None:
+        raise EvalError(f"{data}:1: no rows in the {split} split's data file")
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    for key in TEMPLATE_KEYS:
+        tpl = cfg.get(key)
+        if not isinstance(tpl, str) or ("{{" not in tpl and "{%" not in tpl):
+            continue
+        try:
+            env.from_string(tpl).render(**row)
+        except jinja2.UndefinedError as e:
+            raise EvalError(f"{path}:{lines.get(key, 1)}: {key}: {e.message}; the first row of {data} has "
+                            f"{', '.join(sorted(row)) or 'no fields'}") from None
+        except jinja2.TemplateError as e:
+            raise EvalError(f"{path}:{lines.get(key, 1)}: {key}: not a valid template ({e})") from None
 
 
 def _fix_data_files(cfg: dict, path: Path, lines: dict[str, int]) -> None:
@@ -106,6 +148,7 @@ def load_task_file(path: Path) -> dict:
     if not any(cfg.get(s) for s in ("test_split", "validation_split")):
         raise EvalError(f"{path}:1: name the split to score with `test_split` or `validation_split`")
     _fix_data_files(cfg, path, lines)
+    _check_templates(cfg, path, lines)
     return cfg
 
 

@@ -4,6 +4,7 @@ retrieval suite over a real collection, and the one-line errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -57,7 +58,13 @@ def test_f16_and_q4_k_m_are_scored_stored_and_compared(f16_and_q4, text_file, mc
     assert main(["eval", "compare", f16.name, q4_hash[:12], "--json", "--plot", str(tmp_path / "cmp.png")]) == 0
     table = _json(capsys)
     ppl_row = next(r for r in table if r["metric"] == "ppl")
-    assert len(json.dumps(ppl_row)) > 0 and (tmp_path / "cmp.png").stat().st_size > 1000
+    assert ppl_row["lower_is_better"] is True and len(ppl_row["models"]) == 2
+    base, quant = ppl_row["models"].values()  # the baseline first
+    assert base["value"] == pytest.approx(by[(f16.name, "mill.md", "ppl")]["value"])
+    assert quant["value"] == pytest.approx(by[(q4.name, "mill.md", "ppl")]["value"])
+    assert quant["delta"] == pytest.approx(quant["value"] - base["value"]) and quant["delta"] != 0
+    assert isinstance(quant["significant"], bool) and quant["n"] == base["n"]
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
     assert main(["eval", "compare", f16.name, q4.name]) == 0
     out = capsys.readouterr().out
     assert "ppl" in out and "kld" in out and "acc" in out
@@ -127,3 +134,106 @@ def test_a_bad_task_file_fails_before_any_model_loads(bundled_path, tmp_path, ca
     assert main(["eval", str(bundled_path), "--tasks", "t", "--include-path", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path / 't.yaml'}:2: output_type 'nope'" in err
+
+
+def test_an_hf_folder_with_its_adapter_unmerged_scores_as_the_merged_model(hf_model, text_file, mc_tasks, tmp_path,
+                                                                            capsys):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    model.save_pretrained(adapter)
+    model.merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(hf_model).save_pretrained(merged)
+    del model
+    saved = sorted((p.name, p.stat().st_mtime_ns) for p in adapter.iterdir())
+    common = ["--text", str(text_file), "--ctx", "64", "--tasks", "crofter_mc", "--include-path", str(mc_tasks),
+              "--limit", "4", "--json", "--no-store"]
+
+    def rows(*argv):
+        assert main(["eval", *argv, *common]) == 0
+        return {(r["task"], r["metric"]): r for r in _json(capsys)}
+
+    base, lora, whole = rows(str(hf_model)), rows(str(hf_model), "--adapter", str(adapter)), rows(str(merged))
+    assert {r["model"] for r in lora.values()} == {f"{hf_model.name}+adapter"}
+    ppl = ("mill.md", "ppl")
+    assert base[ppl]["n"] == lora[ppl]["n"] == whole[ppl]["n"] > 100
+    assert lora[ppl]["value"] == pytest.approx(whole[ppl]["value"], rel=1e-4)  # the adapter is applied
+    assert abs(lora[ppl]["value"] - base[ppl]["value"]) > 1e-2 * base[ppl]["value"]  # and it changes the model
+    assert all(r[("crofter_mc", "acc")]["n"] == 4 for r in (base, lora, whole))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in adapter.iterdir()) == saved  # nothing merged into it
+
+
+def test_on_a_terminal_the_bar_shows_requests_per_second(bundled_path, mc_tasks):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "eval", str(bundled_path), "--tasks", "crofter_mc",
+                             "--include-path", str(mc_tasks), "--no-store"],
+                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "COLUMNS": "160"})
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out, _ = proc.communicate(timeout=300)
+    os.close(master)
+    assert proc.returncode == 0, seen[-2000:]
+    assert b"acc" in out  # the table went to stdout, the bar to the terminal
+    assert re.search(rb"\d+\.\d requests/s", seen) and b"loglikelihood" in seen and b"tasks" in seen
+
+
+def test_suite_prompts_with_a_collection_are_grounded_and_with_tools_offered_them(bundled_path, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """What reaches the model, recorded at the engine: the collection's passage in the grounded
+    prompt, the tools in the tool prompt, neither where the item asks for neither."""
+    from app.commands import eval_turns
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "bees.md").write_text("Honey bees make honey from the nectar of flowers and store it in wax combs.")
+    assert main(["ingest", str(docs), "-c", "notes", "--json"]) == 0
+    capsys.readouterr()
+    seen = []
+    real = eval_turns.load_engine
+
+    class Spy:  # the engine the suite runs on, what it is asked to tokenize recorded
+        def __init__(self, engine):
+            self._engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self._engine, name)
+
+        def tokenize_chat(self, messages, tools=None):
+            seen.append((json.dumps(messages), [t.get("function", t).get("name") for t in tools or []]))
+            return self._engine.tokenize_chat(messages, tools)
+
+    monkeypatch.setattr(eval_turns, "load_engine", lambda *a, **k: Spy(real(*a, **k)))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: uses\nprompts:\n"
+                     "  - prompt: What do bees make from nectar?\n    collections: [notes]\n    checks: [{regex: '.'}]\n"
+                     "  - prompt: What is 17 times 23?\n    tools: true\n    checks: [{regex: '.'}]\n"
+                     "  - prompt: Say hello.\n    checks: [{regex: '.'}]\n")
+    assert main(["eval", str(bundled_path), "--prompts", str(suite), "--allow-tool", "calculator", "--json",
+                 "--no-store"]) == 0
+    assert {r["metric"]: r for r in _json(capsys)}["pass_rate"]["n"] == 3
+    grounded = [tools for text, tools in seen if "nectar of flowers" in text]
+    asked = [(text, tools) for text, tools in seen if "17 times 23" in text]
+    plain = [(text, tools) for text, tools in seen if "Say hello." in text]
+    assert grounded and all(not t for t in grounded)  # the passage, and no tools
+    # the tools go through the model's template or, as here, a system message listing them
+    assert asked and all("calculator" in t or "calculator" in text for text, t in asked)
+    assert plain and all(not t and "nectar" not in text and "calculator" not in text for text, t in plain)

@@ -196,21 +196,23 @@ def test_judge_checks_without_a_judge_are_refused_before_any_answer(tmp_path):
 
 
 def test_a_judge_on_the_real_model_answers_yes_or_no(tmp_path, engine):
-    """The judge is the bundled SmolLM2 constrained to "yes" | "no" by a grammar; which one it
-    says is the model's own judgement and is not asserted, only that the suite follows it."""
-    from llama_cpp import LlamaGrammar
+    """The judge `crofter eval --judge` uses: the bundled SmolLM2 constrained to "yes" | "no" by
+    a grammar; which one it says is the model's own judgement and is not asserted, only that it
+    is one of the two and the suite follows it."""
+    from app.commands.eval_turns import grammar_judge
 
-    from app.engine import Sampling
-
-    grammar = LlamaGrammar.from_string('root ::= "yes" | "no"', verbose=False)
     said = []
 
-    def judge(question, prompt, answer):
-        messages = [{"role": "system", "content": "You grade answers. Reply with yes or no."},
-                    {"role": "user", "content": f"Prompt: {prompt}\nAnswer: {answer}\n\n{question}"}]
-        r = engine.complete(engine.tokenize_chat(messages), Sampling(temperature=0.0, max_tokens=3, grammar=grammar))
-        said.append(r.text)
-        return r.text == "yes"
+    class Spy:  # the engine, its completions recorded
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def complete(self, tokens, sampling):
+            r = engine.complete(tokens, sampling)
+            said.append(r.text)
+            return r
+
+    judge = grammar_judge(Spy())
 
     path = tmp_path / "judged.yaml"
     path.write_text("prompts:\n  - prompt: What is the capital of France?\n    checks:\n"

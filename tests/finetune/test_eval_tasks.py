@@ -176,6 +176,11 @@ GOOD_ROWS = "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n
     (MC_TASK.replace("doc_to_text: \"Question", "doc_to_text: [\"Question"), GOOD_ROWS, r"t\.yaml:\d+: not valid YAML"),
     (MC_TASK.replace("task: crofter_mc", "name: crofter_mc"), GOOD_ROWS, r"t\.yaml:1: a task file needs a `task:`"),
     (MC_TASK.replace("test_split: test\n", ""), GOOD_ROWS, r"t\.yaml:1: name the split"),
+    (MC_TASK, GOOD_ROWS + '["a", "list"]\n', r"crofter_mc\.jsonl:9: not a JSON object \(a list\)"),
+    (MC_TASK.replace("{{question}}", "{{query}}"), GOOD_ROWS,
+     r"t\.yaml:8: doc_to_text: 'query' is undefined; the first row of .*crofter_mc\.jsonl has answer, choices, question"),
+    (MC_TASK.replace('"{{answer}}"', '"{{answer}"'), GOOD_ROWS, r"t\.yaml:10: doc_to_target: not a valid template"),
+    (MC_TASK, "\n", r"crofter_mc\.jsonl:1: no rows in the test split"),
 ])
 def test_bad_task_files_are_named_with_the_line(tmp_path, yaml_text, rows, message):
     d = _task_dir(tmp_path, yaml_text, rows)
@@ -198,3 +203,62 @@ def test_a_registry_task_whose_data_set_is_not_cached_is_refused_offline(crofter
     and nothing may be downloaded at run time."""
     with pytest.raises(EvalError, match="not in the local Hugging Face cache"):
         run_tasks(crofter_lm, ["arc_easy"], "f32", [mc_tasks], limit=2)
+
+
+def test_the_hf_model_reports_each_request_to_the_bar_and_scores_as_lm_eval(crofter_lm, hf_model, mc_tasks):
+    """crofter's bar on lm-eval's hf model: every request counted, the picks unchanged."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from finetune.evaluate.hf_lm import hf_lm
+
+    ticks = []
+    lm = hf_lm(hf_model, batch_size=4, on_progress=lambda *t: ticks.append(t))
+    ours = run_tasks(lm, ["crofter_mc"], "hf", [mc_tasks], limit=4, bootstrap_iters=0)
+    plain = run_tasks(HFLM(pretrained=str(hf_model), device="cpu", dtype="float32", batch_size=4),
+                      ["crofter_mc"], "hf", [mc_tasks], limit=4, bootstrap_iters=0)
+    assert ours.picks == plain.picks and len(ours.picks["crofter_mc"]) == 4
+    n = sum(len(c) for _, c, _ in MC_ITEMS[:4])
+    assert ticks == [(i, n, "loglikelihood") for i in range(1, n + 1)]
+
+    ticks.clear()
+    texts = ["The miller weighed each sack.", "Between the stones the grain became flour, and the flour bread."]
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    assert lm.loglikelihood_rolling(reqs) == pytest.approx(plain_rolling := HFLM(
+        pretrained=str(hf_model), device="cpu", dtype="float32", batch_size=4).loglikelihood_rolling(reqs), abs=1e-4)
+    assert all(v < 0 for v in plain_rolling)
+    assert ticks == [(1, 2, "loglikelihood_rolling"), (2, 2, "loglikelihood_rolling")]
+
+
+def test_few_shot_examples_go_into_every_context(crofter_lm, mc_tasks):
+    """--num-fewshot on a task with only a test split: lm-eval draws the examples from it."""
+    before = crofter_lm.scorer.decoded
+    zero = run_tasks(crofter_lm, ["crofter_mc"], "f32", [mc_tasks], limit=4, num_fewshot=0, bootstrap_iters=0)
+    zero_cost = crofter_lm.scorer.decoded - before
+    before = crofter_lm.scorer.decoded
+    three = run_tasks(crofter_lm, ["crofter_mc"], "f32", [mc_tasks], limit=4, num_fewshot=3, bootstrap_iters=0)
+    three_cost = crofter_lm.scorer.decoded - before
+    assert len(zero.picks["crofter_mc"]) == len(three.picks["crofter_mc"]) == 4
+    question = len(crofter_lm.tok_encode(f"Question: {MC_ITEMS[0][0]}\nAnswer:"))
+    assert three_cost > zero_cost + 4 * 2 * question  # at least two more questions' worth in each of 4 contexts
+
+
+def test_rolling_loglikelihood_over_several_windows_matches_the_hf_model(smol_f32, hf_model):
+    """A text four times the window: lm-eval's rolling windows, scored by llama.cpp and by torch."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from finetune.evaluate.llama_lm import CrofterLM
+
+    from .test_eval_scores import TEXT
+
+    lm = CrofterLM(GGUFScorer(smol_f32, n_ctx=64, kv_f32=True))
+    try:
+        assert len(lm.tok_encode(TEXT, add_special_tokens=False)) > 4 * 64
+        req = [Instance("loglikelihood_rolling", {}, (TEXT,), 0)]
+        ours = lm.loglikelihood_rolling(req)[0]
+    finally:
+        lm.scorer.close()
+    theirs = HFLM(pretrained=str(hf_model), device="cpu", dtype="float32", batch_size=4,
+                  max_length=64).loglikelihood_rolling(req)[0]
+    assert ours < 0 and ours == pytest.approx(theirs, rel=1e-4)
