@@ -194,7 +194,7 @@ def pretrain(base: Path, text, run_dir: Path, recipe: Recipe, *, max_steps: int 
     # The plain Trainer: blocks need no chat handling, and TRL's SFTTrainer would also compute
     # the entropy and token accuracy of every logit row each step (25% of a CPU step here).
     args = _training_args(TrainingArguments, recipe, run_dir, dev, bool(eval_rows), max_steps, epochs,
-                          include_num_input_tokens_seen=True)
+                          include_num_input_tokens_seen=True, prediction_loss_only=True)
     _write_config(run_dir, kind="pretrain", base=str(base), text=[name for name, _ in docs], duplicates=duplicates,
                   full=full, recipe=recipe.as_dict(), device=dev, blocks=len(rows), block_tokens=size,
                   held_out_blocks=len(eval_rows), max_steps=args.max_steps)
@@ -205,7 +205,11 @@ def pretrain(base: Path, text, run_dir: Path, recipe: Recipe, *, max_steps: int 
         model = get_peft_model(model, lora_config(recipe, model.config.model_type))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+    from .linear_ce import fused_trainer, supports
+
+    # The loss without batch-wide logits where the head allows it (finetune/linear_ce.py).
+    trainer_cls = fused_trainer(Trainer) if supports(model) else Trainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
                       data_collator=default_data_collator, callbacks=[curve.callback])
     before = trainer.evaluate().get("eval_loss") if eval_rows and ckpt is None else None

@@ -78,6 +78,18 @@ def test_speed_and_size_sit_in_the_same_table(bundled_path, capsys):
     assert rows["pp_tok_s"] > 0 and rows["decode_tok_s"] > 0
 
 
+def test_speed_of_a_gguf_and_an_hf_folder_side_by_side(bundled_path, hf_model, capsys):
+    """Measured the same way for both kinds, each in its own child: the FP32 folder is larger
+    on disk and in memory than the Q4 file made from the same weights."""
+    assert main(["eval", str(bundled_path), str(hf_model), "--speed", "--json", "--no-store"]) == 0
+    by = {(r["model"], r["metric"]): r["value"] for r in _json(capsys)}
+    q4, hf = bundled_path.name, hf_model.name
+    assert by[(hf, "file_bytes")] == sum(f.stat().st_size for f in hf_model.glob("*.safetensors"))
+    assert by[(hf, "file_bytes")] > 3 * by[(q4, "file_bytes")]
+    assert by[(hf, "peak_rss_bytes")] > by[(q4, "peak_rss_bytes")]
+    assert all(by[(m, k)] > 0 for m in (q4, hf) for k in ("pp_tok_s", "decode_tok_s"))
+
+
 def test_a_prompt_suite_runs_through_the_chat_turn_with_a_grammar_judge(bundled_path, tmp_path, capsys):
     from models.paths import data_dir
 
