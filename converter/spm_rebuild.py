@@ -25,6 +25,21 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def _unknown_id(gguf_path, reader, tokens: list, types: list) -> int:
+    """SentencePiece cannot load a model without an unknown piece: the GGUF's own id, else the
+    piece typed unknown, else "<unk>"; a vocabulary with none is refused by name."""
+    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+    if unk is not None and 0 <= int(unk) < len(tokens):
+        return int(unk)
+    typed = [i for i, t in enumerate(types) if int(t) == 2]
+    if typed:
+        return typed[0]
+    if "<unk>" in tokens:
+        return tokens.index("<unk>")
+    raise ValueError(f"{gguf_path}: the vocabulary has no unknown token (no tokenizer.ggml.unknown_token_id, no "
+                     "piece typed unknown, no <unk>), and a SentencePiece model needs one")
+
+
 def spm_model_from_gguf(gguf_path: str | Path) -> bytes | None:
     """The serialized ModelProto for `gguf_path`'s vocabulary, or None when the GGUF's tokenizer
     is not SentencePiece-style (a BPE `gpt2` vocabulary lives in tokenizer.json as it is)."""
@@ -40,7 +55,7 @@ def spm_model_from_gguf(gguf_path: str | Path) -> bytes | None:
     if not (len(tokens) == len(scores) == len(types)):
         raise ValueError(f"{gguf_path}: tokens, scores and token types differ in length "
                          f"({len(tokens)}, {len(scores)}, {len(types)})")
-    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+    unk = _unknown_id(gguf_path, reader, tokens, types)
     proto = pb.ModelProto()
     for i, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
         p = proto.pieces.add()
@@ -54,7 +69,7 @@ def spm_model_from_gguf(gguf_path: str | Path) -> bytes | None:
     spec.byte_fallback = any(int(t) == 6 for t in types)
     for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
                       ("pad", "padding_token_id")):
-        i = int(_field(reader, f"tokenizer.ggml.{key}", -1))
+        i = unk if name == "unk" else int(_field(reader, f"tokenizer.ggml.{key}", -1))
         setattr(spec, f"{name}_id", i if 0 <= i < len(tokens) else -1)
         if 0 <= i < len(tokens):  # sentencepiece finds these by their piece, not their id
             setattr(spec, f"{name}_piece", proto.pieces[i].piece)

@@ -19,11 +19,13 @@ F16_MAX = 65504.0  # the largest finite float16
 BLOCK_BYTES = 16 << 20  # float32 bytes read per row block of a large tensor
 
 
-def check_finite(arr: np.ndarray, shard: Path, name: str) -> None:
-    """ConvertError naming the tensor when `arr` holds NaN or Inf (a diverged or corrupt checkpoint)."""
+def check_finite(arr: np.ndarray, shard: Path, name: str, row0: int = 0) -> None:
+    """ConvertError naming the tensor when `arr` holds NaN or Inf (a diverged or corrupt
+    checkpoint); `arr` is the tensor as stored, or its rows from `row0` on, so the position
+    named is the checkpoint's own."""
     bad = ~np.isfinite(arr)
     if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        first = tuple(int(i) + (row0 if k == 0 else 0) for k, i in enumerate(np.argwhere(bad)[0]))
         raise ConvertError(f"{shard.name}: tensor {name!r} has {int(bad.sum())} NaN/Inf values (first at {first}); "
                            "refusing to convert non-finite weights")
 
@@ -47,6 +49,7 @@ def _pieces(f, p, ck):
         (ck.plan.permute_qk and (".q_proj." in p.hf_name or ".k_proj." in p.hf_name))
     if reshaped or len(p.shape) != 2 or rows * row_bytes <= BLOCK_BYTES:
         arr = f.get_tensor(p.hf_name).float().numpy()
+        check_finite(arr, p.shard, p.hf_name)
         if arr.ndim == 2 and p.hf_name.endswith(ck.plan.transpose):
             arr = arr.T
         if ck.plan.permute_qk and (".q_proj." in p.hf_name or ".k_proj." in p.hf_name):
@@ -60,6 +63,7 @@ def _pieces(f, p, ck):
         # The shard is opened per block too: its mapped pages count as resident until it closes.
         with safe_open(str(p.shard), framework="pt") as g:
             block = g.get_slice(p.hf_name)[i:i + step].float().numpy()
+        check_finite(block, p.shard, p.hf_name, row0=i)
         yield block
 
 
@@ -73,8 +77,7 @@ def write_tensors(w, ck, plan: list, on_tensor) -> None:
         # touched would otherwise stay resident until the shard is closed.
         with safe_open(str(p.shard), framework="pt") as f:
             fout, written = _begin(w, p.name, p.nbytes), 0
-            for arr in _pieces(f, p, ck):
-                check_finite(arr, p.shard, p.hf_name)
+            for arr in _pieces(f, p, ck):  # each piece checked finite in _pieces
                 if p.qtype == gguf.GGMLQuantizationType.F16 and arr.size and float(np.abs(arr).max()) > F16_MAX:
                     raise ConvertError(f"{p.shard.name}: tensor {p.hf_name!r} has values up to "
                                        f"{float(np.abs(arr).max()):.4g}, beyond F16's range (±{F16_MAX:g}); "

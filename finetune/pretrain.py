@@ -150,7 +150,10 @@ def scratch_model(spec: str, sizes: dict[str, str], tokenizer_dir: Path, out: Pa
     except (ValueError, KeyError) as exc:
         raise DataError(f"--from-config {spec}: {exc}") from None
     plain = AutoConfig.for_model(model_type)  # a misspelt key would otherwise ride along unused
-    unknown = sorted(k for k in sizes if k not in plain.to_dict() and k not in getattr(plain, "attribute_map", {}))
+    known = set(plain.to_dict()) | set(getattr(plain, "attribute_map", {}))
+    # transformers 5 keeps rope_theta and its kin inside rope_parameters; for_model still takes them
+    known |= {k for v in plain.to_dict().values() if isinstance(v, dict) for k in v}
+    unknown = sorted(k for k in sizes if k not in known)
     if unknown:
         raise DataError(f"--size {unknown[0]}: not a setting of a {model_type} model")
     torch.manual_seed(seed)
@@ -162,6 +165,16 @@ def scratch_model(spec: str, sizes: dict[str, str], tokenizer_dir: Path, out: Pa
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     return out
+
+
+def _tokens_at(ckpt: Path | None) -> float:
+    """Input tokens the run had seen when `ckpt` was saved (0 for a fresh run)."""
+    if ckpt is None:
+        return 0.0
+    try:
+        return float(json.loads((ckpt / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0)
+    except (OSError, ValueError):
+        return 0.0
 
 
 def pretrain(base: Path, text, run_dir: Path, recipe: Recipe, *, max_steps: int | None = None,
@@ -222,6 +235,8 @@ def pretrain(base: Path, text, run_dir: Path, recipe: Recipe, *, max_steps: int 
         merged = merge(base, adapter, run_dir / "model")
     train_time = out.metrics.get("train_runtime") or seconds
     tokens = float(curve.last.get("num_input_tokens_seen") or curve.last.get("num_tokens") or 0)
+    # train_runtime is this process's; on --resume the count also holds the tokens trained before
+    tokens -= _tokens_at(ckpt)
     ppl = (lambda loss: math.exp(loss) if loss is not None and loss < 50 else None)
     eval_loss = ev.get("eval_loss")
     metrics = {"held_out_perplexity_before": ppl(before), "held_out_perplexity": ppl(eval_loss), "model": str(merged),

@@ -93,6 +93,21 @@ def test_non_finite_weight_aborts_naming_the_tensor(hf_model, tmp_path, bad):
     _nothing_written(tmp_path, out)
 
 
+@pytest.mark.parametrize("name, at", [("model.embed_tokens.weight", (45, 2)),  # read in row blocks
+                                      ("model.layers.0.self_attn.q_proj.weight", (13, 4))])  # rows permuted
+def test_the_non_finite_position_is_the_checkpoint_s_own(hf_model, tmp_path, monkeypatch, name, at):
+    from converter import tensor_write
+
+    monkeypatch.setattr(tensor_write, "BLOCK_BYTES", 4096)  # a few rows per block
+
+    def poison(sd):
+        sd[name][at] = math.nan
+
+    folder = tiny_llama(hf_model, tmp_path / "poisoned", edit=poison)
+    with pytest.raises(ConvertError, match=rf"tensor '{name}' has 1 NaN/Inf values \(first at \({at[0]}, {at[1]}\)\)"):
+        convert(folder, tmp_path / "p.gguf", "f32")
+
+
 def test_non_finite_weight_is_one_line_from_the_cli(hf_model, tmp_path, crofter_home):
     def poison(sd):
         sd["model.embed_tokens.weight"][7, 0] = math.nan

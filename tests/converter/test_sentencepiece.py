@@ -131,3 +131,20 @@ def test_dequantizing_a_sentencepiece_gguf_gives_back_its_tokenizer_model(spm_ru
     assert tok["reference"] == "sentencepiece" and tok["ok"], tok["mismatches"][:2]
     lg = verify.logits_parity(back, again.path, new_tokens=4)
     assert lg["ok"], lg["failures"]
+
+
+def test_a_vocabulary_without_an_unknown_id_is_rebuilt_from_its_unknown_piece(spm_runs, tmp_path):
+    import sentencepiece as spm
+    from gguf import GGUFReader
+
+    from converter.spm_rebuild import _unknown_id, spm_model_from_gguf
+    from tests.models.gguf_edit import rewrite
+
+    gguf = convert(spm_runs, tmp_path / "a.gguf", "f32").path
+    bare = rewrite(gguf, tmp_path / "bare.gguf", {"tokenizer.ggml.unknown_token_id": None})
+    old = spm.SentencePieceProcessor(model_file=str(spm_runs / "tokenizer.model"))
+    new = spm.SentencePieceProcessor(model_proto=spm_model_from_gguf(bare))
+    assert new.unk_id() == old.unk_id() >= 0
+    assert all(new.encode(t) == old.encode(t) for t in RUNS + ["plain words, and ünïcode"])
+    with pytest.raises(ValueError, match=r"bare\.gguf: the vocabulary has no unknown token"):
+        _unknown_id(bare, GGUFReader(str(bare)), ["<s>", "</s>", "a"], [3, 3, 1])

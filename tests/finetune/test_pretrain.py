@@ -191,3 +191,43 @@ def test_a_bad_from_config_or_size_names_it(tmp_path):
     with pytest.raises(DataError, match='c.json: a model config needs a "model_type"'):
         scratch_model(str(bad), {}, tok, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_size_takes_rope_theta_which_transformers_keeps_in_rope_parameters(tmp_path):
+    from transformers import AutoConfig
+
+    from finetune.pretrain import scratch_model
+    from tests.converter.nanogpt_build import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+    sizes = {"num_hidden_layers": "1", "hidden_size": "32", "intermediate_size": "64", "num_attention_heads": "2",
+             "num_key_value_heads": "1", "rope_theta": "50000"}
+    out = scratch_model("llama", sizes, tok, tmp_path / "m")
+    cfg = AutoConfig.from_pretrained(out)
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", None))
+    assert theta == 50000 and cfg.num_hidden_layers == 1
+    with pytest.raises(DataError, match="--size rope_thetta: not a setting of a llama model"):
+        scratch_model("llama", {**sizes, "rope_thetta": "1"}, tok, tmp_path / "m2")
+
+
+def test_a_resumed_run_counts_only_the_tokens_it_trained_itself(tmp_path):
+    """tokens/s of a resumed run: the tokens of its own steps over its own time, not the run's
+    total since step 0 over this process's time."""
+    import shutil
+
+    from finetune.pretrain import scratch_model
+    from tests.converter.nanogpt_build import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+    base = scratch_model("gpt2", {"n_layer": "1", "n_embd": "32", "n_head": "2", "n_positions": "64"}, tok,
+                         tmp_path / "base")
+    recipe = load_recipe("pretrain").replace(max_length=64, eval_split=0.0, batch_size=4, grad_accum=1,
+                                             save_steps=10, gradient_checkpointing=False, warmup_ratio=0.0)
+    text = [LICENSES / "GPL-3"]
+    run = tmp_path / "run"
+    first = pretrain(base, text, run, recipe, max_steps=10, full=True)
+    assert first.tokens_per_s * first.train_runtime == pytest.approx(10 * 4 * 64, rel=1e-6)
+    shutil.rmtree(run / "model")  # as if killed after the step-10 checkpoint, before the end
+    again = pretrain(base, text, run, recipe, max_steps=30, resume=True, full=True)
+    assert again.steps == 30
+    assert again.tokens_per_s * again.train_runtime == pytest.approx(20 * 4 * 64, rel=1e-6)
