@@ -16,6 +16,8 @@ a hit is relevant when one of its files is listed and its text holds the phrase 
 collapsed). Beside crofter's modes stands the anchor: the naive baseline of 1000-character
 chunks embedded with the same model, dense search only.
 
+``--windows 0,1,2`` measures hits shown with that many neighbouring chunks either side
+(rag/window.py), printing how long the hits then are beside the anchor's 1000 characters.
 ``--variants`` re-ingests with each chunk context (what a chunk is embedded with: nothing,
 heading path, title, ...); ``--grid`` ingests once and sweeps the fusion (RRF k, depth per
 leg, leg weights, BM25 heading and title weights).
@@ -47,7 +49,7 @@ from rag.chunking import CONTEXTS, DEFAULT_CONTEXT, DEFAULT_SIZE, Chunk  # noqa:
 from rag.embed import Embedder  # noqa: E402
 from rag.ingest import Ingestor, walk  # noqa: E402
 from rag.loaders import extract  # noqa: E402
-from rag.retrieve import Retriever  # noqa: E402
+from rag.retrieve import WINDOW, WINDOW_CHARS, Retriever  # noqa: E402
 from rag.store import FileRecord, Store  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -132,10 +134,14 @@ def quality(emb, tmp: Path, sets: list[str], contexts: list[str], grid: bool, ou
                              chunk_size=OPTS["chunk_size"], chunk_overlap=OPTS["chunk_size"] * 3 // 16).run([folder], "c")
                 dt = time.perf_counter() - t
                 print(f"  context {ctx}: {len(s.ingested)} files, {s.chunks} chunks, {s.chunks / dt:.0f} chunks/s")
-                r = Retriever(store, emb, stopwords=OPTS["stopwords"])
-                for mode, (rec, mrr) in modes(r, qa, "c").items():
-                    print(line(f"{mode} ({ctx})", rec, mrr))
-                    out[name][f"{mode}/{ctx}"] = [rec, mrr]
+                for w, wc in itertools.product(OPTS["windows"], OPTS["window_chars"]):
+                    r = Retriever(store, emb, stopwords=OPTS["stopwords"], window=w, window_chars=wc)
+                    shown = [len(h.text) for item in qa[:10] for h in r.search("c", item["q"], k=5)]
+                    print(f"  window {w}, up to {wc} chars: hits of {statistics.mean(shown):.0f} chars on average "
+                          "(the anchor's: 1000)")
+                    for mode, (rec, mrr) in modes(r, qa, "c").items():
+                        print(line(f"{mode} ({ctx}, w{w}, c{wc})", rec, mrr))
+                        out[name][f"{mode}/{ctx}/w{w}/c{wc}"] = [rec, mrr]
                 if grid and ctx == contexts[0]:
                     sweep(store, emb, qa, out[name])
 
@@ -215,6 +221,10 @@ def main() -> None:
     ap.add_argument("--porter", action="store_true", help="measure a Porter-stemmed keyword index")
     ap.add_argument("--context", default=DEFAULT_CONTEXT, choices=CONTEXTS, help="chunk context without --variants")
     ap.add_argument("--backend", default=None, help="embedding backend (default: crofter's default)")
+    ap.add_argument("--windows", default=str(WINDOW), metavar="W1,W2",
+                    help=f"neighbouring chunks a hit is shown with, each measured (default {WINDOW})")
+    ap.add_argument("--window-chars", default=str(WINDOW_CHARS), metavar="C1,C2",
+                    help=f"the most characters a widened hit may span (default {WINDOW_CHARS})")
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--skip-quality", action="store_true")
@@ -226,7 +236,9 @@ def main() -> None:
 
         rag.store.MIGRATIONS = [(n, sql.replace('tokenize="unicode61', 'tokenize="porter unicode61'))
                                 for n, sql in rag.store.MIGRATIONS]
-    OPTS.update(chunk_size=args.chunk_size, stopwords=args.stopwords)
+    OPTS.update(chunk_size=args.chunk_size, stopwords=args.stopwords,
+                windows=[int(w) for w in args.windows.split(",")],
+                window_chars=[int(x) for x in args.window_chars.split(",")])
     kw = {"backend": args.backend} if args.backend else {}
     emb = Embedder(device="cpu", **kw)
     out: dict = {}

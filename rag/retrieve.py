@@ -23,11 +23,15 @@ import re
 from dataclasses import dataclass, replace
 
 from .store import Store
+from .window import widen
 
 RRF_K = 10
 MODES = ("hybrid", "dense", "keyword")
 FUSIONS = ("score", "rrf")
 SCORE_WEIGHTS = (0.6, 0.4)  # (dense, keyword) z-scores: bench_retrieval --grid, session 14
+# A hit is shown with up to WINDOW chunks either side while it spans at most WINDOW_CHARS
+# (rag/window.py; bench_retrieval --windows and --window-chars on the two tuning sets, session 16).
+WINDOW, WINDOW_CHARS = 3, 2000
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class Retriever:
     def __init__(self, store: Store, embedder, reranker=None, candidates: int = 50, rrf_k: int = RRF_K,
                  weights: tuple[float, float] | None = None,
                  field_weights: tuple[float, float, float] = (1.0, 1.0, 1.0), stopwords: bool = False,
-                 fusion: str = "score"):
+                 fusion: str = "score", window: int = WINDOW, window_chars: int = WINDOW_CHARS):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}")
         self.store = store
@@ -173,6 +177,8 @@ class Retriever:
         self.weights = weights or (SCORE_WEIGHTS if fusion == "score" else (1.0, 1.0))
         self.field_weights = field_weights  # BM25 (text, heading, title)
         self.stop = _stopwords() if stopwords else frozenset()
+        self.window = window
+        self.window_chars = window_chars
 
     def search(self, collection: str, query: str, k: int = 5, mode: str = "hybrid") -> list[Hit]:
         if mode not in MODES:
@@ -219,4 +225,4 @@ class Retriever:
             pool = hits[: max(k * 4, 20)]
             new = self.reranker.scores(query, [h.text for h in pool])
             hits = [replace(h, score=s) for s, h in sorted(zip(new, pool), key=lambda p: p[0], reverse=True)]
-        return hits[:k]
+        return widen(self.store, collection, hits, self.window, k, self.window_chars)

@@ -179,7 +179,7 @@ def test_reranker_reorders_by_its_own_scores(indexed, store, embedder):
     from rag.embed import EmbedError, Reranker, default_model_dir
 
     rer = Reranker(str(default_model_dir()), device="cpu")
-    hits = Retriever(store, embedder, reranker=rer).search("lic", "patent license grant", k=5)
+    hits = Retriever(store, embedder, reranker=rer, window=0).search("lic", "patent license grant", k=5)
     assert len(hits) == 5
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
@@ -240,3 +240,18 @@ def test_a_passage_in_several_files_is_one_hit_listing_every_file(tmp_path, embe
         assert len(sources) == 5 and "also in" in prompt
     finally:
         store.close()
+
+
+def test_a_hit_is_shown_with_its_neighbours_and_no_text_twice(indexed, store, embedder):
+    from itertools import combinations
+
+    narrow, wide = Retriever(store, embedder, window=0), Retriever(store, embedder, window=1)
+    for q in ("patent license termination", "redistribution in binary form", "Mozilla", "warranty disclaimer"):
+        a, b = narrow.search("lic", q, k=5), wide.search("lic", q, k=5)
+        assert len(a) == len(b) == 5
+        assert a[0].id == b[0].id and b[0].start <= a[0].start and a[0].end <= b[0].end
+        assert a[0].text in b[0].text and len(b[0].text) > len(a[0].text)
+        for h in b:
+            assert extract(h.source).text[h.start:h.end] == h.text  # the span a citation shows
+        for x, y in combinations(b, 2):
+            assert x.source != y.source or x.end <= y.start or y.end <= x.start, (x.where(), y.where())
