@@ -262,3 +262,31 @@ def test_rolling_loglikelihood_over_several_windows_matches_the_hf_model(smol_f3
     theirs = HFLM(pretrained=str(hf_model), device="cpu", dtype="float32", batch_size=4,
                   max_length=64).loglikelihood_rolling(req)[0]
     assert ours < 0 and ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_a_registry_task_runs_offline_from_the_local_cache(crofter_lm, mc_tasks, tmp_path, monkeypatch):
+    """arc_easy from lm-eval's registry, its data set (allenai/ai2_arc, ARC-Easy) laid out in the
+    HF datasets cache as a download leaves it: scored offline, picking what the same questions
+    pick as the project's own task file."""
+    import shutil
+
+    import datasets.config
+    from datasets.packaged_modules.json.json import Json
+
+    files = {}
+    for split in ("train", "validation", "test"):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "choices": {"text": c, "label": list("ABCD")},
+                                            "answerKey": "ABCD"[a]}) + "\n" for i, (q, c, a) in enumerate(MC_ITEMS)))
+        files[split] = str(path)
+    built = Json(cache_dir=str(tmp_path / "build"), dataset_name="ai2_arc", config_name="ARC-Easy", data_files=files)
+    built.download_and_prepare()
+    cache = tmp_path / "hf-datasets"
+    shutil.copytree(built.cache_dir, cache / "allenai___ai2_arc" / "ARC-Easy" / "0.0.0" / "0123456789abcdef")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+
+    arc = run_tasks(crofter_lm, ["arc_easy"], "f32", [], limit=4, bootstrap_iters=0)
+    ours = run_tasks(crofter_lm, ["crofter_mc"], "f32", [mc_tasks], limit=4, bootstrap_iters=0)
+    assert len(arc.picks["arc_easy"]) == 4 and arc.picks["arc_easy"] == ours.picks["crofter_mc"]
+    acc = {r.metric: r for r in arc.rows}["acc"]
+    assert acc.n == 4 and acc.task == "arc_easy"
