@@ -19,6 +19,7 @@ import yaml
 from .rows import EvalError, Row
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
+FILE_KEY = "__crofter_file__"  # where a local task came from (taken out before lm-eval sees it)
 
 
 def _key_lines(path: Path) -> dict[str, int]:
@@ -34,6 +35,9 @@ def _key_lines(path: Path) -> dict[str, int]:
             if k.value == "dataset_kwargs" and isinstance(v, yaml.MappingNode):
                 for k2, _ in v.value:
                     lines[f"dataset_kwargs.{k2.value}"] = k2.start_mark.line + 1
+            if k.value == "metric_list" and isinstance(v, yaml.SequenceNode):
+                for i, item in enumerate(v.value):
+                    lines[f"metric_list.{i}"] = item.start_mark.line + 1
     return lines
 
 
@@ -67,6 +71,34 @@ def _first_row(path: Path) -> dict | None:
 TEMPLATE_KEYS = ("doc_to_text", "doc_to_choice", "doc_to_target")
 
 
+def _choices(rendered: str) -> None:
+    """lm-eval reads a rendered doc_to_choice as a Python literal list."""
+    import ast
+
+    try:
+        value = ast.literal_eval(rendered)
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"renders to {rendered[:60]!r}, not a list of choices")
+
+
+def _check_metrics(cfg: dict, path: Path, lines: dict[str, int]) -> None:
+    """Metric and aggregation names lm-eval knows (an unknown metric would be fetched from the
+    Hub by the `evaluate` library); `!function` entries are the user's own and pass."""
+    from lm_eval.api.registry import AGGREGATION_REGISTRY, METRIC_REGISTRY
+
+    for i, m in enumerate(cfg.get("metric_list") or []):
+        line = lines.get(f"metric_list.{i}", lines.get("metric_list", 1))
+        if not isinstance(m, dict) or "metric" not in m:
+            raise EvalError(f"{path}:{line}: each metric_list entry needs a `metric:`")
+        name, agg = m["metric"], m.get("aggregation")
+        if isinstance(name, str) and name not in METRIC_REGISTRY:
+            raise EvalError(f"{path}:{line}: metric {name!r}: choose one of {', '.join(sorted(METRIC_REGISTRY))}")
+        if isinstance(agg, str) and agg not in AGGREGATION_REGISTRY:
+            raise EvalError(f"{path}:{line}: aggregation {agg!r}: choose one of {', '.join(sorted(AGGREGATION_REGISTRY))}")
+
+
 def _check_templates(cfg: dict, path: Path, lines: dict[str, int]) -> None:
     """Render the prompt templates on the first row of the scored split's JSONL file, so a
     field the data does not have (or a template that does not parse) names the task file's
@@ -88,12 +120,17 @@ def _check_templates(cfg: dict, path: Path, lines: dict[str, int]) -> None:
         if not isinstance(tpl, str) or ("{{" not in tpl and "{%" not in tpl):
             continue
         try:
-            env.from_string(tpl).render(**row)
+            rendered = env.from_string(tpl).render(**row)
+            if key == "doc_to_choice":
+                _choices(rendered)
         except jinja2.UndefinedError as e:
             raise EvalError(f"{path}:{lines.get(key, 1)}: {key}: {e.message}; the first row of {data} has "
                             f"{', '.join(sorted(row)) or 'no fields'}") from None
         except jinja2.TemplateError as e:
             raise EvalError(f"{path}:{lines.get(key, 1)}: {key}: not a valid template ({e})") from None
+        except Exception as e:  # noqa: BLE001 - what the template does with the row's values (int + str, ...)
+            raise EvalError(f"{path}:{lines.get(key, 1)}: {key}: fails on the first row of {data} "
+                            f"({type(e).__name__}: {e})") from None
 
 
 def _fix_data_files(cfg: dict, path: Path, lines: dict[str, int]) -> None:
@@ -147,8 +184,10 @@ def load_task_file(path: Path) -> dict:
             raise EvalError(f"{path}:1: `{key}` is missing")
     if not any(cfg.get(s) for s in ("test_split", "validation_split")):
         raise EvalError(f"{path}:1: name the split to score with `test_split` or `validation_split`")
+    _check_metrics(cfg, path, lines)
     _fix_data_files(cfg, path, lines)
     _check_templates(cfg, path, lines)
+    cfg[FILE_KEY] = str(path)
     return cfg
 
 
@@ -202,7 +241,9 @@ def run_tasks(lm, names: list[str], model: str, include_paths: list[str | Path] 
     local = local_tasks(list(include_paths)) if local is None else local
     registry = [n for n in names if n not in local]
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    specs = [dict(local[n]) if isinstance(local[n].get("task"), str) else n for n in names if n in local] + registry
+    files = [local[n][FILE_KEY] for n in names if n in local and FILE_KEY in local[n]]
+    specs = [{k: v for k, v in local[n].items() if k != FILE_KEY} if isinstance(local[n].get("task"), str) else n
+             for n in names if n in local] + registry
     tm = TaskManager(include_path=[str(p) for p in include_paths] or None, include_defaults=bool(registry))
     if registry:
         known = set(tm.all_tasks)
@@ -218,6 +259,11 @@ def run_tasks(lm, names: list[str], model: str, include_paths: list[str | Path] 
             raise EvalError(f"a task's data set is not in the local Hugging Face cache and crofter does not "
                             f"download at run time ({str(e).splitlines()[0][:160]}); use --include-path with "
                             "local task files") from None
+        except (KeyError, TypeError, ValueError, IndexError, SyntaxError, AttributeError) as e:
+            # What lm-eval meets in a task's own settings or data while it builds and scores it.
+            where = ", ".join(files) or "lm-eval's task " + ", ".join(names)
+            raise EvalError(f"{where}: lm-eval could not run the task ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from None
     picks = {}
     for task, samples in (res.get("samples") or {}).items():
         if samples and isinstance(samples[0].get("filtered_resps"), list) and samples[0]["filtered_resps"] and \

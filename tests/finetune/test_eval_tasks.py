@@ -181,11 +181,24 @@ GOOD_ROWS = "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n
      r"t\.yaml:8: doc_to_text: 'query' is undefined; the first row of .*crofter_mc\.jsonl has answer, choices, question"),
     (MC_TASK.replace('"{{answer}}"', '"{{answer}"'), GOOD_ROWS, r"t\.yaml:10: doc_to_target: not a valid template"),
     (MC_TASK, "\n", r"crofter_mc\.jsonl:1: no rows in the test split"),
+    (MC_TASK.replace('"{{answer}}"', '"{{answer + \'x\'}}"'), GOOD_ROWS,
+     r"t\.yaml:10: doc_to_target: fails on the first row of .*crofter_mc\.jsonl \(TypeError"),
+    (MC_TASK.replace('doc_to_choice: "{{choices}}"', 'doc_to_choice: "{{question}}"'), GOOD_ROWS,
+     r"t\.yaml:9: doc_to_choice: fails on the first row .*not a list of choices"),
+    (MC_TASK.replace("metric: acc_norm", "metric: acc_normal"), GOOD_ROWS, r"t\.yaml:15: metric 'acc_normal': choose"),
+    (MC_TASK.replace("aggregation: mean", "aggregation: avg", 1), GOOD_ROWS, r"t\.yaml:12: aggregation 'avg': choose"),
 ])
 def test_bad_task_files_are_named_with_the_line(tmp_path, yaml_text, rows, message):
     d = _task_dir(tmp_path, yaml_text, rows)
     with pytest.raises(EvalError, match=message):
         local_tasks([d])
+
+
+def test_what_lm_eval_cannot_run_in_a_task_file_names_the_file(crofter_lm, tmp_path):
+    filters = "filter_list:\n  - name: x\n    filter:\n      - function: no_such_filter\n"
+    d = _task_dir(tmp_path, MC_TASK + filters, GOOD_ROWS)
+    with pytest.raises(EvalError, match=r"t\.yaml: lm-eval could not run the task \(KeyError: .*no_such_filter"):
+        run_tasks(crofter_lm, ["crofter_mc"], "f32", [d], limit=2)
 
 
 def test_a_registry_task_that_is_not_there_is_refused_by_name(crofter_lm, mc_tasks):
