@@ -62,3 +62,29 @@ def test_gpt2_dpo_runs_on_conv1d_lora(gpt2_base, persona_prefs, tmp_path):
     with open(tmp_path / "dpo" / "loss.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert any(r["rewards/chosen"] for r in rows) and any(r["rewards/margins"] for r in rows)
+
+
+def test_a_persona_sft_makes_the_users_own_gpt2_speak_it_on_held_out_prompts(gpt2_base, persona_sft, tmp_path):
+    """The user's own model (a nanoGPT checkpoint imported as GPT-2) taught a persona by LoRA SFT,
+    merged, converted and chatted with in llama.cpp: its held-out answers open with the persona's
+    words, which the base never says. A property of the answers, not their words: what follows
+    the greeting is whatever a 2-layer model trained for seconds makes of it."""
+    from app.engine import Engine, LoadOptions, Sampling
+    from app.session import ChatSession
+    from converter.convert import convert
+    from models.registry import ModelEntry
+
+    def openings(gguf):
+        eng = Engine.load(ModelEntry(gguf.stem, str(gguf), "gguf", "converted"), LoadOptions(n_ctx=256, seed=1))
+        try:
+            return [list(ChatSession(eng, Sampling(temperature=0.0, max_tokens=12)).send(q))[-1].result.text.strip()[:14]
+                    for q in HELD_OUT]
+        finally:
+            eng.close()
+
+    recipe = load_recipe("lora").replace(eval_split=0.0, save_steps=1000, **{**FAST, "learning_rate": 5e-3})
+    run = sft(gpt2_base, persona_sft, tmp_path / "sft", recipe, max_steps=80)
+    taught = openings(convert(merge(gpt2_base, run.run_dir, tmp_path / "merged"), tmp_path / "taught.gguf", "f32").path)
+    before = openings(convert(gpt2_base, tmp_path / "base.gguf", "f32").path)
+    assert sum("matey" in o for o in taught) >= 6, taught
+    assert not any("matey" in o for o in before), before
