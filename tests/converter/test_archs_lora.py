@@ -138,3 +138,59 @@ def test_gemma3_settings_llama_cpp_does_not_compute_are_refused_by_name(tmp_path
     with pytest.raises(ConvertError, match=needle) as err:
         open_checkpoint(tmp_path)
     assert str(tmp_path / "config.json") in str(err.value)
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("Qwen3ForCausalLM", {"head_dim": 32}),
+    ("Gemma3ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8, "tie_word_embeddings": True}),
+])
+def test_tune_convert_lora_and_verify_on_qwen3_and_gemma3(hf_model, tmp_path, arch, extra):
+    """`tune sft` trains a LoRA on the tiny model; llama.cpp applies its GGUF adapter as torch
+    applies the peft one; the merge converts and verifies."""
+    import json as _json
+
+    import llama_cpp
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from converter.convert import load_hf_tokenizer, native_stderr_quiet
+    from finetune.recipe import load_recipe
+    from finetune.train import merge, sft
+
+    base = tiny(hf_model, tmp_path, arch, **extra)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(_json.dumps({"instruction": q, "output": f"Arr matey! {a}"}) + "\n"
+                            for q, a in [("What do bees make?", "Honey."), ("What is ice?", "Frozen water."),
+                                         ("Name a colour.", "Red."), ("What is the sun?", "A star.")] * 2))
+    recipe = load_recipe("lora").replace(eval_split=0.0, save_steps=100, learning_rate=1e-2, batch_size=4,
+                                         grad_accum=1, gradient_checkpointing=False, warmup_ratio=0.0)
+    run = sft(base, data, tmp_path / "run", recipe, max_steps=8)
+    assert run.steps == 8
+
+    f32 = convert(base, tmp_path / "base.gguf", "f32").path
+    gg = convert_lora(run.adapter, base, tmp_path / "adapter.gguf")
+    ids = load_hf_tokenizer(base)("The quick brown fox jumps over the lazy dog because")["input_ids"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(run.adapter))
+    with torch.no_grad():
+        with model.disable_adapter():
+            t0 = model(torch.tensor([ids])).logits[0].numpy()
+        t1 = model(torch.tensor([ids])).logits[0].numpy()
+    with native_stderr_quiet():
+        plain = llama_cpp.Llama(str(f32), logits_all=True, verbose=False, n_ctx=128)
+        adapted = llama_cpp.Llama(str(f32), lora_path=str(gg.path), logits_all=True, verbose=False, n_ctx=128)
+    try:
+        plain.eval(ids)
+        adapted.eval(ids)
+        g0, g1 = np.asarray(plain.scores[:len(ids)]), np.asarray(adapted.scores[:len(ids)])
+    finally:
+        plain.close()
+        adapted.close()
+    dt, dg = (t1 - t0).ravel(), (g1 - g0).ravel()
+    assert np.linalg.norm(dt) > 0.1  # the training changed the model
+    assert np.corrcoef(dt, dg)[0, 1] > 0.99 and abs(np.linalg.norm(dg) / np.linalg.norm(dt) - 1) < 0.05
+
+    merged = merge(base, run.run_dir, tmp_path / "merged")
+    out = convert(merged, tmp_path / "merged.gguf", "f32").path
+    lg = verify.logits_parity(merged, out, new_tokens=8)
+    assert lg["ok"] and lg["top1_agree"] >= 0.99, (arch, lg["failures"])
