@@ -42,6 +42,10 @@ if TYPE_CHECKING:  # the engine (llama.cpp, numpy) is imported when a comparison
 # One comparison per process at a time: each holds a model in memory while it runs, and
 # one that was stopped may still be finishing a load it cannot interrupt.
 _ONE_AT_A_TIME = threading.Lock()
+# Model loads (and closes) one at a time, side by side too: llama-cpp-python points the
+# process's stdout and stderr at /dev/null around a load and puts back what it found, so two
+# overlapping loads could leave the terminal writing nowhere.
+_LOADS = threading.Lock()
 
 
 def running() -> bool:
@@ -61,19 +65,29 @@ def free_gpu_bytes() -> int | None:
         return None
     try:
         out = subprocess.run([smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout
+                             capture_output=True, text=True, timeout=2, check=True).stdout
         return int(out.split()[0]) << 20
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
 
 
+def _local(entry: ModelEntry) -> bool:
+    """Runs on this machine: a GGUF, or a "remote" server on loopback."""
+    if entry.kind != "remote":
+        return True
+    from urllib.parse import urlparse
+
+    return (urlparse(entry.path).hostname or "") in ("localhost", "127.0.0.1", "::1")
+
+
 def at_once(models: list[ModelEntry], settings: Settings, *, offload: bool | None = None,
-            gpu_free: int | None = -1) -> bool:
+            gpu_free: int | None = -1, resident: str | None = None) -> bool:
     """Whether `models` can answer side by side: at most one of them needs the CPU. A remote
-    model needs none; a local one needs none when every layer goes to a GPU (gpu_layers -1 on
-    a build that offloads) and the GPU has room for all the local models at once. `offload`
-    and `gpu_free` (bytes) are detected when not given."""
-    local = [m for m in models if m.kind != "remote"]
+    model needs none (unless its server is on this machine); a local one needs none when every
+    layer goes to a GPU (gpu_layers -1 on a build that offloads) and the GPU has room for all
+    the local models at once (`resident`, the chat's own, is in memory already). `offload` and
+    `gpu_free` (bytes, the first GPU's) are detected when not given."""
+    local = [m for m in models if _local(m)]
     if len(local) <= 1:
         return len(models) > 1
     if settings.gpu_layers != -1:
@@ -85,10 +99,10 @@ def at_once(models: list[ModelEntry], settings: Settings, *, offload: bool | Non
     if not offload:
         return False
     free = free_gpu_bytes() if gpu_free == -1 else gpu_free
-    if free is None or not all(m.path for m in local):
+    if free is None or not all(m.path for m in local) or any(m.kind == "remote" for m in local):
         return False
     try:
-        need = sum(GPU_ROOM * Path(m.file).stat().st_size + GPU_EXTRA for m in local)
+        need = sum(GPU_ROOM * Path(m.file).stat().st_size + GPU_EXTRA for m in local if m.name != resident)
     except (OSError, ValueError):
         return False
     return need <= free
@@ -149,7 +163,8 @@ class Comparison:
         self.seed = settings.seed if settings.seed >= 0 else random.randrange(2**31)
         self.sampling = dataclasses.replace(Sampling.from_settings(settings), seed=self.seed)
         self.answers = [Answer(e.name) for e in self.models]
-        self.together = at_once(self.models, settings) if together is None else together
+        self.together = (at_once(self.models, settings, resident=current[0] if current else None)
+                         if together is None else together)
         self._stopped = threading.Event()
         # The running generations' cancel events (Engine.stream sets one when it is done).
         self._cancels = [threading.Event() for _ in self.models]
@@ -184,18 +199,24 @@ class Comparison:
         steps: queue.Queue[Step | None] = queue.Queue()
 
         def answer(i: int, entry: ModelEntry) -> None:
+            done = False
             try:
                 for step in self._answer(i, entry):
+                    done = done or step.stage == "done"
                     steps.put(step)
+            except Exception as exc:  # e.g. a close that failed: the column still ends, saying so
+                self.answers[i].error = self.answers[i].error or str(exc)
+                if not done:
+                    steps.put(Step(i, "done"))
             finally:
                 steps.put(None)
 
         threads = [threading.Thread(target=answer, args=(i, e), name=f"crofter-compare:{i}", daemon=True)
                    for i, e in enumerate(self.models)]
-        for t in threads:
-            t.start()
         try:
-            left = len(threads)
+            for t in threads:
+                t.start()
+            left = sum(t.ident is not None for t in threads)
             while left:
                 step = steps.get()
                 if step is None:
@@ -206,7 +227,8 @@ class Comparison:
             if any(t.is_alive() for t in threads):
                 self.stop()
             for t in threads:
-                t.join()
+                if t.ident is not None:
+                    t.join()
 
     def _answer(self, i: int, entry: ModelEntry) -> Iterator[Step]:
         from .session import ChatSession
@@ -223,9 +245,10 @@ class Comparison:
                 # the last bits when part of it comes from the chat's KV cache.
                 engine.reset()
             else:
-                t0 = time.perf_counter()
-                engine = self.loader(entry, self.settings)
-                answer.load_s = time.perf_counter() - t0
+                with _LOADS:
+                    t0 = time.perf_counter()
+                    engine = self.loader(entry, self.settings)
+                    answer.load_s = time.perf_counter() - t0
             cancel = self._cancels[i]
             if self.stopped:  # stopped while loading: close it, answer nothing
                 return
@@ -242,5 +265,6 @@ class Comparison:
             answer.error = str(exc)
         finally:
             if engine is not None and not own:
-                engine.close()
+                with _LOADS:
+                    engine.close()
         yield Step(i, "done")

@@ -150,26 +150,24 @@ class CompareScreen(ModalScreen[None]):
 
     @work(thread=True, exclusive=True, group="compare")
     def _work(self, comparison: Comparison) -> None:
-        """Run the comparison; text is coalesced to one message per pacer interval."""
-        pending: list[str] = []
-        pending_index = -1
+        """Run the comparison; each model's text is coalesced to one message per pacer interval
+        (side by side, the models' pieces interleave: each keeps its own pending text)."""
+        pending: dict[int, list[str]] = {}
         last = 0.0
 
         def flush() -> None:
             nonlocal last
-            if pending:
-                self.post_message(Stepped(Step(pending_index, "text", "".join(pending))))
-                pending.clear()
-                last = time.monotonic()
+            for index, parts in pending.items():
+                if parts:
+                    self.post_message(Stepped(Step(index, "text", "".join(parts))))
+            pending.clear()
+            last = time.monotonic()
 
         error = ""
         try:
             for step in comparison.run():
                 if step.stage == "text":
-                    if step.index != pending_index:
-                        flush()
-                        pending_index = step.index
-                    pending.append(step.text)
+                    pending.setdefault(step.index, []).append(step.text)
                     if time.monotonic() - last >= self.pacer.interval:
                         flush()
                     continue

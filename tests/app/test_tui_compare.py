@@ -242,36 +242,48 @@ def test_a_model_that_fails_to_load_is_reported_in_its_column_and_the_others_sti
     assert good.complete and good.text.strip() and good.load_s is None
 
 
-def test_side_by_side_the_models_load_and_answer_at_once_and_answer_as_in_turn(bundled_path):
-    """together=True on this CPU (the path a GPU that holds both takes): the second model loads
-    while the first is still loading, and each answer equals the one the same file gives in turn."""
+class GatedLlama(HeldLlama):
+    """A model whose first token waits (up to `wait` s) until `other` is generating too."""
+
+    def __init__(self, llm, me: threading.Event, other: threading.Event, wait: float, seen: list):
+        super().__init__(llm)
+        self.me, self.other, self.wait, self.seen = me, other, wait, seen
+
+    def generate(self, *args, **kwargs):
+        self.me.set()
+        self.seen.append(self.other.wait(self.wait))
+        yield from self._llm.generate(*args, **kwargs)
+
+
+def test_side_by_side_the_models_answer_at_once_and_as_they_answer_in_turn(bundled_path):
+    """together=True on this CPU (the path a GPU that holds both takes): both models are
+    generating at the same time, and each answer equals the one the same file gives in turn.
+    Loads stay one at a time (llama-cpp-python redirects the process's stdout around a load)."""
     from app.compare import Comparison
     from app.config import Settings
     from models.registry import ModelEntry
 
-    second_loading = threading.Event()
-    waited = []
-
-    def loader(entry, settings):
-        if entry.name == "a":  # the first waits for the second's load to begin (in turn: never)
-            waited.append(second_loading.wait(15 if together else 0.5))
-        else:
-            second_loading.set()
-        return default_loader(entry, settings)
-
     entries = [ModelEntry("a", str(bundled_path), "gguf"), ModelEntry("b", str(bundled_path), "gguf")]
     settings = Settings(temperature=0.0, max_tokens=12, n_ctx=1024, seed=5)
-    runs = {}
+    runs, seen = {}, {}
     before = engine_threads()
     for together in (False, True):
+        gates = {"a": threading.Event(), "b": threading.Event()}
+        seen[together] = []
+
+        def loader(entry, s, together=together, gates=gates):  # each waits, at its first token, for the other
+            eng = default_loader(entry, s)
+            other = gates["b" if entry.name == "a" else "a"]
+            eng.llm = GatedLlama(eng.llm, gates[entry.name], other, 15 if together else 0.3, seen[together])
+            return eng
+
         cmp = Comparison("Name a colour.", entries, settings, loader=loader, together=together)
         assert cmp.together is together
         stages = [(s.index, s.stage) for s in cmp.run() if s.stage != "text"]
         runs[together] = cmp
         assert sorted(stages) == sorted([(0, "loading"), (0, "answering"), (0, "done"),
                                          (1, "loading"), (1, "answering"), (1, "done")])
-        second_loading.clear()
-    assert waited == [False, True]
+    assert seen[False] == [False, True] and seen[True] == [True, True]  # in turn, the first answers alone
     in_turn, side = runs[False].answers, runs[True].answers
     assert all(a.complete for a in in_turn + side)
     assert [a.text for a in side] == [a.text for a in in_turn] and side[0].text.strip()
@@ -323,7 +335,7 @@ def test_side_by_side_only_when_at_most_one_model_needs_the_cpu(bundled_path):
     from models.registry import ModelEntry
 
     a, b = (ModelEntry(n, str(bundled_path), "gguf") for n in ("a", "b"))
-    remote = ModelEntry("r", "http://127.0.0.1:9/v1", "remote", "remote")
+    remote = ModelEntry("r", "http://10.0.0.5:8000/v1", "remote", "remote")  # another machine
     size = bundled_path.stat().st_size
     on_gpu = Settings(gpu_layers=-1)
     assert at_once([a, b], on_gpu, offload=True, gpu_free=10 * size + (2 << 30))
@@ -333,4 +345,9 @@ def test_side_by_side_only_when_at_most_one_model_needs_the_cpu(bundled_path):
     assert not at_once([a, b], Settings(gpu_layers=20), offload=True, gpu_free=10 << 30)  # partly on the CPU
     assert not at_once([a, b], on_gpu, offload=True, gpu_free=None)  # no free figure: in turn
     assert at_once([a, remote], Settings(gpu_layers=0))  # the remote one needs no CPU here
+    near = ModelEntry("n", "http://127.0.0.1:8000/v1", "remote", "remote")
+    assert not at_once([a, near], Settings(gpu_layers=0))  # a server on this machine does
     assert not at_once([a], on_gpu, offload=True, gpu_free=10 << 30)
+    # the chat's own model is in GPU memory already: only the other needs room
+    assert at_once([a, b], on_gpu, offload=True, gpu_free=int(1.3 * size) + (600 << 20), resident="a")
+    assert not at_once([a, b], on_gpu, offload=True, gpu_free=int(1.3 * size) + (600 << 20))
