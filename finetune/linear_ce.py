@@ -70,9 +70,10 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype)
-        gw = (grad_w * grad_out).to(ctx.dtypes[0]) if ctx.has_w else None
-        gb = (grad_b * grad_out).to(ctx.dtypes[1]) if ctx.has_b else None
+        scale = grad_out.float()  # 1/n, accumulation and loss scale applied in fp32, then cast once
+        gh = (grad_h.float() * scale).to(grad_h.dtype)
+        gw = (grad_w * scale).to(ctx.dtypes[0]) if ctx.has_w else None
+        gb = (grad_b * scale).to(ctx.dtypes[1]) if ctx.has_b else None
         return gh, gw, gb, None, None
 
 
@@ -121,10 +122,17 @@ def fused_trainer(trainer_cls):
 
     class FusedLossTrainer(trainer_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            n = num_items_in_batch if self.model_accepts_loss_kwargs else None
-            loss = causal_lm_loss(model, inputs, n)
-            if self.args.average_tokens_across_devices and n is not None:
-                loss = loss * self.accelerator.num_processes
+            n = num_items_in_batch if getattr(self, "model_accepts_loss_kwargs", False) else None
+            # The backbone is called directly, not through the forward accelerate wraps in
+            # autocast: mixed precision (bf16, fp16) is entered here.
+            with self.accelerator.autocast():
+                loss = causal_lm_loss(model, inputs, n)
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return FusedLossTrainer
+
+
+def usable(model, args) -> bool:
+    """The fused loss for this run: a supported head, one process and at most one device
+    (under DDP or FSDP the backbone must go through the wrapper's own forward)."""
+    return supports(model) and args.world_size == 1 and args.n_gpu <= 1

@@ -152,7 +152,7 @@ def scratch_model(spec: str, sizes: dict[str, str], tokenizer_dir: Path, out: Pa
     plain = AutoConfig.for_model(model_type)  # a misspelt key would otherwise ride along unused
     known = set(plain.to_dict()) | set(getattr(plain, "attribute_map", {}))
     # transformers 5 keeps rope_theta and its kin inside rope_parameters; for_model still takes them
-    known |= {k for v in plain.to_dict().values() if isinstance(v, dict) for k in v}
+    known |= set(plain.to_dict().get("rope_parameters") or {})
     unknown = sorted(k for k in sizes if k not in known)
     if unknown:
         raise DataError(f"--size {unknown[0]}: not a setting of a {model_type} model")
@@ -218,10 +218,10 @@ def pretrain(base: Path, text, run_dir: Path, recipe: Recipe, *, max_steps: int 
         model = get_peft_model(model, lora_config(recipe, model.config.model_type))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    from .linear_ce import fused_trainer, supports
+    from .linear_ce import fused_trainer, usable
 
-    # The loss without batch-wide logits where the head allows it (finetune/linear_ce.py).
-    trainer_cls = fused_trainer(Trainer) if supports(model) else Trainer
+    # The loss without batch-wide logits where the head and the launch allow it (finetune/linear_ce.py).
+    trainer_cls = fused_trainer(Trainer) if usable(model, args) else Trainer
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
                       data_collator=default_data_collator, callbacks=[curve.callback])
@@ -234,9 +234,10 @@ def pretrain(base: Path, text, run_dir: Path, recipe: Recipe, *, max_steps: int 
     else:
         merged = merge(base, adapter, run_dir / "model")
     train_time = out.metrics.get("train_runtime") or seconds
-    tokens = float(curve.last.get("num_input_tokens_seen") or curve.last.get("num_tokens") or 0)
-    # train_runtime is this process's; on --resume the count also holds the tokens trained before
-    tokens -= _tokens_at(ckpt)
+    seen = curve.last.get("num_input_tokens_seen")
+    tokens = float(seen or curve.last.get("num_tokens") or 0)
+    if seen:  # train_runtime is this process's; on --resume the count also holds the tokens trained before
+        tokens = max(0.0, tokens - _tokens_at(ckpt))
     ppl = (lambda loss: math.exp(loss) if loss is not None and loss < 50 else None)
     eval_loss = ev.get("eval_loss")
     metrics = {"held_out_perplexity_before": ppl(before), "held_out_perplexity": ppl(eval_loss), "model": str(merged),

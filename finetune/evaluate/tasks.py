@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def _choices(rendered: str) -> None:
 def _check_metrics(cfg: dict, path: Path, lines: dict[str, int]) -> None:
     """Metric and aggregation names lm-eval knows (an unknown metric would be fetched from the
     Hub by the `evaluate` library); `!function` entries are the user's own and pass."""
+    import lm_eval.api.metrics  # noqa: F401 - fills the registries below (they are filled on import)
     from lm_eval.api.registry import AGGREGATION_REGISTRY, METRIC_REGISTRY
 
     for i, m in enumerate(cfg.get("metric_list") or []):
@@ -107,14 +109,16 @@ def _check_templates(cfg: dict, path: Path, lines: dict[str, int]) -> None:
     split = cfg.get("test_split") or cfg.get("validation_split")
     data = files.get(split) if isinstance(files, dict) else files
     data = data[0] if isinstance(data, list) and data else data
-    if not isinstance(data, str) or not data.endswith(".jsonl"):
-        return
+    if not isinstance(data, str) or not data.endswith(".jsonl") or cfg.get("process_docs"):
+        return  # process_docs makes the fields the templates read: only lm-eval can render them
     row = _first_row(Path(data))
     if row is None:
         raise EvalError(f"{data}:1: no rows in the {split} split's data file")
     import jinja2
+    from lm_eval.utils import env as lm_eval_env
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    # lm-eval's own environment (its filters, e.g. regex_replace), strict about missing fields
+    env = lm_eval_env.overlay(undefined=jinja2.StrictUndefined)
     for key in TEMPLATE_KEYS:
         tpl = cfg.get(key)
         if not isinstance(tpl, str) or ("{{" not in tpl and "{%" not in tpl):
@@ -259,11 +263,16 @@ def run_tasks(lm, names: list[str], model: str, include_paths: list[str | Path] 
             raise EvalError(f"a task's data set is not in the local Hugging Face cache and crofter does not "
                             f"download at run time ({str(e).splitlines()[0][:160]}); use --include-path with "
                             "local task files") from None
+        except EvalError:
+            raise
         except (KeyError, TypeError, ValueError, IndexError, SyntaxError, AttributeError) as e:
-            # What lm-eval meets in a task's own settings or data while it builds and scores it.
-            where = ", ".join(files) or "lm-eval's task " + ", ".join(names)
-            raise EvalError(f"{where}: lm-eval could not run the task ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from None
+            # What lm-eval meets in a local task's own settings or data while it builds or scores
+            # it (the error arose inside lm-eval, jinja2 or datasets, not in a model): named by file.
+            inner = traceback.extract_tb(e.__traceback__)[-1].filename
+            if not files or not any(f"{os.sep}{pkg}{os.sep}" in inner for pkg in ("lm_eval", "jinja2", "datasets")):
+                raise
+            raise EvalError(f"{', '.join(files)}: lm-eval could not run the task ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from e
     picks = {}
     for task, samples in (res.get("samples") or {}).items():
         if samples and isinstance(samples[0].get("filtered_resps"), list) and samples[0]["filtered_resps"] and \

@@ -158,7 +158,7 @@ def test_generate_until_is_greedy_llama_cpp_on_the_same_prompt(crofter_lm, smol_
 
 def _task_dir(tmp_path, yaml_text: str, rows: str | None = None):
     d = tmp_path / "tasks"
-    d.mkdir()
+    d.mkdir(parents=True)
     (d / "t.yaml").write_text(yaml_text)
     if rows is not None:
         (d / "crofter_mc.jsonl").write_text(rows)
@@ -303,3 +303,14 @@ def test_a_registry_task_runs_offline_from_the_local_cache(crofter_lm, mc_tasks,
     assert len(arc.picks["arc_easy"]) == 4 and arc.picks["arc_easy"] == ours.picks["crofter_mc"]
     acc = {r.metric: r for r in arc.rows}["acc"]
     assert acc.n == 4 and acc.task == "arc_easy"
+
+
+def test_valid_task_files_lm_eval_reads_pass_the_checks(tmp_path):
+    """lm-eval's own template filters render in the check, and templates over fields that
+    process_docs makes are left to lm-eval."""
+    filtered = MC_TASK.replace("{{question}}", "{{question | regex_replace('\\\\?', '')}}")
+    assert "crofter_mc" in local_tasks([_task_dir(tmp_path / "a", filtered, GOOD_ROWS)])
+    made = MC_TASK.replace("{{question}}", "{{query}}") + "process_docs: !function utils.process\n"
+    d = _task_dir(tmp_path / "b", made, GOOD_ROWS)
+    (d / "utils.py").write_text("def process(ds):\n    return ds.map(lambda r: {**r, 'query': r['question']})\n")
+    assert "crofter_mc" in local_tasks([d])

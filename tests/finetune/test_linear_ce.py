@@ -79,3 +79,68 @@ def test_a_model_type_outside_the_list_is_not_fused():
     opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
                                                      num_attention_heads=4, word_embed_proj_dim=32))
     assert not linear_ce.supports(opt)
+
+
+def test_through_the_trainer_with_accumulation_it_trains_as_transformers_loss_does(tmp_path, monkeypatch):
+    """Two optimizer steps of 2 accumulated micro-batches with padding masked out (so
+    num_items_in_batch matters): the fused Trainer logs the same losses and ends at the same
+    weights as the plain one, and enters the accelerator's autocast around its loss."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    rows = []
+    g = torch.Generator().manual_seed(2)
+    for i in range(8):
+        ids = torch.randint(0, 300, (16,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (i % 4) + ids[i % 4:]})  # uneven counts per row
+
+    def train(cls):
+        model = _tiny("llama").train()
+        args = TrainingArguments(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, logging_steps=1,
+                                 save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+                                 lr_scheduler_type="constant")
+        trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=default_data_collator)
+        trainer.train()
+        return model, [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer, args
+
+    import contextlib
+
+    fused_cls = linear_ce.fused_trainer(Trainer)
+    inside, entered = [], []
+    real_loss = linear_ce.causal_lm_loss
+
+    def spy_loss(*a, **k):  # was the loss computed inside the accelerator's autocast?
+        entered.append(bool(inside))
+        return real_loss(*a, **k)
+
+    real_train = fused_cls.compute_loss
+
+    def compute_loss(self, *a, **k):
+        original = self.accelerator.autocast
+
+        @contextlib.contextmanager
+        def autocast(*x, **y):
+            with original(*x, **y):
+                inside.append(True)
+                try:
+                    yield
+                finally:
+                    inside.pop()
+
+        self.accelerator.autocast = autocast
+        try:
+            return real_train(self, *a, **k)
+        finally:
+            self.accelerator.autocast = original
+
+    monkeypatch.setattr(linear_ce, "causal_lm_loss", spy_loss)
+    monkeypatch.setattr(fused_cls, "compute_loss", compute_loss)
+    plain, plain_losses, _, _ = train(Trainer)
+    fused, fused_losses, trainer, args = train(fused_cls)
+    assert len(plain_losses) == len(fused_losses) == 2
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-4)
+    assert entered == [True] * 4  # every micro-batch's loss, inside the autocast
+    for (name, a), (_, b) in zip(plain.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert linear_ce.usable(fused, args)
