@@ -225,4 +225,4 @@ class Retriever:
             pool = hits[: max(k * 4, 20)]
             new = self.reranker.scores(query, [h.text for h in pool])
             hits = [replace(h, score=s) for s, h in sorted(zip(new, pool), key=lambda p: p[0], reverse=True)]
-        return widen(self.store, collection, hits, self.window, k, self.window_chars)
+        return widen(self.store, collection, hits, self.window, k, self.window_chars, key=passage_key)
