@@ -69,13 +69,16 @@ def model(a) -> None:
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SIZES[a.size])
     hf = out / f"llama-{a.size}"
     t = time.perf_counter()
-    LlamaForCausalLM(cfg).save_pretrained(str(hf))
+    net = LlamaForCausalLM(cfg)
+    params = sum(p.numel() for p in net.parameters())
+    net.save_pretrained(str(hf))
+    del net
     tok.save_pretrained(str(hf))
     f16 = convert(hf, out / f"llama-{a.size}-F16.gguf", outtype="f16").path
     q4 = out / f"llama-{a.size}-Q4_K_M.gguf"
     quantize(f16, q4, "Q4_K_M")
     write(a.json, {"hf": str(hf), "f16": str(f16), "q4_k_m": str(q4), "seconds": time.perf_counter() - t,
-                   "params": sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())})
+                   "params": params})
 
 
 def _engine_rate(path: str, layers: int, tokens: int) -> float:

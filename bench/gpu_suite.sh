@@ -7,6 +7,9 @@
 #     bash bench/gpu_suite.sh
 #   Here, each step small, on the CPU (a rehearsal of the script itself):
 #     OUT=/tmp/gpu-dry bash bench/gpu_suite.sh --cpu-dry-run
+# One call stops starting steps when BUDGET seconds (default 560) are spent; steps that finished are
+# marked under $WORK, so running the same command again on the still-warm machine goes on from there
+# (the CUDA build alone takes ~5.5 minutes: expect two calls).
 #
 # Steps: imports -> the CUDA llama-cpp-python build (reused when /tmp/site has it) -> a random 1B Llama
 # (SmolLM2 tokenizer) as HF, F16 and Q4_K_M -> pytest -m gpu -> decode, all layers offloaded vs CPU and
@@ -22,14 +25,33 @@ DRY=0
 WORK=${WORK:-/tmp/crofter-gpu}
 mkdir -p "$WORK"
 
-step() {  # step NAME SECONDS COMMAND...: time-boxed, logged, never stops the suite
+BUDGET=${BUDGET:-560}  # seconds this call may use (a device command gets at most 600)
+START=$SECONDS
+mkdir -p "$WORK/done"
+
+step() {  # step NAME SECONDS COMMAND...: time-boxed within the budget, logged, never stops the suite
   local name=$1 limit=$2; shift 2
+  if [ -f "$WORK/done/$name" ]; then  # finished in an earlier call on this (still warm) machine
+    echo "$name done earlier" | tee -a "$OUT/steps.txt"
+    cp "$WORK/done/$name".json "$OUT/" 2>/dev/null
+    return
+  fi
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ $left -lt 20 ]; then
+    echo "$name skipped: this call's budget is spent (run the suite again: done steps are kept)" | tee -a "$OUT/steps.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   echo "== $name (at most ${limit}s)"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$OUT/steps.txt"
   tail -n 3 "$OUT/$name.log"
+  if [ $rc = 0 ]; then
+    touch "$WORK/done/$name"
+    cp "$OUT/$name.json" "$WORK/done/$name.json" 2>/dev/null
+  fi
 }
 
 if [ $DRY = 1 ]; then
@@ -57,6 +79,7 @@ for mode in $MODES; do
 done
 printf '%s\n' '{"instruction": "What do bees make?", "output": "Honey."}' '{"instruction": "What is ice?", "output": "Frozen water."}' \
   > "$WORK/tiny.jsonl"
+rm -rf "$WORK/accel-run"  # a run folder left by a cut-off call
 step accelerate 300 $PY -m app.cli tune sft --base "$HF" --data "$WORK/tiny.jsonl" --out "$WORK/accel-run" \
   --max-steps 2 --launcher accelerate --gpus 1 --json
 step embed 240 $PY bench/gpu_steps.py embed --texts $TEXTS --out "$OUT/embed.json"
