@@ -3,7 +3,8 @@
 HFLM scores as lm-eval scores (its batching and grouping untouched); only the tqdm bars it
 draws inside `loglikelihood` and `generate_until` are swapped, for the length of the call,
 for a counter that passes each step to `on_progress(done, total, label)`. Rolling
-loglikelihoods (perplexity-style tasks) go one request at a time, each one a step.
+loglikelihoods (perplexity-style tasks) count windows, batched as lm-eval batches them.
+The swap is of a module global: one evaluation at a time in a process, as the CLI runs them.
 """
 from __future__ import annotations
 
@@ -66,13 +67,22 @@ def hf_lm(path: Path, *, adapter: Path | None = None, max_length: int = 2048, ba
                 return super().generate_until(requests, disable_tqdm=False)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            out = []
-            with _bars(None):
-                for done, req in enumerate(requests, 1):
-                    out += super().loglikelihood_rolling([req], disable_tqdm=True)
-                    if self.on_progress:
-                        self.on_progress(done, len(requests), "loglikelihood_rolling")
-            return out
+            # lm-eval batches the windows of all requests together and draws a bar per batch:
+            # the windows are counted across those bars, against a total counted up front.
+            from lm_eval import utils
+
+            total = sum(len(list(utils.get_rolling_token_windows(
+                token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))) for req in requests)
+            done = [0]
+
+            def window(n: int, _total: int) -> None:
+                done[0] += 1
+                if self.on_progress:
+                    self.on_progress(done[0], total, "loglikelihood_rolling")
+
+            with _bars(window):
+                return super().loglikelihood_rolling(requests, disable_tqdm=False)
 
         def _step(self, label: str):
             return (lambda n, total: self.on_progress(n, total, label)) if self.on_progress else None

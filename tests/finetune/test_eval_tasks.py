@@ -314,3 +314,22 @@ def test_valid_task_files_lm_eval_reads_pass_the_checks(tmp_path):
     d = _task_dir(tmp_path / "b", made, GOOD_ROWS)
     (d / "utils.py").write_text("def process(ds):\n    return ds.map(lambda r: {**r, 'query': r['question']})\n")
     assert "crofter_mc" in local_tasks([d])
+
+
+def test_rolling_windows_are_counted_across_lm_eval_s_batches(hf_model):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from finetune.evaluate.hf_lm import hf_lm
+
+    from .test_eval_scores import TEXT
+
+    ticks = []
+    lm = hf_lm(hf_model, batch_size=4, max_length=64, on_progress=lambda *t: ticks.append(t))
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate([TEXT, "The mill stands by the river."])]
+    ours = lm.loglikelihood_rolling(reqs)
+    theirs = HFLM(pretrained=str(hf_model), device="cpu", dtype="float32", batch_size=4,
+                  max_length=64).loglikelihood_rolling(reqs)
+    assert ours == pytest.approx(theirs, rel=1e-5)  # batched as lm-eval batches
+    total = ticks[-1][1]
+    assert total > 5 and ticks == [(i, total, "loglikelihood_rolling") for i in range(1, total + 1)]
