@@ -78,12 +78,33 @@ def _adapter(hf_model, tmp_path, **lora):
     return model, out
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_lora_changes_llama_cpp_as_it_changes_torch(hf_model, tmp_path, rslora):
+def lora_deltas(model, base_gguf, adapter_gguf, ids):
+    """(torch's change of the logits with the peft adapter on, llama.cpp's with the GGUF adapter)."""
     import llama_cpp
     import torch
 
-    from converter.convert import load_hf_tokenizer, native_stderr_quiet
+    from converter.convert import native_stderr_quiet
+
+    with torch.no_grad():
+        with model.disable_adapter():
+            t0 = model(torch.tensor([ids])).logits[0].numpy()
+        t1 = model(torch.tensor([ids])).logits[0].numpy()
+    with native_stderr_quiet():
+        plain = llama_cpp.Llama(str(base_gguf), logits_all=True, verbose=False, n_ctx=128)
+        adapted = llama_cpp.Llama(str(base_gguf), lora_path=str(adapter_gguf), logits_all=True, verbose=False, n_ctx=128)
+    try:
+        plain.eval(ids)
+        adapted.eval(ids)
+        g0, g1 = np.asarray(plain.scores[:len(ids)]), np.asarray(adapted.scores[:len(ids)])
+    finally:
+        plain.close()
+        adapted.close()
+    return (t1 - t0).ravel(), (g1 - g0).ravel()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_changes_llama_cpp_as_it_changes_torch(hf_model, tmp_path, rslora):
+    from converter.convert import load_hf_tokenizer
 
     f16 = tmp_path / "base.gguf"
     convert(hf_model, f16, "f16")
@@ -91,22 +112,10 @@ def test_lora_changes_llama_cpp_as_it_changes_torch(hf_model, tmp_path, rslora):
     gg = convert_lora(adapter, hf_model, tmp_path / "adapter.gguf")
     assert gg.alpha_written == pytest.approx(16 * 8 ** 0.5 if rslora else 16)
     ids = load_hf_tokenizer(hf_model)("The quick brown fox jumps over the lazy dog because")["input_ids"]
-    with torch.no_grad():
-        with model.disable_adapter():
-            t0 = model(torch.tensor([ids])).logits[0].numpy()
-        t1 = model(torch.tensor([ids])).logits[0].numpy()
-    with native_stderr_quiet():
-        plain = llama_cpp.Llama(str(f16), logits_all=True, verbose=False, n_ctx=128)
-        adapted = llama_cpp.Llama(str(f16), lora_path=str(gg.path), logits_all=True, verbose=False, n_ctx=128)
-    plain.eval(ids)
-    adapted.eval(ids)
-    g0, g1 = np.asarray(plain.scores[:len(ids)]), np.asarray(adapted.scores[:len(ids)])
-    dt, dg = (t1 - t0).ravel(), (g1 - g0).ravel()
+    dt, dg = lora_deltas(model, f16, gg.path, ids)
     assert np.linalg.norm(dt) > 1.0  # the adapter does change the output
     assert np.corrcoef(dt, dg)[0, 1] > 0.99
     assert abs(np.linalg.norm(dg) / np.linalg.norm(dt) - 1) < 0.05  # same size of change: scaling is right
-    plain.close()
-    adapted.close()
 
 
 def test_unsupported_adapters_are_refused(hf_model, tmp_path):
@@ -149,12 +158,11 @@ def test_tune_convert_lora_and_verify_on_qwen3_and_gemma3(hf_model, tmp_path, ar
     applies the peft one; the merge converts and verifies."""
     import json as _json
 
-    import llama_cpp
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from converter.convert import load_hf_tokenizer, native_stderr_quiet
+    from converter.convert import load_hf_tokenizer
     from finetune.recipe import load_recipe
     from finetune.train import merge, sft
 
@@ -172,21 +180,7 @@ def test_tune_convert_lora_and_verify_on_qwen3_and_gemma3(hf_model, tmp_path, ar
     gg = convert_lora(run.adapter, base, tmp_path / "adapter.gguf")
     ids = load_hf_tokenizer(base)("The quick brown fox jumps over the lazy dog because")["input_ids"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(run.adapter))
-    with torch.no_grad():
-        with model.disable_adapter():
-            t0 = model(torch.tensor([ids])).logits[0].numpy()
-        t1 = model(torch.tensor([ids])).logits[0].numpy()
-    with native_stderr_quiet():
-        plain = llama_cpp.Llama(str(f32), logits_all=True, verbose=False, n_ctx=128)
-        adapted = llama_cpp.Llama(str(f32), lora_path=str(gg.path), logits_all=True, verbose=False, n_ctx=128)
-    try:
-        plain.eval(ids)
-        adapted.eval(ids)
-        g0, g1 = np.asarray(plain.scores[:len(ids)]), np.asarray(adapted.scores[:len(ids)])
-    finally:
-        plain.close()
-        adapted.close()
-    dt, dg = (t1 - t0).ravel(), (g1 - g0).ravel()
+    dt, dg = lora_deltas(model, f32, gg.path, ids)
     assert np.linalg.norm(dt) > 0.1  # the training changed the model
     assert np.corrcoef(dt, dg)[0, 1] > 0.99 and abs(np.linalg.norm(dg) / np.linalg.norm(dt) - 1) < 0.05
 
