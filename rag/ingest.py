@@ -22,6 +22,7 @@ from .store import FileRecord, RagError, Store
 
 # Files are committed in groups once this many chunks are waiting (one encode call).
 GROUP_CHUNKS = 256
+RUN_CACHE = 20_000  # vectors one run keeps for texts that come again (Ingestor._vectors_for)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Summary:
     removed: list[str] = field(default_factory=list)
     chunks: int = 0
     seconds: float = 0.0
+    backend: str = ""  # what ran the embedder (rag/embed.py: torch, torch-bf16, ...); "" when none was loaded
 
     def as_dict(self) -> dict:
         return {
@@ -57,6 +59,7 @@ class Summary:
             "removed": self.removed,
             "chunks": self.chunks,
             "seconds": round(self.seconds, 3),
+            "backend": self.backend,
         }
 
 
@@ -108,6 +111,7 @@ class Ingestor:
         self.max_bytes = max_bytes
         self.context = context
         self._chunker = None
+        self._recent: dict[bytes, object] = {}  # this run's vectors by text digest (_vectors_for)
 
     @property
     def embedder(self):
@@ -131,6 +135,7 @@ class Ingestor:
     def run(self, paths: Iterable[str | os.PathLike], collection: str,
             on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Summary:
         t0 = time.monotonic()
+        self._recent = {}
         files, roots, missing = walk(paths)
         summary = Summary(collection)
         summary.failed.extend(missing)
@@ -209,7 +214,9 @@ class Ingestor:
             self.store.remove_files(collection, gone)
             summary.removed.extend(gone)
         tick()
+        self._recent = {}
         summary.seconds = time.monotonic() - t0
+        summary.backend = str(getattr(self._embedder, "backend", "") or "") if self._embedder is not None else ""
         return summary
 
     @property
@@ -222,7 +229,7 @@ class Ingestor:
         if not pending:
             return
         texts = [c.embedding_text() for _, chunks in pending for c in chunks]
-        vectors = self.embedder.encode(texts) if texts else []
+        vectors = self._vectors_for(texts) if texts else []
         batch = []
         i = 0
         for rec, chunks in pending:
@@ -235,6 +242,26 @@ class Ingestor:
                 summary.ingested.append(rec.path)
                 summary.chunks += len(chunks)
         prog.chunks += len(texts)
+
+
+    def _vectors_for(self, texts: list[str]):
+        """Each distinct text is embedded once per run: a passage repeated across files (a folder
+        and its copy, GPL and GPL-3) costs one encode, and its copies get the very same vector.
+        Up to RUN_CACHE vectors are kept for the groups that follow (1.5 KB each at 384 dims)."""
+        import numpy as np
+
+        keys = [hashlib.sha1(t.encode("utf-8", "surrogatepass")).digest() for t in texts]
+        text_of = dict(zip(keys, texts))
+        todo = [k for k in dict.fromkeys(keys) if k not in self._recent]
+        fresh = {}
+        if todo:
+            encoded = np.asarray(self.embedder.encode([text_of[k] for k in todo]), dtype=np.float32)
+            if encoded.ndim != 2 or len(encoded) != len(todo):
+                raise RagError(f"the embedder returned {len(encoded)} vectors for {len(todo)} texts")
+            fresh = dict(zip(todo, encoded))
+            for k in todo[:max(0, RUN_CACHE - len(self._recent))]:
+                self._recent[k] = fresh[k]
+        return np.stack([fresh[k] if k in fresh else self._recent[k] for k in keys])
 
 
 def _under(path: str, root: Path) -> bool:

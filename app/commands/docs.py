@@ -81,7 +81,8 @@ def _ingest_once(ing, args):
         con = _console()
         con.print(f"{args.collection}: ingested {len(summary.ingested)} files ({summary.chunks} chunks), "
                   f"{len(summary.unchanged)} unchanged, {len(summary.failed)} failed, {len(summary.removed)} removed "
-                  f"in {summary.seconds:.1f} s", soft_wrap=True)
+                  f"in {summary.seconds:.1f} s" + (f" (embedder on {summary.backend})" if summary.backend else ""),
+                  soft_wrap=True)
         from ..render import display_safe
 
         for path, reason in summary.failed:

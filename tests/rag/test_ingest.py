@@ -80,6 +80,45 @@ def test_second_owner_gets_a_clear_message(tmp_path, store):
     Store(store.root).close()  # free again once the owner closed it
 
 
+def test_a_text_that_comes_again_in_one_run_is_embedded_once(store, embedder, tmp_path, monkeypatch):
+    """A folder and its copy, far enough apart to be committed in different groups: every chunk of
+    the copy takes the vector its original got, and only new text reaches the embedder."""
+    import numpy as np
+
+    import rag.ingest
+
+    monkeypatch.setattr(rag.ingest, "GROUP_CHUNKS", 8)  # one file per group
+    for folder in ("notes", "backup"):
+        (tmp_path / folder).mkdir()
+        for name in ("BSD", "MPL-2.0"):
+            (tmp_path / folder / name).write_bytes((LICENSES / name).read_bytes())
+    (tmp_path / "backup" / "extra.txt").write_text("Tide tables for the harbour, read at the full moon.\n")
+    sent: list[str] = []
+
+    class Counting:
+        tokenizer, dimension, backend = embedder.tokenizer, embedder.dimension, embedder.backend
+
+        def encode(self, texts):
+            sent.extend(texts)
+            return embedder.encode(texts)
+
+    s = Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "c")
+    assert len(s.ingested) == 5 and s.chunks == store.collection("c").chunks
+    assert len(sent) == len(set(sent)), "no text is embedded twice"
+    rows = store.chunks("c", store.chunk_ids("c")).values()
+    vec = dict(store.vectors("c", [r.id for r in rows]))
+    by_place = {(r.path.split("/")[-2], r.path.rsplit("/", 1)[-1], r.idx): vec[r.id] for r in rows}
+    copies = [k for k in by_place if k[0] == "backup" and k[1] != "extra.txt"]
+    assert len(sent) == len(by_place) - len(copies) and copies
+    for _, name, idx in copies:
+        assert np.array_equal(by_place[("backup", name, idx)], by_place[("notes", name, idx)])
+    # With no room to keep vectors between groups, a copy in a later group is embedded again.
+    monkeypatch.setattr(rag.ingest, "RUN_CACHE", 0)
+    sent.clear()
+    Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "d")
+    assert len(sent) == len(by_place)
+
+
 def test_collection_names_and_embedder_mismatch(store, ingestor, licenses):
     with pytest.raises(RagError, match="collection name"):
         ingestor.run([licenses], "../escape")
