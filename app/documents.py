@@ -24,7 +24,7 @@ def open_store(settings):
 _EMBEDDERS: dict[str, object] = {}
 
 
-def embedder(name: str, backend: str = "torch"):
+def embedder(name: str, backend: str = "auto"):
     """One loaded embedder per name and backend per process (loading costs ~0.5 s and 90 MB).
     An ONNX backend's exported model is kept under the data dir's cache/onnx, made on first use."""
     from rag.embed import Embedder

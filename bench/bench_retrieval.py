@@ -27,7 +27,7 @@ unit vectors standing in for embeddings (the query path is the same). Timed end 
 query, beside the anchor: the same query embedding plus one raw Chroma ``query`` call.
 
     python bench/bench_retrieval.py [--sets license,nodeapi,pyref] [--variants] [--grid]
-                                    [--backend torch|onnx|onnx-int8] [--chunks 10000] [--skip-latency]
+                                    [--backend torch|torch-bf16|onnx|onnx-int8|auto] [--chunks 10000] [--skip-latency]
 """
 from __future__ import annotations
 
@@ -220,7 +220,8 @@ def main() -> None:
     ap.add_argument("--stopwords", action="store_true", help="keyword leg leaves English function words out")
     ap.add_argument("--porter", action="store_true", help="measure a Porter-stemmed keyword index")
     ap.add_argument("--context", default=DEFAULT_CONTEXT, choices=CONTEXTS, help="chunk context without --variants")
-    ap.add_argument("--backend", default=None, help="embedding backend (default: crofter's default)")
+    ap.add_argument("--backend", default=None, help="embedding backend (default: torch, float32, the reference; "
+                    "crofter itself defaults to auto)")
     ap.add_argument("--windows", default=str(WINDOW), metavar="W1,W2",
                     help=f"neighbouring chunks a hit is shown with, each measured (default {WINDOW})")
     ap.add_argument("--window-chars", default=str(WINDOW_CHARS), metavar="C1,C2",

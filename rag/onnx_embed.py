@@ -18,7 +18,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-BACKENDS = ("torch", "onnx", "onnx-int8")  # app/config.py checks the setting against these
+# app/config.py checks the setting against these; rag/embed.py resolves "auto" and runs the torch ones.
+BACKENDS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
 
 
 def default_cache() -> Path:

@@ -21,7 +21,7 @@ MAX_CHARS = 100_000  # per input
 class Embeddings:
     """The server's embedder, loaded on first use; encoding is serialized (one model)."""
 
-    def __init__(self, name: str, backend: str = "torch"):
+    def __init__(self, name: str, backend: str = "auto"):
         self.name = name
         self.backend = backend
         self._lock = threading.Lock()
