@@ -1,7 +1,8 @@
 """Ingest files and folders into a collection: hash, extract, chunk, embed, store.
 
 Unchanged files (same SHA-256 as the catalogue) are skipped without loading the
-embedder; changed files replace their chunks; files that disappeared from an ingested
+embedder; changed files replace their chunks (a window whose text did not change keeps its
+vector instead of being embedded again); files that disappeared from an ingested
 folder lose theirs; unreadable files are recorded as ``failed: <reason>`` and the batch
 goes on. Chunks of several files are embedded together in batches (the embedder is
 the expensive part), and a group of files is committed as soon as its vectors exist.
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .chunking import DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker, title_of
+from .chunking import DEFAULT_CONTEXT, DEFAULT_OVERLAP, DEFAULT_SIZE, Chunk, Chunker, title_of
 from .embed import release_heap
 from .loaders import MAX_FILE_BYTES, LoadError, extract, supported
-from .store import FileRecord, RagError, Store
+from .store import FileRecord, RagError, Store, chunk_id
 
 # Files are committed in groups once this many chunks are waiting (one encode call).
 GROUP_CHUNKS = 256
@@ -198,6 +199,8 @@ class Ingestor:
                 prog.files_done += 1
                 tick()
                 continue
+            if old is not None:
+                self._remember(collection, old)
             rec = FileRecord(key, digest, st.st_size, st.st_mtime_ns, "ok", None, len(chunks))
             pending.append((rec, chunks))
             pending_chunks += len(chunks)
@@ -250,7 +253,7 @@ class Ingestor:
         Up to RUN_CACHE vectors are kept for the groups that follow (1.5 KB each at 384 dims)."""
         import numpy as np
 
-        keys = [hashlib.sha1(t.encode("utf-8", "surrogatepass")).digest() for t in texts]
+        keys = [_digest(t) for t in texts]
         text_of = dict(zip(keys, texts))
         todo = [k for k in dict.fromkeys(keys) if k not in self._recent]
         fresh = {}
@@ -262,6 +265,28 @@ class Ingestor:
             for k in todo[:max(0, RUN_CACHE - len(self._recent))]:
                 self._recent[k] = fresh[k]
         return np.stack([fresh[k] if k in fresh else self._recent[k] for k in keys])
+
+
+    def _remember(self, collection: str, old: FileRecord) -> None:
+        """A changed file's previous chunks lend their vectors to its new version: a window whose
+        text and context did not change is not embedded again, so an edit re-embeds only the
+        windows it touched. A stored vector that is not unit length (a damaged store) is not lent."""
+        import numpy as np
+
+        room = RUN_CACHE - len(self._recent)
+        if room <= 0 or old.status != "ok" or not old.n_chunks:
+            return
+        rows = self.store.chunks(collection, [chunk_id(old.path, old.sha256, i) for i in range(old.n_chunks)][:room])
+        for cid, vec in self.store.vectors(collection, list(rows)):
+            v = np.asarray(vec, dtype=np.float32)
+            if v.ndim == 1 and np.all(np.isfinite(v)) and abs(float(np.linalg.norm(v)) - 1.0) < 1e-3:
+                r = rows[cid]
+                text = Chunk(r.idx, r.start, r.end, r.text, r.heading, r.page, r.context).embedding_text()
+                self._recent.setdefault(_digest(text), v)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def _under(path: str, root: Path) -> bool:

@@ -119,6 +119,55 @@ def test_a_text_that_comes_again_in_one_run_is_embedded_once(store, embedder, tm
     assert len(sent) == len(by_place)
 
 
+def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path):
+    """A long file edited near its end: the windows before the edit keep their vectors, only the
+    rest reach the embedder, and search finds the new words. A stored vector that is not unit
+    length is never lent."""
+    import numpy as np
+
+    from rag.store import chunk_id
+
+    doc = tmp_path / "docs" / "GPL-3"
+    doc.parent.mkdir()
+    text = (LICENSES / "GPL-3").read_text()
+    doc.write_text(text)
+    sent: list[str] = []
+
+    class Counting:
+        tokenizer, dimension, backend = embedder.tokenizer, embedder.dimension, embedder.backend
+
+        def encode(self, texts):
+            sent.extend(texts)
+            return embedder.encode(texts)
+
+    first = Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
+    old = store.file("c", str(doc))
+    before = dict(store.vectors("c", [chunk_id(old.path, old.sha256, i) for i in range(old.n_chunks)]))
+    at = text.index("  16. Limitation of Liability.")
+    doc.write_text(text[:at] + "  Harbour tide tables are read at the full moon.\n\n" + text[at:])
+    # A damaged stored vector (zeroed) for the file's first window: it is embedded again, not lent.
+    store._vectors("c").update(ids=[chunk_id(old.path, old.sha256, 0)], embeddings=[[0.0] * embedder.dimension])
+    sent.clear()
+    second = Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
+    assert second.ingested == [str(doc)] and second.chunks >= first.chunks
+    new = store.file("c", str(doc))
+    rows = store.chunks("c", [chunk_id(new.path, new.sha256, i) for i in range(new.n_chunks)])
+    after = dict(store.vectors("c", list(rows)))
+    kept = [i for i in range(1, new.n_chunks)
+            if rows[chunk_id(new.path, new.sha256, i)].end <= at]  # wholly before the edit
+    assert len(kept) > new.n_chunks * 0.6
+    for i in kept:  # equal to float32's rounding (the vector store renormalizes what it is given)
+        assert np.allclose(after[chunk_id(new.path, new.sha256, i)], before[chunk_id(old.path, old.sha256, i)],
+                           rtol=0, atol=1e-6)
+    assert 2 <= len(sent) <= new.n_chunks - len(kept), (len(sent), new.n_chunks, len(kept))
+    assert abs(np.linalg.norm(after[chunk_id(new.path, new.sha256, 0)]) - 1) < 1e-4, "the zeroed window was re-embedded"
+    consistent(store, "c")
+    from rag.retrieve import Retriever
+
+    hits = Retriever(store, embedder).search("c", "harbour tide tables full moon", k=1, mode="keyword")
+    assert hits and "Harbour tide tables" in hits[0].text
+
+
 def test_collection_names_and_embedder_mismatch(store, ingestor, licenses):
     with pytest.raises(RagError, match="collection name"):
         ingestor.run([licenses], "../escape")
