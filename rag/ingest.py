@@ -135,8 +135,14 @@ class Ingestor:
 
     def run(self, paths: Iterable[str | os.PathLike], collection: str,
             on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Summary:
-        t0 = time.monotonic()
         self._recent = {}
+        try:
+            return self._run(paths, collection, on_progress, should_stop)
+        finally:
+            self._recent = {}  # up to RUN_CACHE vectors, not kept past the run
+
+    def _run(self, paths, collection: str, on_progress, should_stop) -> Summary:
+        t0 = time.monotonic()
         files, roots, missing = walk(paths)
         summary = Summary(collection)
         summary.failed.extend(missing)
@@ -217,9 +223,8 @@ class Ingestor:
             self.store.remove_files(collection, gone)
             summary.removed.extend(gone)
         tick()
-        self._recent = {}
         summary.seconds = time.monotonic() - t0
-        summary.backend = str(getattr(self._embedder, "backend", "") or "") if self._embedder is not None else ""
+        summary.backend = getattr(self._embedder, "backend", "") or ""
         return summary
 
     @property
@@ -246,7 +251,6 @@ class Ingestor:
                 summary.chunks += len(chunks)
         prog.chunks += len(texts)
 
-
     def _vectors_for(self, texts: list[str]):
         """Each distinct text is embedded once per run: a passage repeated across files (a folder
         and its copy, GPL and GPL-3) costs one encode, and its copies get the very same vector.
@@ -266,18 +270,26 @@ class Ingestor:
                 self._recent[k] = fresh[k]
         return np.stack([fresh[k] if k in fresh else self._recent[k] for k in keys])
 
-
     def _remember(self, collection: str, old: FileRecord) -> None:
         """A changed file's previous chunks lend their vectors to its new version: a window whose
         text and context did not change is not embedded again, so an edit re-embeds only the
-        windows it touched. A stored vector that is not unit length (a damaged store) is not lent."""
+        windows it touched. The collection's embedder is the same model by name (`_ensure_collection`);
+        a vector made by another backend of it (int8, bf16) is lent as it is, and `crofter collections
+        rebuild` re-embeds everything. Best effort: a stored vector that is not unit length (a damaged
+        store) is not lent, and a store that cannot be read lends nothing."""
         import numpy as np
 
         room = RUN_CACHE - len(self._recent)
         if room <= 0 or old.status != "ok" or not old.n_chunks:
             return
-        rows = self.store.chunks(collection, [chunk_id(old.path, old.sha256, i) for i in range(old.n_chunks)][:room])
-        for cid, vec in self.store.vectors(collection, list(rows)):
+        ids = [chunk_id(old.path, old.sha256, i) for i in range(min(old.n_chunks, room))]
+        try:
+            rows = self.store.chunks(collection, ids)
+            stored = [pair for i in range(0, len(ids), 1000)
+                      for pair in self.store.vectors(collection, [c for c in ids[i:i + 1000] if c in rows])]
+        except Exception:  # noqa: BLE001 - the windows are embedded instead, as before this shortcut
+            return
+        for cid, vec in stored:
             v = np.asarray(vec, dtype=np.float32)
             if v.ndim == 1 and np.all(np.isfinite(v)) and abs(float(np.linalg.norm(v)) - 1.0) < 1e-3:
                 r = rows[cid]

@@ -125,6 +125,7 @@ def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path
     length is never lent."""
     import numpy as np
 
+    from rag.chunking import Chunk
     from rag.store import chunk_id
 
     doc = tmp_path / "docs" / "GPL-3"
@@ -156,7 +157,9 @@ def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path
     kept = [i for i in range(1, new.n_chunks)
             if rows[chunk_id(new.path, new.sha256, i)].end <= at]  # wholly before the edit
     assert len(kept) > new.n_chunks * 0.6
-    for i in kept:  # equal to float32's rounding (the vector store renormalizes what it is given)
+    for i in kept:  # lent, not embedded again; equal to float32's rounding (the store renormalizes)
+        row = rows[chunk_id(new.path, new.sha256, i)]
+        assert Chunk(row.idx, row.start, row.end, row.text, row.heading, row.page, row.context).embedding_text() not in sent
         assert np.allclose(after[chunk_id(new.path, new.sha256, i)], before[chunk_id(old.path, old.sha256, i)],
                            rtol=0, atol=1e-6)
     assert 2 <= len(sent) <= new.n_chunks - len(kept), (len(sent), new.n_chunks, len(kept))
@@ -166,6 +169,14 @@ def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path
 
     hits = Retriever(store, embedder).search("c", "harbour tide tables full moon", k=1, mode="keyword")
     assert hits and "Harbour tide tables" in hits[0].text
+    # The file's vectors gone from the store (an ingest killed between deleting and adding them):
+    # nothing to lend, so the next edit embeds every window again and the store is whole.
+    store._vectors("c").delete(ids=list(rows))
+    doc.write_text(text)
+    sent.clear()
+    Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
+    assert len(sent) == store.file("c", str(doc)).n_chunks == first.chunks
+    consistent(store, "c")
 
 
 def test_collection_names_and_embedder_mismatch(store, ingestor, licenses):
