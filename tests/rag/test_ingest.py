@@ -80,6 +80,18 @@ def test_second_owner_gets_a_clear_message(tmp_path, store):
     Store(store.root).close()  # free again once the owner closed it
 
 
+class Counting:
+    """The real embedder, keeping every text it is asked to embed in `sent`."""
+
+    def __init__(self, embedder):
+        self.embedder, self.sent = embedder, []
+        self.tokenizer, self.dimension, self.backend = embedder.tokenizer, embedder.dimension, embedder.backend
+
+    def encode(self, texts):
+        self.sent.extend(texts)
+        return self.embedder.encode(texts)
+
+
 def test_a_text_that_comes_again_in_one_run_is_embedded_once(store, embedder, tmp_path, monkeypatch):
     """A folder and its copy, far enough apart to be committed in different groups: every chunk of
     the copy takes the vector its original got, and only new text reaches the embedder."""
@@ -93,16 +105,10 @@ def test_a_text_that_comes_again_in_one_run_is_embedded_once(store, embedder, tm
         for name in ("BSD", "MPL-2.0"):
             (tmp_path / folder / name).write_bytes((LICENSES / name).read_bytes())
     (tmp_path / "backup" / "extra.txt").write_text("Tide tables for the harbour, read at the full moon.\n")
-    sent: list[str] = []
+    counting = Counting(embedder)
+    sent = counting.sent
 
-    class Counting:
-        tokenizer, dimension, backend = embedder.tokenizer, embedder.dimension, embedder.backend
-
-        def encode(self, texts):
-            sent.extend(texts)
-            return embedder.encode(texts)
-
-    s = Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "c")
+    s = Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "c")
     assert len(s.ingested) == 5 and s.chunks == store.collection("c").chunks
     assert len(sent) == len(set(sent)), "no text is embedded twice"
     rows = store.chunks("c", store.chunk_ids("c")).values()
@@ -115,7 +121,7 @@ def test_a_text_that_comes_again_in_one_run_is_embedded_once(store, embedder, tm
     # With no room to keep vectors between groups, a copy in a later group is embedded again.
     monkeypatch.setattr(rag.ingest, "RUN_CACHE", 0)
     sent.clear()
-    Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "d")
+    Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "d")
     assert len(sent) == len(by_place)
 
 
@@ -132,16 +138,10 @@ def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path
     doc.parent.mkdir()
     text = (LICENSES / "GPL-3").read_text()
     doc.write_text(text)
-    sent: list[str] = []
+    counting = Counting(embedder)
+    sent = counting.sent
 
-    class Counting:
-        tokenizer, dimension, backend = embedder.tokenizer, embedder.dimension, embedder.backend
-
-        def encode(self, texts):
-            sent.extend(texts)
-            return embedder.encode(texts)
-
-    first = Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
+    first = Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
     old = store.file("c", str(doc))
     before = dict(store.vectors("c", [chunk_id(old.path, old.sha256, i) for i in range(old.n_chunks)]))
     at = text.index("  16. Limitation of Liability.")
@@ -149,7 +149,7 @@ def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path
     # A damaged stored vector (zeroed) for the file's first window: it is embedded again, not lent.
     store._vectors("c").update(ids=[chunk_id(old.path, old.sha256, 0)], embeddings=[[0.0] * embedder.dimension])
     sent.clear()
-    second = Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
+    second = Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
     assert second.ingested == [str(doc)] and second.chunks >= first.chunks
     new = store.file("c", str(doc))
     rows = store.chunks("c", [chunk_id(new.path, new.sha256, i) for i in range(new.n_chunks)])
@@ -174,7 +174,7 @@ def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path
     store._vectors("c").delete(ids=list(rows))
     doc.write_text(text)
     sent.clear()
-    Ingestor(store, Counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
+    Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([doc.parent], "c")
     assert len(sent) == store.file("c", str(doc)).n_chunks == first.chunks
     consistent(store, "c")
 
