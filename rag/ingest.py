@@ -2,7 +2,8 @@
 
 Unchanged files (same SHA-256 as the catalogue) are skipped without loading the
 embedder; changed files replace their chunks (a window whose text did not change keeps its
-vector instead of being embedded again); files that disappeared from an ingested
+vector instead of being embedded again, and so does a copy of a file the collection already
+holds under another path); files that disappeared from an ingested
 folder lose theirs; unreadable files are recorded as ``failed: <reason>`` and the batch
 goes on. Chunks of several files are embedded together in batches (the embedder is
 the expensive part), and a group of files is committed as soon as its vectors exist.
@@ -113,6 +114,7 @@ class Ingestor:
         self.context = context
         self._chunker = None
         self._recent: dict[bytes, object] = {}  # this run's vectors by text digest (_vectors_for)
+        self._by_sha: dict[str, list[FileRecord]] | None = None  # the collection's files by content (_twin)
 
     @property
     def embedder(self):
@@ -135,11 +137,11 @@ class Ingestor:
 
     def run(self, paths: Iterable[str | os.PathLike], collection: str,
             on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Summary:
-        self._recent = {}
+        self._recent, self._by_sha = {}, None
         try:
             return self._run(paths, collection, on_progress, should_stop)
         finally:
-            self._recent = {}  # up to RUN_CACHE vectors, not kept past the run
+            self._recent, self._by_sha = {}, None  # up to RUN_CACHE vectors, not kept past the run
 
     def _run(self, paths, collection: str, on_progress, should_stop) -> Summary:
         t0 = time.monotonic()
@@ -207,6 +209,9 @@ class Ingestor:
                 continue
             if old is not None:
                 self._remember(collection, old)
+            twin = self._twin(collection, digest, key)
+            if twin is not None:
+                self._remember(collection, twin)
             rec = FileRecord(key, digest, st.st_size, st.st_mtime_ns, "ok", None, len(chunks))
             pending.append((rec, chunks))
             pending_chunks += len(chunks)
@@ -269,6 +274,26 @@ class Ingestor:
             for k in todo[:max(0, RUN_CACHE - len(self._recent))]:
                 self._recent[k] = fresh[k]
         return np.stack([fresh[k] if k in fresh else self._recent[k] for k in keys])
+
+    def _twin(self, collection: str, digest: str, path: str) -> FileRecord | None:
+        """Another file of the collection, stored before this run, with the very same bytes (a
+        copy in a second folder, ingested on another day): its vectors are lent like a changed
+        file's own (`_remember`), so a window with the same text and context is not embedded
+        again. Of several such files, one with the same name (so the same title in its context)
+        is preferred. The catalogue is read once a run, the first time a file needs embedding."""
+        if not digest:
+            return None
+        if self._by_sha is None:
+            self._by_sha = {}
+            try:
+                for rec in self.store.files(collection):
+                    if rec.status == "ok" and rec.n_chunks:
+                        self._by_sha.setdefault(rec.sha256, []).append(rec)
+            except Exception:  # noqa: BLE001 - best effort, like _remember: the file is embedded instead
+                pass
+        twins = [r for r in self._by_sha.get(digest, ()) if r.path != path]
+        name = Path(path).name
+        return next((r for r in twins if Path(r.path).name == name), twins[0] if twins else None)
 
     def _remember(self, collection: str, old: FileRecord) -> None:
         """A changed file's previous chunks lend their vectors to its new version: a window whose

@@ -179,6 +179,58 @@ def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path
     consistent(store, "c")
 
 
+def test_a_copy_ingested_in_a_later_run_takes_the_stored_vectors(store, embedder, tmp_path):
+    """A folder ingested one day and a copy of it the next: the copy's windows take the vectors
+    already stored for the same bytes (nothing reaches the embedder; of two stored files with
+    those bytes, the one with the same name lends), a renamed copy (another title, so another
+    context) and a new file are embedded, and a copy of a file whose stored vectors are gone is
+    embedded whole."""
+    import numpy as np
+
+    (tmp_path / "notes").mkdir()
+    for name in ("BSD", "MPL-2.0"):
+        (tmp_path / "notes" / name).write_bytes((LICENSES / name).read_bytes())
+    (tmp_path / "notes" / "0-BSD").write_bytes((LICENSES / "BSD").read_bytes())  # listed before BSD
+    counting = Counting(embedder)
+    sent = counting.sent
+    first = Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes"], "c")
+    assert len(first.ingested) == 3 and len(sent) == first.chunks
+    own = first.chunks - store.file("c", str(tmp_path / "notes" / "0-BSD")).n_chunks
+
+    (tmp_path / "backup").mkdir()
+    for name in ("BSD", "MPL-2.0"):
+        (tmp_path / "backup" / name).write_bytes((LICENSES / name).read_bytes())
+    (tmp_path / "backup" / "BSD-copy").write_bytes((LICENSES / "BSD").read_bytes())
+    (tmp_path / "backup" / "extra.txt").write_text("Tide tables for the harbour, read at the full moon.\n")
+    sent.clear()
+    second = Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "backup"], "c")
+    assert len(second.ingested) == 4 and not second.failed
+    renamed = store.file("c", str(tmp_path / "backup" / "BSD-copy")).n_chunks
+    assert len(sent) == renamed + 1, "only the renamed copy and the new file were embedded"
+    assert all(t.startswith("BSD-copy") or "Tide tables" in t for t in sent), sent
+    rows = store.chunks("c", store.chunk_ids("c")).values()
+    vec = dict(store.vectors("c", [r.id for r in rows]))
+    by_place = {(r.path.split("/")[-2], r.path.rsplit("/", 1)[-1], r.idx): vec[r.id] for r in rows}
+    copies = [k for k in by_place if k[0] == "backup" and k[1] in ("BSD", "MPL-2.0")]
+    assert len(copies) == own
+    for _, name, idx in copies:
+        assert np.allclose(by_place[("backup", name, idx)], by_place[("notes", name, idx)], rtol=0, atol=1e-6)
+    consistent(store, "c")
+
+    # The stored vectors of notes/BSD gone (a damaged store): a third copy is embedded whole.
+    bsd = store.file("c", str(tmp_path / "notes" / "BSD"))
+    backup_bsd = store.file("c", str(tmp_path / "backup" / "BSD"))
+    store._vectors("c").delete(ids=[r.id for r in rows if r.path in (bsd.path, backup_bsd.path)])
+    (tmp_path / "third").mkdir()
+    (tmp_path / "third" / "BSD").write_bytes((LICENSES / "BSD").read_bytes())
+    sent.clear()
+    Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "third"], "c")
+    assert len(sent) == bsd.n_chunks
+    third = store.file("c", str(tmp_path / "third" / "BSD"))
+    assert len(store.vectors("c", [r.id for r in store.chunks("c", store.chunk_ids("c")).values()
+                                   if r.path == third.path])) == third.n_chunks
+
+
 def test_collection_names_and_embedder_mismatch(store, ingestor, licenses):
     with pytest.raises(RagError, match="collection name"):
         ingestor.run([licenses], "../escape")
