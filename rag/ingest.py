@@ -25,6 +25,7 @@ from .store import FileRecord, RagError, Store, chunk_id
 # Files are committed in groups once this many chunks are waiting (one encode call).
 GROUP_CHUNKS = 256
 RUN_CACHE = 20_000  # vectors one run keeps for texts that come again (Ingestor._vectors_for)
+TWINS = 3  # stored copies of a file asked for its vectors (Ingestor._borrow)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Ingestor:
         self.context = context
         self._chunker = None
         self._recent: dict[bytes, object] = {}  # this run's vectors by text digest (_vectors_for)
-        self._by_sha: dict[str, list[FileRecord]] | None = None  # the collection's files by content (_twin)
+        self._lent: dict[bytes, object] = {}  # stored vectors the pending group's windows borrow (_borrow)
 
     @property
     def embedder(self):
@@ -137,11 +138,11 @@ class Ingestor:
 
     def run(self, paths: Iterable[str | os.PathLike], collection: str,
             on_progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Summary:
-        self._recent, self._by_sha = {}, None
+        self._recent, self._lent = {}, {}
         try:
             return self._run(paths, collection, on_progress, should_stop)
         finally:
-            self._recent, self._by_sha = {}, None  # up to RUN_CACHE vectors, not kept past the run
+            self._recent, self._lent = {}, {}  # up to RUN_CACHE vectors, not kept past the run
 
     def _run(self, paths, collection: str, on_progress, should_stop) -> Summary:
         t0 = time.monotonic()
@@ -207,11 +208,7 @@ class Ingestor:
                 prog.files_done += 1
                 tick()
                 continue
-            if old is not None:
-                self._remember(collection, old)
-            twin = self._twin(collection, digest, key)
-            if twin is not None:
-                self._remember(collection, twin)
+            self._borrow(collection, old, digest, key, chunks)
             rec = FileRecord(key, digest, st.st_size, st.st_mtime_ns, "ok", None, len(chunks))
             pending.append((rec, chunks))
             pending_chunks += len(chunks)
@@ -221,12 +218,18 @@ class Ingestor:
             prog.files_done += 1
             tick()
         self._flush(collection, pending, summary, prog)
-        if roots and info is not None and not (should_stop and should_stop()):
+        # A named file or folder that no longer exists but was ingested before (a folder deleted
+        # or moved away) has its files dropped like a file deleted inside a folder.
+        vanished = [Path(p) for p, _ in missing]
+        if (roots or vanished) and info is not None and not (should_stop and should_stop()):
             seen = {str(f) for f in files}
             gone = [r.path for r in self.store.files(collection)
-                    if r.path not in seen and any(_under(r.path, root) for root in roots) and not Path(r.path).exists()]
+                    if r.path not in seen and any(_under(r.path, root) for root in roots + vanished)
+                    and not Path(r.path).exists()]
             self.store.remove_files(collection, gone)
             summary.removed.extend(gone)
+            dropped = {str(v) for v in vanished if any(_under(g, v) for g in gone)}
+            summary.failed[:] = [f for f in summary.failed if f[0] not in dropped]
         tick()
         summary.seconds = time.monotonic() - t0
         summary.backend = getattr(self._embedder, "backend", "") or ""
@@ -249,6 +252,7 @@ class Ingestor:
             batch.append((rec, chunks, vectors[i:i + len(chunks)] if chunks else None))
             i += len(chunks)
         self.store.write_files(collection, batch)
+        self._lent = {}
         release_heap()
         for rec, chunks in pending:
             if rec.status == "ok":
@@ -264,7 +268,7 @@ class Ingestor:
 
         keys = [_digest(t) for t in texts]
         text_of = dict(zip(keys, texts))
-        todo = [k for k in dict.fromkeys(keys) if k not in self._recent]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._recent and k not in self._lent]
         fresh = {}
         if todo:
             encoded = np.asarray(self.embedder.encode([text_of[k] for k in todo]), dtype=np.float32)
@@ -273,53 +277,62 @@ class Ingestor:
             fresh = dict(zip(todo, encoded))
             for k in todo[:max(0, RUN_CACHE - len(self._recent))]:
                 self._recent[k] = fresh[k]
-        return np.stack([fresh[k] if k in fresh else self._recent[k] for k in keys])
+        return np.stack([fresh[k] if k in fresh else self._recent[k] if k in self._recent else self._lent[k]
+                         for k in keys])
 
-    def _twin(self, collection: str, digest: str, path: str) -> FileRecord | None:
-        """Another file of the collection, stored before this run, with the very same bytes (a
-        copy in a second folder, ingested on another day): its vectors are lent like a changed
-        file's own (`_remember`), so a window with the same text and context is not embedded
-        again. Of several such files, one with the same name (so the same title in its context)
-        is preferred. The catalogue is read once a run, the first time a file needs embedding."""
-        if not digest:
-            return None
-        if self._by_sha is None:
-            self._by_sha = {}
-            try:
-                for rec in self.store.files(collection):
-                    if rec.status == "ok" and rec.n_chunks:
-                        self._by_sha.setdefault(rec.sha256, []).append(rec)
-            except Exception:  # noqa: BLE001 - best effort, like _remember: the file is embedded instead
-                pass
-        twins = [r for r in self._by_sha.get(digest, ()) if r.path != path]
-        name = Path(path).name
-        return next((r for r in twins if Path(r.path).name == name), twins[0] if twins else None)
+    def _borrow(self, collection: str, old: FileRecord | None, digest: str, path: str, chunks: list) -> None:
+        """Stored vectors a file's windows can take instead of being embedded: a changed file's
+        previous version lends the windows an edit did not touch, and a stored copy of the file
+        under another path (the same bytes: a second folder ingested on another day) lends every
+        window with the same text and context. Copies with the same title (the file name, part of
+        each window's context) are asked first, at most TWINS of them, until every window is
+        covered. Only the vectors this file needs are read into memory, and only until its group
+        is written. Best effort: a store that cannot be read lends nothing."""
+        need = {k for k in map(_digest, (c.embedding_text() for c in chunks))
+                if k not in self._recent and k not in self._lent}
+        if need and old is not None:
+            need -= self._remember(collection, old, need)
+        if not need or not digest:
+            return
+        try:
+            copies = self.store.copies(collection, digest, path)
+        except Exception:  # noqa: BLE001 - the windows are embedded instead
+            return
+        title = title_of(path)
+        copies.sort(key=lambda r: title_of(r.path) != title)  # stable: by path within each
+        for rec in copies[:TWINS]:
+            need -= self._remember(collection, rec, need)
+            if not need:
+                break
 
-    def _remember(self, collection: str, old: FileRecord) -> None:
-        """A changed file's previous chunks lend their vectors to its new version: a window whose
-        text and context did not change is not embedded again, so an edit re-embeds only the
-        windows it touched. The collection's embedder is the same model by name (`_ensure_collection`);
-        a vector made by another backend of it (int8, bf16) is lent as it is, and `crofter collections
-        rebuild` re-embeds everything. Best effort: a stored vector that is not unit length (a damaged
-        store) is not lent, and a store that cannot be read lends nothing."""
+    def _remember(self, collection: str, src: FileRecord, need: set[bytes]) -> set[bytes]:
+        """Lend `src`'s stored vectors to the windows in `need` (digests of embedding texts); returns
+        the digests it found. A vector is lent only to the very text it was made from; one made by
+        another backend of the same model (int8, bf16) is lent as it is, and `crofter collections
+        rebuild` re-embeds everything. A stored vector that is not unit length (a damaged store)
+        is not lent."""
         import numpy as np
 
-        room = RUN_CACHE - len(self._recent)
-        if room <= 0 or old.status != "ok" or not old.n_chunks:
-            return
-        ids = [chunk_id(old.path, old.sha256, i) for i in range(min(old.n_chunks, room))]
+        found: set[bytes] = set()
+        if src.status != "ok" or not src.n_chunks:
+            return found
+        ids = [chunk_id(src.path, src.sha256, i) for i in range(src.n_chunks)]
         try:
-            rows = self.store.chunks(collection, ids)
-            stored = [pair for i in range(0, len(ids), 1000)
-                      for pair in self.store.vectors(collection, [c for c in ids[i:i + 1000] if c in rows])]
+            for i in range(0, len(ids), 1000):
+                rows = self.store.chunks(collection, ids[i:i + 1000])
+                wanted = {}
+                for cid, r in rows.items():
+                    key = _digest(Chunk(r.idx, r.start, r.end, r.text, r.heading, r.page, r.context).embedding_text())
+                    if key in need and key not in found:
+                        wanted[cid] = key
+                for cid, vec in self.store.vectors(collection, list(wanted)) if wanted else ():
+                    v = np.asarray(vec, dtype=np.float32)
+                    if v.ndim == 1 and np.all(np.isfinite(v)) and abs(float(np.linalg.norm(v)) - 1.0) < 1e-3:
+                        self._lent[wanted[cid]] = v
+                        found.add(wanted[cid])
         except Exception:  # noqa: BLE001 - the windows are embedded instead, as before this shortcut
-            return
-        for cid, vec in stored:
-            v = np.asarray(vec, dtype=np.float32)
-            if v.ndim == 1 and np.all(np.isfinite(v)) and abs(float(np.linalg.norm(v)) - 1.0) < 1e-3:
-                r = rows[cid]
-                text = Chunk(r.idx, r.start, r.end, r.text, r.heading, r.page, r.context).embedding_text()
-                self._recent.setdefault(_digest(text), v)
+            pass
+        return found
 
 
 def _digest(text: str) -> bytes:

@@ -290,6 +290,14 @@ class Store:
             (collection,))]
 
     @_locked
+    def copies(self, collection: str, sha256: str, path: str, limit: int = 100) -> list[FileRecord]:
+        """Stored files other than `path` with these bytes and chunks of their own (index files_by_sha)."""
+        return [FileRecord(*r) for r in self.db.execute(
+            "SELECT path, sha256, size, mtime_ns, status, reason, n_chunks FROM files "
+            "WHERE collection = ? AND sha256 = ? AND path <> ? AND status = 'ok' AND n_chunks > 0 "
+            "ORDER BY path LIMIT ?", (collection, sha256, path, limit))]
+
+    @_locked
     def write_files(self, collection: str, batch: list[tuple[FileRecord, list, object]]) -> None:
         """Commit several files at once: (record, chunks, embeddings) each; failed files have no chunks.
 

@@ -118,10 +118,15 @@ def test_a_text_that_comes_again_in_one_run_is_embedded_once(store, embedder, tm
     assert len(sent) == len(by_place) - len(copies) and copies
     for _, name, idx in copies:
         assert np.array_equal(by_place[("backup", name, idx)], by_place[("notes", name, idx)])
-    # With no room to keep vectors between groups, a copy in a later group is embedded again.
+    # With no room to keep vectors between groups, a copy in a later group still takes the vectors
+    # its original's group wrote to the store; with that lookup off too, it is embedded again.
     monkeypatch.setattr(rag.ingest, "RUN_CACHE", 0)
     sent.clear()
     Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "d")
+    assert len(sent) == len(by_place) - len(copies)
+    monkeypatch.setattr(rag.ingest, "TWINS", 0)
+    sent.clear()
+    Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "e")
     assert len(sent) == len(by_place)
 
 
@@ -179,13 +184,16 @@ def test_an_edit_re_embeds_only_the_windows_it_touched(store, embedder, tmp_path
     consistent(store, "c")
 
 
-def test_a_copy_ingested_in_a_later_run_takes_the_stored_vectors(store, embedder, tmp_path):
+def test_a_copy_ingested_in_a_later_run_takes_the_stored_vectors(store, embedder, tmp_path, monkeypatch):
     """A folder ingested one day and a copy of it the next: the copy's windows take the vectors
-    already stored for the same bytes (nothing reaches the embedder; of two stored files with
-    those bytes, the one with the same name lends), a renamed copy (another title, so another
-    context) and a new file are embedded, and a copy of a file whose stored vectors are gone is
-    embedded whole."""
+    already stored for the same bytes (nothing reaches the embedder, even with no run cache; of
+    two stored files with those bytes, the one with the same title is asked first), a renamed
+    copy (another title, so another context) and a new file are embedded. A copy whose first
+    stored twin lost its vectors borrows from the next; a moved folder borrows from its old place
+    (gone from the disk, still in the store) before that is dropped; with no stored vectors left, a copy is embedded whole."""
     import numpy as np
+
+    import rag.ingest
 
     (tmp_path / "notes").mkdir()
     for name in ("BSD", "MPL-2.0"):
@@ -193,7 +201,13 @@ def test_a_copy_ingested_in_a_later_run_takes_the_stored_vectors(store, embedder
     (tmp_path / "notes" / "0-BSD").write_bytes((LICENSES / "BSD").read_bytes())  # listed before BSD
     counting = Counting(embedder)
     sent = counting.sent
-    first = Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes"], "c")
+
+    def ingest(*folders):
+        sent.clear()
+        return Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run(
+            [tmp_path / f for f in folders], "c")
+
+    first = ingest("notes")
     assert len(first.ingested) == 3 and len(sent) == first.chunks
     own = first.chunks - store.file("c", str(tmp_path / "notes" / "0-BSD")).n_chunks
 
@@ -202,8 +216,9 @@ def test_a_copy_ingested_in_a_later_run_takes_the_stored_vectors(store, embedder
         (tmp_path / "backup" / name).write_bytes((LICENSES / name).read_bytes())
     (tmp_path / "backup" / "BSD-copy").write_bytes((LICENSES / "BSD").read_bytes())
     (tmp_path / "backup" / "extra.txt").write_text("Tide tables for the harbour, read at the full moon.\n")
-    sent.clear()
-    second = Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "backup"], "c")
+    monkeypatch.setattr(rag.ingest, "RUN_CACHE", 0)
+    monkeypatch.setattr(rag.ingest, "TWINS", 1)  # only the first twin is asked: the one with the title
+    second = ingest("backup")
     assert len(second.ingested) == 4 and not second.failed
     renamed = store.file("c", str(tmp_path / "backup" / "BSD-copy")).n_chunks
     assert len(sent) == renamed + 1, "only the renamed copy and the new file were embedded"
@@ -216,19 +231,36 @@ def test_a_copy_ingested_in_a_later_run_takes_the_stored_vectors(store, embedder
     for _, name, idx in copies:
         assert np.allclose(by_place[("backup", name, idx)], by_place[("notes", name, idx)], rtol=0, atol=1e-6)
     consistent(store, "c")
+    monkeypatch.setattr(rag.ingest, "TWINS", 3)
 
-    # The stored vectors of notes/BSD gone (a damaged store): a third copy is embedded whole.
-    bsd = store.file("c", str(tmp_path / "notes" / "BSD"))
-    backup_bsd = store.file("c", str(tmp_path / "backup" / "BSD"))
-    store._vectors("c").delete(ids=[r.id for r in rows if r.path in (bsd.path, backup_bsd.path)])
+    def drop_vectors(folder):
+        gone = store.file("c", str(tmp_path / folder / "BSD"))
+        store._vectors("c").delete(ids=[r.id for r in store.chunks("c", store.chunk_ids("c")).values()
+                                        if r.path == gone.path])
+        return gone.n_chunks
+
+    n = drop_vectors("backup")  # the first same-titled twin (by path) has nothing to lend
     (tmp_path / "third").mkdir()
     (tmp_path / "third" / "BSD").write_bytes((LICENSES / "BSD").read_bytes())
-    sent.clear()
-    Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "third"], "c")
-    assert len(sent) == bsd.n_chunks
-    third = store.file("c", str(tmp_path / "third" / "BSD"))
+    ingest("third")
+    assert sent == [], "notes/BSD lent what backup/BSD could not"
+
+    drop_vectors("notes")
+    (tmp_path / "third").rename(tmp_path / "fourth")
+    moved = ingest("third", "fourth")  # named again after its move: its old place is dropped
+    assert sent == [] and moved.ingested == [str(tmp_path / "fourth" / "BSD")]
+    assert moved.removed == [str(tmp_path / "third" / "BSD")] and not moved.failed
+    assert store.file("c", str(tmp_path / "third" / "BSD")) is None
+    assert ingest("third").failed == [(str(tmp_path / "third"), "no such file or folder")]
+
+    drop_vectors("fourth")  # no copy of BSD has stored vectors now
+    (tmp_path / "fifth").mkdir()
+    (tmp_path / "fifth" / "BSD").write_bytes((LICENSES / "BSD").read_bytes())
+    ingest("fifth")
+    assert len(sent) == n
+    fifth = store.file("c", str(tmp_path / "fifth" / "BSD"))
     assert len(store.vectors("c", [r.id for r in store.chunks("c", store.chunk_ids("c")).values()
-                                   if r.path == third.path])) == third.n_chunks
+                                   if r.path == fifth.path])) == fifth.n_chunks
 
 
 def test_collection_names_and_embedder_mismatch(store, ingestor, licenses):
