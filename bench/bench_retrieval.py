@@ -16,6 +16,8 @@ a hit is relevant when one of its files is listed and its text holds the phrase 
 collapsed). Beside crofter's modes stands the anchor: the naive baseline of 1000-character
 chunks embedded with the same model, dense search only.
 
+``--reranker FOLDER`` reorders each search's candidates with a local sentence-transformers
+CrossEncoder folder (crofter's `reranker` setting), in the quality runs and in the latency run.
 ``--windows 0,1,2`` measures hits shown with that many neighbouring chunks either side
 (rag/window.py), printing how long the hits then are beside the anchor's 1000 characters.
 ``--variants`` re-ingests with each chunk context (what a chunk is embedded with: nothing,
@@ -27,7 +29,8 @@ unit vectors standing in for embeddings (the query path is the same). Timed end 
 query, beside the anchor: the same query embedding plus one raw Chroma ``query`` call.
 
     python bench/bench_retrieval.py [--sets license,nodeapi,pyref] [--variants] [--grid]
-                                    [--backend torch|torch-bf16|onnx|onnx-int8|auto] [--chunks 10000] [--skip-latency]
+                                    [--backend torch|torch-bf16|onnx|onnx-int8|auto] [--reranker FOLDER]
+                                    [--chunks 10000] [--skip-latency]
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rag.chunking import CONTEXTS, DEFAULT_CONTEXT, DEFAULT_SIZE, Chunk  # noqa: E402
-from rag.embed import Embedder  # noqa: E402
+from rag.embed import Embedder, Reranker  # noqa: E402
 from rag.ingest import Ingestor, walk  # noqa: E402
 from rag.loaders import extract  # noqa: E402
 from rag.retrieve import WINDOW, WINDOW_CHARS, Retriever  # noqa: E402
@@ -135,7 +138,8 @@ def quality(emb, tmp: Path, sets: list[str], contexts: list[str], grid: bool, ou
                 dt = time.perf_counter() - t
                 print(f"  context {ctx}: {len(s.ingested)} files, {s.chunks} chunks, {s.chunks / dt:.0f} chunks/s")
                 for w, wc in itertools.product(OPTS["windows"], OPTS["window_chars"]):
-                    r = Retriever(store, emb, stopwords=OPTS["stopwords"], window=w, window_chars=wc)
+                    r = Retriever(store, emb, reranker=OPTS["reranker"], stopwords=OPTS["stopwords"], window=w,
+                                  window_chars=wc)
                     shown = [len(h.text) for item in qa[:10] for h in r.search("c", item["q"], k=5)]
                     print(f"  window {w}, up to {wc} chars: hits of {statistics.mean(shown):.0f} chars on average "
                           "(the anchor's: 1000)")
@@ -190,7 +194,7 @@ def latency(emb, tmp: Path, n_chunks: int, n_queries: int) -> None:
             rec = FileRecord(f"/synthetic/{fno // per_file}.txt", f"{fno:064d}", 0, 0, "ok", None, per_file)
             store.write_files("big", [(rec, chunks, v.tolist())])
         print(f"latency store: {store.collection('big').chunks} chunks")
-        r = Retriever(store, emb)
+        r = Retriever(store, emb, reranker=OPTS.get("reranker"))
         vocab = [w for w in words[:50000] if w.isalpha() and len(w) > 4]
         queries = [" ".join(random.Random(i).sample(vocab, 4)) for i in range(n_queries)]
         col = store._vectors("big")
@@ -222,6 +226,7 @@ def main() -> None:
     ap.add_argument("--context", default=DEFAULT_CONTEXT, choices=CONTEXTS, help="chunk context without --variants")
     ap.add_argument("--backend", default=None, help="embedding backend (default: torch, float32, the reference; "
                     "crofter itself defaults to auto)")
+    ap.add_argument("--reranker", metavar="FOLDER", help="a local CrossEncoder folder reordering the candidates")
     ap.add_argument("--windows", default=str(WINDOW), metavar="W1,W2",
                     help=f"neighbouring chunks a hit is shown with, each measured (default {WINDOW})")
     ap.add_argument("--window-chars", default=str(WINDOW_CHARS), metavar="C1,C2",
@@ -238,6 +243,7 @@ def main() -> None:
         rag.store.MIGRATIONS = [(n, sql.replace('tokenize="unicode61', 'tokenize="porter unicode61'))
                                 for n, sql in rag.store.MIGRATIONS]
     OPTS.update(chunk_size=args.chunk_size, stopwords=args.stopwords,
+                reranker=Reranker(args.reranker, device="cpu") if args.reranker else None,
                 windows=[int(w) for w in args.windows.split(",")],
                 window_chars=[int(x) for x in args.window_chars.split(",")])
     kw = {"backend": args.backend} if args.backend else {}
