@@ -49,6 +49,17 @@ def test_ingest_search_collections_and_grounded_ask(tmp_path, crofter_home):
         assert extract(src["source"]).text[src["start"]:src["end"]] == src["text"]
     assert out["usage"]["prompt_tokens"] > 300, "the passages must be in the prompt"
 
+    # The folder deleted, then named again: its files leave the collection; named once more, it
+    # is only a path that does not exist.
+    shutil.rmtree(docs)
+    r = crofter("ingest", str(docs), "-c", "lic", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert sorted(p.rsplit("/", 1)[1] for p in s["removed"]) == ["BSD", "MPL-2.0", "broken.pdf"] and not s["failed"]
+    assert json.loads(crofter("collections", "info", "lic", "--json").stdout)["files"] == 0
+    r = crofter("ingest", str(docs), "-c", "lic")
+    assert r.returncode == 1 and "no such file or folder" in " ".join(r.stderr.split())
+
     r = crofter("search", "x", "-c", "nope")
     assert r.returncode == 1 and "no collection named 'nope'" in r.stderr and "Traceback" not in r.stderr
     r = crofter("collections", "rm", "lic")
