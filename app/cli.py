@@ -183,7 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     clr.add_argument("name")
     clb = colsub.add_parser("rebuild", help="re-embed collections from the catalogue after damage (all when none is named)")
     clb.add_argument("names", nargs="*", metavar="NAME")
-    for p in (cll, cli_, clr, clb):
+    clf = colsub.add_parser("forget", help="drop the files at or under PATHs from a collection (your files are not touched)",
+                            description="Drop from collection NAME every stored file at or under each PATH, whether it still "
+                                        "exists or not (a folder deleted, moved away or no longer wanted). `crofter ingest` "
+                                        "never drops a named folder that has gone missing: it may only be unmounted.")
+    clf.add_argument("name")
+    clf.add_argument("paths", nargs="+", metavar="PATH")
+    clf.add_argument("--json", action="store_true", help="print the dropped paths as JSON")
+    for p in (cll, cli_, clr, clb, clf):
         p.add_argument("--chroma-url", metavar="URL", help="Chroma server (http://HOST:PORT)")
 
     se = sub.add_parser("search", help="find passages in a collection",

@@ -218,18 +218,20 @@ class Ingestor:
             prog.files_done += 1
             tick()
         self._flush(collection, pending, summary, prog)
-        # A named file or folder that no longer exists but was ingested before (a folder deleted
-        # or moved away) has its files dropped like a file deleted inside a folder.
-        vanished = [Path(p) for p, _ in missing]
-        if (roots or vanished) and info is not None and not (should_stop and should_stop()):
+        if roots and info is not None and not (should_stop and should_stop()):
             seen = {str(f) for f in files}
             gone = [r.path for r in self.store.files(collection)
-                    if r.path not in seen and any(_under(r.path, root) for root in roots + vanished)
-                    and not Path(r.path).exists()]
+                    if r.path not in seen and any(_under(r.path, root) for root in roots) and not Path(r.path).exists()]
             self.store.remove_files(collection, gone)
             summary.removed.extend(gone)
-            dropped = {str(v) for v in vanished if any(_under(g, v) for g in gone)}
-            summary.failed[:] = [f for f in summary.failed if f[0] not in dropped]
+        if missing and info is not None:
+            # A named folder that is gone may only be unmounted (a USB disk, a network share that
+            # dropped out under --watch): its files stay until the user says otherwise.
+            for i, (path, reason) in enumerate(summary.failed):
+                held = len(stored_under(self.store, collection, path)) if (path, reason) in missing else 0
+                if held:
+                    summary.failed[i] = (path, f"{reason}; the {held} file(s) stored from it stay in the collection "
+                                               f"(`crofter collections forget {collection} PATH` drops them)")
         tick()
         summary.seconds = time.monotonic() - t0
         summary.backend = getattr(self._embedder, "backend", "") or ""
@@ -320,11 +322,12 @@ class Ingestor:
         try:
             for i in range(0, len(ids), 1000):
                 rows = self.store.chunks(collection, ids[i:i + 1000])
-                wanted = {}
+                wanted, taken = {}, set()
                 for cid, r in rows.items():
                     key = _digest(Chunk(r.idx, r.start, r.end, r.text, r.heading, r.page, r.context).embedding_text())
-                    if key in need and key not in found:
+                    if key in need and key not in found and key not in taken:
                         wanted[cid] = key
+                        taken.add(key)
                 for cid, vec in self.store.vectors(collection, list(wanted)) if wanted else ():
                     v = np.asarray(vec, dtype=np.float32)
                     if v.ndim == 1 and np.all(np.isfinite(v)) and abs(float(np.linalg.norm(v)) - 1.0) < 1e-3:
@@ -337,6 +340,12 @@ class Ingestor:
 
 def _digest(text: str) -> bytes:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def stored_under(store: Store, collection: str, path: str | os.PathLike) -> list[str]:
+    """The paths of the collection's files at or under `path` (made absolute like `walk` does)."""
+    root = Path(path).expanduser().absolute()
+    return [r.path for r in store.files(collection) if _under(r.path, root)]
 
 
 def _under(path: str, root: Path) -> bool:

@@ -74,7 +74,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         END;
         INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild');
     """),
-    # Files by content, so an ingest finds a stored copy of a new file (Ingestor._twins) in one lookup.
+    # Files by content, so an ingest finds a stored copy of a new file (Store.copies) in one lookup.
     ("0003_files_by_sha", """
         CREATE INDEX files_by_sha ON files(collection, sha256);
     """),

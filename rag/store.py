@@ -290,7 +290,7 @@ class Store:
             (collection,))]
 
     @_locked
-    def copies(self, collection: str, sha256: str, path: str, limit: int = 100) -> list[FileRecord]:
+    def copies(self, collection: str, sha256: str, path: str, limit: int = 1000) -> list[FileRecord]:
         """Stored files other than `path` with these bytes and chunks of their own (index files_by_sha)."""
         return [FileRecord(*r) for r in self.db.execute(
             "SELECT path, sha256, size, mtime_ns, status, reason, n_chunks FROM files "

@@ -133,9 +133,37 @@ def run_collections(args) -> int:
                 state = "ok" if f.status == "ok" else f"failed: {f.reason}"
                 out.write(f"  {f.path}  ({f.n_chunks} chunks, {state})\n")
             return 0
+        if action == "forget":
+            return _forget(store, args)
         store.drop_collection(args.name)
         print(f"removed collection {args.name}", file=sys.stderr)
         return 0
+
+
+def _forget(store, args) -> int:
+    from rag.ingest import stored_under
+
+    from ..render import display_safe
+
+    store.require(args.name)
+    found: dict[str, None] = {}
+    nothing = []
+    for path in args.paths:
+        under = stored_under(store, args.name, path)
+        if not under:
+            nothing.append(path)
+        found.update(dict.fromkeys(under))
+    dropped = list(found)
+    store.remove_files(args.name, dropped)
+    if args.json:
+        print(json.dumps({"collection": args.name, "removed": dropped, "not_found": nothing}, ensure_ascii=False))
+    else:
+        for p in dropped:
+            print(f"  forgot: {display_safe(p)}", file=sys.stderr)
+        for p in nothing:
+            print(f"crofter: nothing in {args.name} is stored from {display_safe(p)}", file=sys.stderr)
+        print(f"{args.name}: {len(dropped)} file(s) dropped", file=sys.stderr)
+    return 1 if nothing else 0
 
 
 def _rebuild(settings, names: list[str]) -> int:

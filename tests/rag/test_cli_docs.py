@@ -49,16 +49,24 @@ def test_ingest_search_collections_and_grounded_ask(tmp_path, crofter_home):
         assert extract(src["source"]).text[src["start"]:src["end"]] == src["text"]
     assert out["usage"]["prompt_tokens"] > 300, "the passages must be in the prompt"
 
-    # The folder deleted, then named again: its files leave the collection; named once more, it
-    # is only a path that does not exist.
+    # The folder deleted (or only unmounted), then named again: its files stay, and the error says
+    # how to drop them; `collections forget` does, and says when a path holds nothing.
     shutil.rmtree(docs)
     r = crofter("ingest", str(docs), "-c", "lic", "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1
     s = json.loads(r.stdout)
-    assert sorted(p.rsplit("/", 1)[1] for p in s["removed"]) == ["BSD", "MPL-2.0", "broken.pdf"] and not s["failed"]
-    assert json.loads(crofter("collections", "info", "lic", "--json").stdout)["files"] == 0
+    assert not s["removed"] and "the 3 file(s) stored from it stay" in s["failed"][0]["reason"]
+    info = json.loads(crofter("collections", "info", "lic", "--json").stdout)
+    assert (info["files"], info["failed"]) == (2, 1)
+    r = crofter("collections", "forget", "lic", str(docs), "--json")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.rsplit("/", 1)[1] for p in json.loads(r.stdout)["removed"]) == ["BSD", "MPL-2.0", "broken.pdf"]
+    info = json.loads(crofter("collections", "info", "lic", "--json").stdout)
+    assert (info["files"], info["failed"], info["chunks"]) == (0, 0, 0)
+    r = crofter("collections", "forget", "lic", str(docs))
+    assert r.returncode == 1 and "nothing in lic is stored from" in r.stderr
     r = crofter("ingest", str(docs), "-c", "lic")
-    assert r.returncode == 1 and "no such file or folder" in " ".join(r.stderr.split())
+    assert r.returncode == 1 and "no such file or folder" in " ".join(r.stderr.split()) and "stay" not in r.stderr
 
     r = crofter("search", "x", "-c", "nope")
     assert r.returncode == 1 and "no collection named 'nope'" in r.stderr and "Traceback" not in r.stderr

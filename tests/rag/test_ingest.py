@@ -99,7 +99,7 @@ def test_a_text_that_comes_again_in_one_run_is_embedded_once(store, embedder, tm
 
     import rag.ingest
 
-    monkeypatch.setattr(rag.ingest, "GROUP_CHUNKS", 8)  # one file per group
+    monkeypatch.setattr(rag.ingest, "GROUP_CHUNKS", 8)  # a group closes at 8 chunks: each copy lands in a later group than its original
     for folder in ("notes", "backup"):
         (tmp_path / folder).mkdir()
         for name in ("BSD", "MPL-2.0"):
@@ -124,6 +124,12 @@ def test_a_text_that_comes_again_in_one_run_is_embedded_once(store, embedder, tm
     sent.clear()
     Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "d")
     assert len(sent) == len(by_place) - len(copies)
+    consistent(store, "d")
+    rows_d = store.chunks("d", store.chunk_ids("d")).values()
+    vec_d = dict(store.vectors("d", [r.id for r in rows_d]))
+    place_d = {(r.path.split("/")[-2], r.path.rsplit("/", 1)[-1], r.idx): vec_d[r.id] for r in rows_d}
+    for _, name, idx in copies:
+        assert np.allclose(place_d[("backup", name, idx)], place_d[("notes", name, idx)], rtol=0, atol=1e-6)
     monkeypatch.setattr(rag.ingest, "TWINS", 0)
     sent.clear()
     Ingestor(store, lambda: counting, embedder_name="all-MiniLM-L6-v2").run([tmp_path / "notes", tmp_path / "backup"], "e")
@@ -190,10 +196,12 @@ def test_a_copy_ingested_in_a_later_run_takes_the_stored_vectors(store, embedder
     two stored files with those bytes, the one with the same title is asked first), a renamed
     copy (another title, so another context) and a new file are embedded. A copy whose first
     stored twin lost its vectors borrows from the next; a moved folder borrows from its old place
-    (gone from the disk, still in the store) before that is dropped; with no stored vectors left, a copy is embedded whole."""
+    (gone from the disk, kept in the store: it may only be unmounted); with no stored vectors left, a copy is embedded whole."""
     import numpy as np
 
     import rag.ingest
+    from rag.ingest import stored_under
+    from rag.store import chunk_id
 
     (tmp_path / "notes").mkdir()
     for name in ("BSD", "MPL-2.0"):
@@ -239,18 +247,29 @@ def test_a_copy_ingested_in_a_later_run_takes_the_stored_vectors(store, embedder
                                         if r.path == gone.path])
         return gone.n_chunks
 
+    def vectors_of(rec):
+        ids = [chunk_id(rec.path, rec.sha256, i) for i in range(rec.n_chunks)]
+        got = dict(store.vectors("c", ids))
+        return np.stack([got[i] for i in ids])
+
     n = drop_vectors("backup")  # the first same-titled twin (by path) has nothing to lend
     (tmp_path / "third").mkdir()
     (tmp_path / "third" / "BSD").write_bytes((LICENSES / "BSD").read_bytes())
     ingest("third")
     assert sent == [], "notes/BSD lent what backup/BSD could not"
+    assert np.allclose(vectors_of(store.file("c", str(tmp_path / "third" / "BSD"))),
+                       vectors_of(store.file("c", str(tmp_path / "notes" / "BSD"))), rtol=0, atol=1e-6)
 
     drop_vectors("notes")
     (tmp_path / "third").rename(tmp_path / "fourth")
-    moved = ingest("third", "fourth")  # named again after its move: its old place is dropped
-    assert sent == [] and moved.ingested == [str(tmp_path / "fourth" / "BSD")]
-    assert moved.removed == [str(tmp_path / "third" / "BSD")] and not moved.failed
-    assert store.file("c", str(tmp_path / "third" / "BSD")) is None
+    moved = ingest("third", "fourth")  # named again after its move: its old place is kept (maybe unmounted)
+    assert sent == [] and moved.ingested == [str(tmp_path / "fourth" / "BSD")] and not moved.removed
+    assert moved.failed == [(str(tmp_path / "third"), "no such file or folder; the 1 file(s) stored from it stay in "
+                             "the collection (`crofter collections forget c PATH` drops them)")]
+    third, fourth = (store.file("c", str(tmp_path / f / "BSD")) for f in ("third", "fourth"))
+    assert third is not None
+    assert np.allclose(vectors_of(fourth), vectors_of(third), rtol=0, atol=1e-6)
+    store.remove_files("c", stored_under(store, "c", tmp_path / "third"))  # `crofter collections forget`
     assert ingest("third").failed == [(str(tmp_path / "third"), "no such file or folder")]
 
     drop_vectors("fourth")  # no copy of BSD has stored vectors now
