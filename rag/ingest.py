@@ -218,20 +218,31 @@ class Ingestor:
             prog.files_done += 1
             tick()
         self._flush(collection, pending, summary, prog)
+        # A named folder that is gone, or has nothing left in it, may only be unmounted (a USB disk,
+        # a network share that dropped out under --watch, leaving an empty mount point): its
+        # files stay until the user says otherwise (`crofter collections forget`).
+        keep = f"stay in the collection (`crofter collections forget {collection} PATH` drops them)"
         if roots and info is not None and not (should_stop and should_stop()):
             seen = {str(f) for f in files}
-            gone = [r.path for r in self.store.files(collection)
-                    if r.path not in seen and any(_under(r.path, root) for root in roots) and not Path(r.path).exists()]
+            walked = {str(r) for r in roots if any(f.startswith(str(r) + os.sep) for f in seen)}
+            gone, kept = [], {}
+            for rec in self.store.files(collection):
+                root = next((r for r in roots if _under(rec.path, r)), None)
+                if root is None or rec.path in seen or Path(rec.path).exists():
+                    continue
+                if str(root) in walked:
+                    gone.append(rec.path)
+                else:
+                    kept[str(root)] = kept.get(str(root), 0) + 1
             self.store.remove_files(collection, gone)
             summary.removed.extend(gone)
+            summary.failed.extend((root, f"no files left in the folder; the {n} file(s) stored from it {keep}")
+                                  for root, n in kept.items())
         if missing and info is not None:
-            # A named folder that is gone may only be unmounted (a USB disk, a network share that
-            # dropped out under --watch): its files stay until the user says otherwise.
             for i, (path, reason) in enumerate(summary.failed):
                 held = len(stored_under(self.store, collection, path)) if (path, reason) in missing else 0
                 if held:
-                    summary.failed[i] = (path, f"{reason}; the {held} file(s) stored from it stay in the collection "
-                                               f"(`crofter collections forget {collection} PATH` drops them)")
+                    summary.failed[i] = (path, f"{reason}; the {held} file(s) stored from it {keep}")
         tick()
         summary.seconds = time.monotonic() - t0
         summary.backend = getattr(self._embedder, "backend", "") or ""

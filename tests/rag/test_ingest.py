@@ -53,6 +53,29 @@ def test_changed_and_deleted_files_are_noticed(store, ingestor, licenses):
     assert old_ids - set(store.chunk_ids("lic")), "the old BSD chunks must be gone"
 
 
+def test_a_folder_with_nothing_left_keeps_its_files(store, ingestor, licenses):
+    """Every file of a named folder gone at once (an empty mount point: a disk not plugged in)
+    drops nothing and says why; once one file is back, the others count as deleted."""
+    from rag.ingest import stored_under
+
+    first = ingestor.run([licenses], "lic")
+    hidden = {p: p.read_bytes() for p in licenses.iterdir()}
+    for p in hidden:
+        p.unlink()
+    s = ingestor.run([licenses], "lic")
+    assert not s.removed and not s.ingested
+    assert s.failed == [(str(licenses), "no files left in the folder; the 4 file(s) stored from it stay in the "
+                         "collection (`crofter collections forget lic PATH` drops them)")]
+    assert store.collection("lic").chunks == first.chunks
+    consistent(store, "lic")
+    (licenses / "BSD").write_bytes(hidden[licenses / "BSD"])
+    s = ingestor.run([licenses], "lic")
+    assert s.unchanged == [str(licenses / "BSD")] and not s.failed
+    assert sorted(s.removed) == sorted(str(p) for p in hidden if p.name != "BSD")
+    assert stored_under(store, "lic", licenses) == [str(licenses / "BSD")]
+    consistent(store, "lic")
+
+
 def test_failures_are_reported_and_the_batch_goes_on(store, ingestor, licenses, tmp_path):
     (licenses / "binary.txt").write_bytes(b"\x00\x01\x02garbage" * 50)
     (licenses / "broken.pdf").write_bytes(b"%PDF-1.7\nthis is no pdf")
