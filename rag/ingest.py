@@ -4,7 +4,8 @@ Unchanged files (same SHA-256 as the catalogue) are skipped without loading the
 embedder; changed files replace their chunks (a window whose text did not change keeps its
 vector instead of being embedded again, and so does a copy of a file the collection already
 holds under another path); files that disappeared from an ingested
-folder lose theirs; unreadable files are recorded as ``failed: <reason>`` and the batch
+folder lose theirs (unless the folder is gone or has no file left: it may only be unmounted, so
+its files stay until `crofter collections forget`); unreadable files are recorded as ``failed: <reason>`` and the batch
 goes on. Chunks of several files are embedded together in batches (the embedder is
 the expensive part), and a group of files is committed as soon as its vectors exist.
 """

@@ -19,13 +19,11 @@ texts kept in the catalogue)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from models.sqlite_wal import set_wal
@@ -36,63 +34,17 @@ from .errors import (  # re-exported: callers import them from here
     StoreDamaged,
     StoreLocked,
 )
+from .records import (  # re-exported: callers import them from here
+    CollectionInfo,
+    FileRecord,
+    StoredChunk,
+    check_name,
+    chunk_id,
+)
 from .schema import MIGRATIONS
 
 CHROMA_PREFIX = "crofter-"
-_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
-
-
-@dataclass(frozen=True)
-class CollectionInfo:
-    name: str
-    embedder: str
-    dimension: int
-    chunk_size: int
-    chunk_overlap: int
-    created: float
-    files: int = 0
-    failed: int = 0
-    chunks: int = 0
-
-    def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class StoredChunk:
-    id: str
-    path: str
-    idx: int
-    page: int | None
-    heading: str
-    start: int
-    end: int
-    text: str
-    title: str = ""
-    context: str | None = None  # what it was embedded with besides its text; None: its heading
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    path: str
-    sha256: str
-    size: int
-    mtime_ns: int
-    status: str
-    reason: str | None
-    n_chunks: int
-
-
-def check_name(name: str) -> str:
-    if not _NAME.match(name or ""):
-        raise RagError(f"collection name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting and ending "
-                       "with a letter or digit")
-    return name
-
-
-def chunk_id(path: str, sha256: str, idx: int) -> str:
-    """Stable per (file path, content, position): re-adding the same chunk is idempotent."""
-    return hashlib.sha1(f"{path}\0{sha256}\0{idx}".encode()).hexdigest()
+_FILE_ROW = "SELECT path, sha256, size, mtime_ns, status, reason, n_chunks FROM files"  # a FileRecord
 
 
 def _locked(method):
@@ -279,22 +231,21 @@ class Store:
     @_locked
     def file(self, collection: str, path: str) -> FileRecord | None:
         row = self.db.execute(
-            "SELECT path, sha256, size, mtime_ns, status, reason, n_chunks FROM files WHERE collection = ? AND path = ?",
+            f"{_FILE_ROW} WHERE collection = ? AND path = ?",
             (collection, path)).fetchone()
         return FileRecord(*row) if row else None
 
     @_locked
     def files(self, collection: str) -> list[FileRecord]:
         return [FileRecord(*r) for r in self.db.execute(
-            "SELECT path, sha256, size, mtime_ns, status, reason, n_chunks FROM files WHERE collection = ? ORDER BY path",
+            f"{_FILE_ROW} WHERE collection = ? ORDER BY path",
             (collection,))]
 
     @_locked
     def copies(self, collection: str, sha256: str, path: str, limit: int = 1000) -> list[FileRecord]:
         """Stored files other than `path` with these bytes and chunks of their own (index files_by_sha)."""
         return [FileRecord(*r) for r in self.db.execute(
-            "SELECT path, sha256, size, mtime_ns, status, reason, n_chunks FROM files "
-            "WHERE collection = ? AND sha256 = ? AND path <> ? AND status = 'ok' AND n_chunks > 0 "
+            f"{_FILE_ROW} WHERE collection = ? AND sha256 = ? AND path <> ? AND status = 'ok' AND n_chunks > 0 "
             "ORDER BY path LIMIT ?", (collection, sha256, path, limit))]
 
     @_locked
