@@ -5,8 +5,8 @@ embed, write Chroma + SQLite) into a fresh store, then `model.encode` alone over
 the texts that pipeline embedded, at the same batch size. Prints chunks/s of both and
 the ratio (goal: ingest / raw >= 0.9, i.e. everything but the embedder costs < 10%).
 
-With ``--backends torch,torch-bf16,onnx-int8`` each embedding backend (rag/embed.py: torch,
-torch-bf16, onnx, onnx-int8, auto) ingests the same corpus in
+With ``--backends torch,torch-bf16,openvino`` each embedding backend (rag/embed.py: torch,
+torch-bf16, openvino, onnx, onnx-int8, auto) ingests the same corpus in
 turn (rounds interleaved), and its chunks/s is printed next to torch's (#17's goal: >= 2.0x
 with recall within a point, which bench_retrieval.py --backend measures).
 
@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=1.5, help="corpus size in MB")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--backends", default="torch", help="comma-separated: torch, torch-bf16, onnx, onnx-int8, auto")
+    ap.add_argument("--backends", default="torch", help="comma-separated: torch, torch-bf16, openvino, onnx, onnx-int8, auto")
     args = ap.parse_args()
     backends = args.backends.split(",")
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ unit vectors standing in for embeddings (the query path is the same). Timed end 
 query, beside the anchor: the same query embedding plus one raw Chroma ``query`` call.
 
     python bench/bench_retrieval.py [--sets license,nodeapi,pyref] [--variants] [--grid]
-                                    [--backend torch|torch-bf16|onnx|onnx-int8|auto] [--reranker FOLDER]
+                                    [--backend torch|torch-bf16|openvino|onnx|onnx-int8|auto] [--reranker FOLDER]
                                     [--chunks 10000] [--skip-latency]
 """
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The same sentence-transformers model run by ONNX Runtime: exported once, optionally int8.
 
+(rag/openvino_embed.py compiles the same float32 export with OpenVINO; it reuses this module's
+export, cache and batching, and runs each batch itself.)
+
 The model's transformer is exported with ``torch.onnx.export`` (the TorchScript exporter:
 it needs nothing beyond torch and onnx) into a cache folder, then, for ``onnx-int8``,
 quantized with ONNX Runtime's dynamic quantization (int8 weights per output channel,
@@ -19,7 +22,7 @@ import warnings
 from pathlib import Path
 
 # app/config.py checks the setting against these; rag/embed.py resolves "auto" and runs the torch ones.
-BACKENDS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
+BACKENDS = ("auto", "torch", "torch-bf16", "openvino", "onnx", "onnx-int8")
 
 
 def default_cache() -> Path:
@@ -64,6 +67,7 @@ class OnnxEncoder:
         out = (cache or default_cache()) / f"{folder.name}-{_fingerprint(folder)}"
         fp32 = out / "model.onnx"
         path = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
+        self.backend = backend
         try:
             try:
                 self.session = self._prepare(st_model, fp32, path)
@@ -87,6 +91,10 @@ class OnnxEncoder:
         opts.log_severity_level = 3
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
+    def _run(self, feed: dict):
+        """One padded batch -> the transformer's last hidden states, (batch, tokens, dimension)."""
+        return self.session.run(None, feed)[0]
+
     def encode(self, texts: list[str], batch_size: int):
         import numpy as np
 
@@ -101,8 +109,7 @@ class OnnxEncoder:
             idx = order[i:i + batch_size]
             enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_tokens,
                                  return_tensors="np")
-            feed = {n: enc[n].astype(np.int64) for n in self.input_names}
-            hidden = self.session.run(None, feed)[0]
+            hidden = self._run({n: enc[n].astype(np.int64) for n in self.input_names})
             if self.pooling == "cls":
                 vec = hidden[:, 0]
             else:

@@ -1,0 +1,158 @@
+"""What runs the embedding model (#17 item 4): torch float32 (the reference), torch-bf16,
+OpenVINO (auto's choice on a CPU), and ONNX Runtime in float32 and int8. Each must give unit
+float32 vectors that agree with float32 torch; "auto" must pick by what the machine has."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import numpy as np
+import pytest
+
+from ..app.test_cli import crofter
+from .conftest import LICENSES
+
+TEXTS = ["The licensee may distribute copies of the program.", "How tides follow the moon", "",
+         "word " * 300, "Patent grants and their termination."]
+
+
+def test_onnx_backends_agree_with_torch_and_cache_their_export(tmp_path, embedder):
+    from rag.embed import EmbedError, Embedder
+
+    ref = embedder.encode(TEXTS)
+    cache = tmp_path / "onnx"
+    fp32 = Embedder(device="cpu", backend="onnx", cache=cache)
+    v = fp32.encode(TEXTS)
+    assert v.shape == ref.shape and v.dtype == np.float32
+    assert np.min(np.sum(v * ref, axis=1)) > 0.9999
+    int8 = Embedder(device="cpu", backend="onnx-int8", cache=cache)
+    c = np.sum(int8.encode(TEXTS) * ref, axis=1)
+    assert c.min() > 0.95 and c.mean() > 0.97, c
+    assert int8.encode([]).shape == (0, ref.shape[1])
+    (folder,) = cache.iterdir()
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["model-int8.onnx", "model.onnx"], files  # no temp file left behind
+    stamp = (folder / "model.onnx").stat().st_mtime_ns
+    Embedder(device="cpu", backend="onnx", cache=cache)
+    assert (folder / "model.onnx").stat().st_mtime_ns == stamp, "the export is made once"
+    # A damaged cached model is made again rather than failing every later run.
+    (folder / "model-int8.onnx").write_bytes(b"not onnx")
+    again = Embedder(device="cpu", backend="onnx-int8", cache=cache)
+    assert np.sum(again.encode(TEXTS[:1]) * ref[:1]) > 0.95
+    with pytest.raises(EmbedError, match="embedding backend 'tensorrt': expected one of auto, torch, torch-bf16, "
+                                         "openvino, onnx, onnx-int8"):
+        Embedder(device="cpu", backend="tensorrt")
+
+
+def test_the_bf16_backend_gives_float32_unit_vectors_that_agree_with_float32(embedder):
+    import torch
+
+    from rag.embed import Embedder
+
+    ref = embedder.encode(TEXTS)
+    bf16 = Embedder(device="cpu", backend="torch-bf16")
+    assert bf16.backend == "torch-bf16"
+    linear = [m for m in bf16.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert all(p.dtype == torch.float32 for p in embedder.model.parameters()), "the float32 model is its own"
+    v = bf16.encode(TEXTS)
+    assert v.shape == ref.shape and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-6)
+    cos = np.sum(v * ref, axis=1)
+    assert cos.min() > 0.999, cos
+    # The same batch gives the same numbers (a different batch moves them by ~1e-3: padding).
+    assert np.array_equal(bf16.encode(TEXTS), v)
+    assert bf16.encode([]).shape == (0, ref.shape[1])
+
+
+def test_openvino_compiles_the_onnx_export_and_agrees_with_torch_offline(tmp_path, embedder, monkeypatch):
+    from rag.embed import Embedder
+    from rag.openvino_embed import precision
+
+    # OpenVINO's model converter reports usage online; crofter only uses its runtime. Any
+    # connection attempt while the backend is prepared and run is recorded and refused.
+    tried = []
+
+    def refuse(sock, address):
+        tried.append(address)
+        raise OSError("no network in crofter")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    ref = embedder.encode(TEXTS)
+    cache = tmp_path / "onnx"
+    ov = Embedder(device="cpu", backend="openvino", cache=cache)
+    assert ov.backend == "openvino" and ov._onnx.precision == precision() in ("bf16", "f32")
+    v = ov.encode(TEXTS)
+    assert v.shape == ref.shape and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(v * ref, axis=1)
+    assert cos.min() > 0.999, cos
+    assert np.array_equal(ov.encode(TEXTS), v), "the same batch gives the same numbers"
+    # Sorted into batches by length, each text's vector is its own: order in, order out.
+    assert np.allclose(ov.encode(TEXTS[::-1], batch_size=2), v[::-1], atol=2e-3)
+    assert ov.encode([]).shape == (0, ref.shape[1])
+    (folder,) = cache.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx"], "the onnx backend's export, nothing else"
+    stamp = (folder / "model.onnx").stat().st_mtime_ns
+    Embedder(device="cpu", backend="openvino", cache=cache)
+    assert (folder / "model.onnx").stat().st_mtime_ns == stamp, "the export is made once"
+    (folder / "model.onnx").write_bytes(b"\0" * 4096)  # damaged by hand: made again, once
+    again = Embedder(device="cpu", backend="openvino", cache=cache)
+    assert np.sum(again.encode(TEXTS[:1]) * ref[:1]) > 0.999
+    assert tried == []
+
+
+def test_auto_picks_openvino_then_bf16_torch_by_what_the_machine_has(tmp_path, monkeypatch):
+    import rag.embed as embed
+    from rag.openvino_embed import OpenVinoEncoder
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert not embed.native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert embed.native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu amx_tile amx_bf16\n")
+    assert embed.native_bf16(str(info))
+    assert not embed.native_bf16(str(tmp_path / "missing"))
+    assert embed.resolve_backend("auto", "cpu") == "openvino", "installed with crofter"
+    assert embed.resolve_backend("auto", "cuda") == "torch"
+    assert embed.resolve_backend("torch", "cpu") == "torch"
+    assert embed.resolve_backend("onnx-int8", "cpu") == "onnx-int8"
+    monkeypatch.setattr(embed, "native_bf16", lambda: True)
+    assert embed.torch_backend("cpu") == "torch-bf16" and embed.torch_backend("cuda") == "torch"
+    monkeypatch.setattr(embed, "native_bf16", lambda: False)
+    assert embed.torch_backend("cpu") == "torch"
+    # Where OpenVINO will not compile the model, auto runs torch and says so; asked for by
+    # name, the failure is an error naming the backend.
+    def fail(self, st_model, fp32, path):
+        raise RuntimeError("no CPU plugin")
+
+    monkeypatch.setattr(OpenVinoEncoder, "_prepare", fail)
+    fallback = embed.Embedder(device="cpu", backend="auto", cache=tmp_path / "onnx")
+    assert fallback.backend == "torch" and fallback._onnx is None
+    assert fallback.encode(["tides"]).shape == (1, 384)
+    with pytest.raises(embed.EmbedError, match="cannot prepare the openvino backend .*no CPU plugin"):
+        embed.Embedder(device="cpu", backend="openvino", cache=tmp_path / "onnx")
+
+
+@pytest.mark.parametrize("backend", ["onnx-int8", "torch-bf16", "auto"])
+def test_ingest_and_search_with_a_faster_backend_from_the_config(tmp_path, crofter_home, backend):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("BSD", "MPL-2.0"):
+        shutil.copy(LICENSES / name, docs / name)
+    crofter_home.mkdir(parents=True, exist_ok=True)
+    (crofter_home / "config.toml").write_text(f'embed_backend = "{backend}"\n')
+    r = crofter("ingest", str(docs), "-c", "lic", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["chunks"] > 0 and summary["backend"] == {"auto": "openvino"}.get(backend, backend)
+    r = crofter("search", "Mozilla Public License", "-c", "lic", "-k", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["source"].endswith("MPL-2.0")
+    exported = {p.name for p in (crofter_home / "cache" / "onnx").glob("*/*.onnx")}
+    assert exported == {"onnx-int8": {"model.onnx", "model-int8.onnx"}, "auto": {"model.onnx"}}.get(backend, set())
+    (crofter_home / "config.toml").write_text('embed_backend = "gpu-magic"\n')
+    r = crofter("search", "x", "-c", "lic")
+    assert r.returncode != 0 and "embed_backend" in r.stderr and "Traceback" not in r.stderr
