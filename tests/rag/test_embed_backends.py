@@ -68,7 +68,7 @@ def test_the_bf16_backend_gives_float32_unit_vectors_that_agree_with_float32(emb
 
 def test_openvino_compiles_the_onnx_export_and_agrees_with_torch_offline(tmp_path, embedder, monkeypatch):
     from rag.embed import Embedder
-    from rag.openvino_embed import precision
+    from rag.openvino_embed import RUNTIME_CACHE, precision
 
     # OpenVINO's model converter reports usage online; crofter only uses its runtime. Any
     # connection attempt while the backend is prepared and run is recorded and refused.
@@ -79,10 +79,18 @@ def test_openvino_compiles_the_onnx_export_and_agrees_with_torch_offline(tmp_pat
         raise OSError("no network in crofter")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
+    import openvino
+
+    configs, compile_model = [], openvino.Core.compile_model
+    monkeypatch.setattr(openvino.Core, "compile_model",
+                        lambda core, model, device, config: configs.append(config) or compile_model(core, model, device, config))
     ref = embedder.encode(TEXTS)
     cache = tmp_path / "onnx"
     ov = Embedder(device="cpu", backend="openvino", cache=cache)
     assert ov.backend == "openvino" and ov._onnx.precision == precision() in ("bf16", "f32")
+    # A bounded kernel cache (the plugin's default grows by about 1.3 MB for every batch shape;
+    # a compiled model does not report the setting back, so its compile call is watched).
+    assert [c.get("CPU_RUNTIME_CACHE_CAPACITY") for c in configs] == [RUNTIME_CACHE]
     v = ov.encode(TEXTS)
     assert v.shape == ref.shape and v.dtype == np.float32
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)

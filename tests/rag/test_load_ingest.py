@@ -103,7 +103,13 @@ def check_needles(store: Store, embedder, needles: dict[str, str]) -> None:
     assert found / len(needles) >= RECALL
 
 
-def test_500_documents_complete_plateau_find_needles_and_reingest_as_noop(tmp_path, store, embedder, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "openvino"])  # the reference, and auto's choice on a CPU
+def test_500_documents_complete_plateau_find_needles_and_reingest_as_noop(tmp_path, store, embedder, monkeypatch,
+                                                                          backend):
+    from rag.embed import Embedder
+
+    if backend != "torch":
+        embedder = Embedder(device="cpu", backend=backend, cache=tmp_path / "onnx")
     docs = tmp_path / "docs"
     needles = build(docs, 500, 5, seed=2)
     ing = Ingestor(store, lambda: embedder, embedder_name="all-MiniLM-L6-v2")
