@@ -49,11 +49,12 @@ class Settings:
     tool_roots: list = _doc("Folders the file tools may read (none: no file access).", default_factory=list)
     embedder: str = _doc("Embedding model for new document collections: all-MiniLM-L6-v2 (bundled) or a "
                          "sentence-transformers folder.", default="all-MiniLM-L6-v2")
-    embed_backend: str = _doc("What runs the embedding model: auto (openvino on a CPU, else torch), openvino "
-                              "(compiled for this CPU, bf16 where it has native bf16: about 2.2x float32's "
-                              "ingest, vectors within cosine 0.9999), torch (float32), torch-bf16 (linear layers "
-                              "in bf16: about 1.6x), onnx (ONNX Runtime, float32) or onnx-int8 (int8 weights: "
-                              "faster, vectors less exact).", default="auto")
+    embed_backend: str = _doc("What runs the embedding model: auto (openvino on a CPU, falling back to torch-bf16 "
+                              "or torch should it fail; torch on CUDA), openvino (compiled for this CPU: about 2.2x "
+                              "float32 torch's ingest where the CPU has native bf16, 1.3x elsewhere; vectors within "
+                              "cosine 0.9999), torch (float32), torch-bf16 (linear layers in bf16: about 1.6x on "
+                              "such a CPU), onnx (ONNX Runtime, float32) or onnx-int8 (int8 weights: faster, "
+                              "vectors less exact).", default="auto")
     reranker: str = _doc("Cross-encoder folder that reorders retrieved passages (empty: none).", default="")
     rag_top_k: int = _doc("Passages retrieved per question over documents.", default=5)
     chroma_url: str = _doc("Chroma server (http://HOST:PORT) for document vectors; empty: embedded in the data dir.",

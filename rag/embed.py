@@ -13,6 +13,7 @@ from pathlib import Path
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 BATCH_SIZE = 32
+EXPORTED = ("openvino", "onnx", "onnx-int8")  # backends that run an ONNX export, on the CPU
 
 
 class EmbedError(Exception):
@@ -140,8 +141,10 @@ class Embedder:
             raise EmbedError(f"embedding backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.name = name or DEFAULT_EMBEDDER
         self.folder = resolve_model(name)
-        self.device = device or pick_device()
-        self.backend = resolve_backend(backend, self.device)
+        self.backend = resolve_backend(backend, device or pick_device())
+        # The exported backends run on the CPU (the export too), whatever else the machine has.
+        self.device = "cpu" if self.backend in EXPORTED else (device or pick_device())
+        self.fallback = ""  # why auto runs torch where it would have run openvino ("" when it did not)
         _quiet_offline()
         from sentence_transformers import SentenceTransformer
 
@@ -153,21 +156,21 @@ class Embedder:
         self.dimension = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()
         self.max_tokens = int(self.model.max_seq_length or 256)
-        self._onnx = None
+        self.exported = None  # the OnnxEncoder or OpenVinoEncoder that encodes, for those backends
         if self.backend == "openvino":
             from .openvino_embed import OpenVinoEncoder
 
             try:
-                self._onnx = OpenVinoEncoder(self.model, self.folder, cache)
-            except EmbedError:
+                self.exported = OpenVinoEncoder(self.model, self.folder, cache)
+            except EmbedError as exc:
                 if backend != "auto":
                     raise
                 # "auto" means the fastest that works here: torch runs wherever the model loads.
-                self.backend = torch_backend(self.device)
+                self.backend, self.fallback = torch_backend(self.device), str(exc)
         elif self.backend.startswith("onnx"):
             from .onnx_embed import OnnxEncoder
 
-            self._onnx = OnnxEncoder(self.model, self.folder, self.backend, cache)
+            self.exported = OnnxEncoder(self.model, self.folder, self.backend, cache)
         if self.backend == "torch-bf16":
             import torch
 
@@ -179,8 +182,8 @@ class Embedder:
 
     def encode(self, texts: list[str], batch_size: int = BATCH_SIZE):
         """Unit-length float32 vectors, shape (len(texts), dimension); cosine = dot product."""
-        if self._onnx is not None:
-            return self._onnx.encode(texts, batch_size)
+        if self.exported is not None:
+            return self.exported.encode(texts, batch_size)
         if self.backend == "torch-bf16":
             import numpy as np
             import torch

@@ -53,6 +53,7 @@ class Summary:
     chunks: int = 0
     seconds: float = 0.0
     backend: str = ""  # what ran the embedder (rag/embed.py: torch, torch-bf16, ...); "" when none was loaded
+    fallback: str = ""  # why "auto" ran torch instead of openvino (rag/embed.py `Embedder.fallback`); "" if it did not
 
     def as_dict(self) -> dict:
         return {
@@ -64,6 +65,7 @@ class Summary:
             "chunks": self.chunks,
             "seconds": round(self.seconds, 3),
             "backend": self.backend,
+            "fallback": self.fallback,
         }
 
 
@@ -247,6 +249,7 @@ class Ingestor:
         tick()
         summary.seconds = time.monotonic() - t0
         summary.backend = getattr(self._embedder, "backend", "") or ""
+        summary.fallback = getattr(self._embedder, "fallback", "") or ""
         return summary
 
     @property

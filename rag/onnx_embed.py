@@ -69,29 +69,42 @@ class OnnxEncoder:
         path = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
         self.backend = backend
         try:
+            runtime = self.runtime()
+        except ImportError as exc:
+            raise EmbedError(f"the {backend} backend needs {exc.name or 'its runtime'}, which is not installed "
+                             f"(pip install {exc.name or backend})") from None
+        cached = fp32.is_file() or path.is_file()
+        try:
             try:
-                self.session = self._prepare(st_model, fp32, path)
+                self.session = self.prepare(runtime, st_model, fp32, path)
             except Exception:
+                if not cached:
+                    raise
                 # A cached file that will not load (truncated or damaged by hand) is made again, once.
                 for f in (fp32, path):
                     f.unlink(missing_ok=True)
-                self.session = self._prepare(st_model, fp32, path)
+                self.session = self.prepare(runtime, st_model, fp32, path)
         except Exception as exc:
             raise EmbedError(f"cannot prepare the {backend} backend for {folder} in {out}: {exc}") from None
         self.path = path
 
-    def _prepare(self, st_model, fp32: Path, path: Path):
+    def runtime(self):
+        """The runtime module, imported before any file is touched (an ImportError names it)."""
+        import onnxruntime
+
+        return onnxruntime
+
+    def prepare(self, ort, st_model, fp32: Path, path: Path):
+        """Export (and quantize) what the cache lacks; return what `run` runs on."""
         if not fp32.is_file():
-            _export(st_model, fp32, self.input_names)
+            export(st_model, fp32, self.input_names)
         if path != fp32 and not path.is_file():
             _quantize(fp32, path)
-        import onnxruntime as ort
-
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def _run(self, feed: dict):
+    def run(self, feed: dict):
         """One padded batch -> the transformer's last hidden states, (batch, tokens, dimension)."""
         return self.session.run(None, feed)[0]
 
@@ -109,7 +122,7 @@ class OnnxEncoder:
             idx = order[i:i + batch_size]
             enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_tokens,
                                  return_tensors="np")
-            hidden = self._run({n: enc[n].astype(np.int64) for n in self.input_names})
+            hidden = self.run({n: enc[n].astype(np.int64) for n in self.input_names})
             if self.pooling == "cls":
                 vec = hidden[:, 0]
             else:
@@ -122,7 +135,9 @@ class OnnxEncoder:
         return np.stack(out).astype(np.float32)
 
 
-def _export(st_model, dst: Path, input_names: list[str]) -> None:
+def export(st_model, dst: Path, input_names: list[str]) -> None:
+    """The sentence-transformers model's transformer as a float32 ONNX file at `dst` (written
+    beside it, then renamed into place); inputs `input_names`, output the last hidden states."""
     import torch
 
     hf = st_model[0].auto_model

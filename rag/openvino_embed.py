@@ -6,16 +6,18 @@ elsewhere. Unlike torch's bf16 path, its CPU plugin fuses attention too, so the 
 not just its linear layers, runs at bf16 speed: on a 2-core AVX512-BF16 EPYC it encodes 2.4x as
 many chunks a second as float32 torch (torch-bf16: 1.65x), with vectors equal to cosine 0.9999.
 
-Only the runtime is used (``Core.read_model`` on the ONNX file). OpenVINO's model converter
-(``openvino.convert_model``) is never called: it reports usage over the network unless the user
-has opted out, and crofter makes no network calls at run time.
+Only the runtime is used. The package's model converter (``openvino.tools.ovc``, behind
+``openvino.convert_model``) reports usage over the network as soon as it is imported, and
+``import openvino`` imports it unless it cannot; `import_runtime` makes sure it cannot, so that
+crofter makes no network calls at run time.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 
-from .onnx_embed import OnnxEncoder, _export
+from .onnx_embed import OnnxEncoder, export
 
 # Kernels the CPU plugin keeps, one set per input shape it has run. Its default (5,000) let an
 # encoder fed 1,200 batch shapes grow by 1.5 GB (about 1.3 MB a shape); 64 holds it to +240 MB
@@ -24,6 +26,19 @@ RUNTIME_CACHE = 64
 # Batches of at most 16: the same chunks/s as 32 (103-104 against 104-107 on 960 chunks) with
 # half the activations held (peak RSS 1,009 MB against 1,171 MB once a batch of 256-token texts ran).
 MAX_BATCH = 16
+
+
+def import_runtime():
+    """`openvino` without its converter. The package imports ``openvino.tools.ovc`` inside a
+    ``try/except ImportError``, and that module sends a usage event on import (to Google Analytics,
+    unless the user has opted out by hand); a None in sys.modules makes its import fail, so the
+    runtime loads alone. Where openvino is already loaded (by something other than crofter), it is
+    returned as it is."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino.tools.ovc", None)
+    import openvino
+
+    return openvino
 
 
 def precision() -> str:
@@ -42,11 +57,12 @@ class OpenVinoEncoder(OnnxEncoder):
         self._lock = threading.Lock()
         super().__init__(st_model, folder, "openvino", cache)
 
-    def _prepare(self, st_model, fp32: Path, path: Path):
-        if not fp32.is_file():
-            _export(st_model, fp32, self.input_names)
-        import openvino as ov
+    def runtime(self):
+        return import_runtime()
 
+    def prepare(self, ov, st_model, fp32: Path, path: Path):
+        if not fp32.is_file():
+            export(st_model, fp32, self.input_names)
         core = ov.Core()
         # LATENCY: one stream using every core for each batch (two streams of one core each, with
         # batches in flight on both, gave no more chunks/s on 2 cores).
@@ -61,10 +77,11 @@ class OpenVinoEncoder(OnnxEncoder):
         return compiled
 
     def encode(self, texts: list[str], batch_size: int):
-        return super().encode(texts, min(batch_size, MAX_BATCH))
-
-    def _run(self, feed: dict):
-        # One request, reused: it keeps its buffers between batches. Not thread-safe, so a lock
-        # (serve may embed for two clients at once); `infer` copies the output out of the request.
+        # One encode at a time (serve may embed for two clients at once): the infer request is
+        # reused between batches (it keeps its buffers) and is not thread-safe, nor is the fast
+        # tokenizer; each batch already uses every core.
         with self._lock:
-            return self._request.infer(feed)[0]
+            return super().encode(texts, min(batch_size, MAX_BATCH))
+
+    def run(self, feed: dict):
+        return self._request.infer(feed)[0]  # a copy: the request's own output is reused

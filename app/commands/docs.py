@@ -85,6 +85,9 @@ def _ingest_once(ing, args):
                   soft_wrap=True)
         from ..render import display_safe
 
+        if summary.fallback:
+            con.print(f"  note: {display_safe(summary.fallback)}; ran {summary.backend} instead", soft_wrap=True)
+
         for path, reason in summary.failed:
             con.print(f"  failed: {display_safe(path)}: {display_safe(reason)}")
         for path in summary.removed:
