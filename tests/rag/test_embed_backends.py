@@ -132,6 +132,8 @@ def test_openvino_loads_without_its_converter_which_reports_usage_online(tmp_pat
 
 def test_auto_picks_openvino_then_bf16_torch_by_what_the_machine_has(tmp_path, monkeypatch):
     import rag.embed as embed
+    from rag.ingest import Ingestor
+    from rag.store import Store
     from rag.openvino_embed import OpenVinoEncoder
 
     info = tmp_path / "cpuinfo"
@@ -160,6 +162,11 @@ def test_auto_picks_openvino_then_bf16_torch_by_what_the_machine_has(tmp_path, m
     assert fallback.backend == "torch" and fallback.exported is None
     assert "cannot prepare the openvino backend" in fallback.fallback and "no CPU plugin" in fallback.fallback
     assert fallback.encode(["tides"]).shape == (1, 384)
+    doc = tmp_path / "tides.md"
+    doc.write_text("# Tides\n\nThey follow the moon.\n")
+    with Store(tmp_path / "rag") as store:
+        summary = Ingestor(store, lambda: fallback, embedder_name="all-MiniLM-L6-v2").run([doc], "t")
+    assert summary.chunks == 1 and summary.backend == "torch" and "no CPU plugin" in summary.as_dict()["fallback"]
     with pytest.raises(embed.EmbedError, match="cannot prepare the openvino backend .*no CPU plugin"):
         embed.Embedder(device="cpu", backend="openvino", cache=tmp_path / "onnx")
 
