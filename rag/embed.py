@@ -132,8 +132,9 @@ class Embedder:
         pooling stay float32), openvino (rag/openvino_embed.py: the model exported once into
         `cache` as ONNX and compiled by OpenVINO, bf16 where the CPU has it; CPU only), onnx or
         onnx-int8 (rag/onnx_embed.py: the same export run by ONNX Runtime; CPU only), or auto
-        (`resolve_backend`; should OpenVINO fail to compile the model, auto falls back to torch
-        and says so in `backend`). The default here is float32 torch, the reference the others
+        (`resolve_backend`; should OpenVINO fail to prepare, auto runs `torch_backend` instead:
+        `backend` names what runs, `fallback` why). The exported backends put the model on the
+        CPU whatever `device` says. The default here is float32 torch, the reference the others
         are measured against; the app's setting (`embed_backend`) defaults to auto."""
         from .onnx_embed import BACKENDS
 
