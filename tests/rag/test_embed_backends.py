@@ -204,3 +204,20 @@ def test_ingest_and_search_with_a_faster_backend_from_the_config(tmp_path, croft
     (crofter_home / "config.toml").write_text('embed_backend = "gpu-magic"\n')
     r = crofter("search", "x", "-c", "lic")
     assert r.returncode != 0 and "embed_backend" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_openvino_encodes_for_several_threads_at_once(tmp_path):
+    """serve's /v1/embeddings and grounded chats may embed from two threads at once; each caller
+    gets its own texts' vectors, the same as when it runs alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rag.embed import Embedder
+
+    ov = Embedder(device="cpu", backend="openvino", cache=tmp_path / "onnx")
+    sets = [[f"{word} number {i}: " + "tides follow the moon " * (i % 7 + 1) for i in range(n)]
+            for n, word in ((3, "harbour"), (17, "licence"), (5, "patent"), (9, "river"))]
+    alone = [ov.encode(texts) for texts in sets]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda k: ov.encode(sets[k % 4]), range(24)))
+    for k, got in enumerate(together):
+        assert np.array_equal(got, alone[k % 4]), k
