@@ -142,9 +142,10 @@ class Embedder:
             raise EmbedError(f"embedding backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.name = name or DEFAULT_EMBEDDER
         self.folder = resolve_model(name)
-        self.backend = resolve_backend(backend, device or pick_device())
+        device = device or pick_device()
+        self.backend = resolve_backend(backend, device)
         # The exported backends run on the CPU (the export too), whatever else the machine has.
-        self.device = "cpu" if self.backend in EXPORTED else (device or pick_device())
+        self.device = "cpu" if self.backend in EXPORTED else device
         self.fallback = ""  # why auto runs torch where it would have run openvino ("" when it did not)
         _quiet_offline()
         from sentence_transformers import SentenceTransformer

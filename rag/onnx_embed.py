@@ -67,7 +67,6 @@ class OnnxEncoder:
         out = (cache or default_cache()) / f"{folder.name}-{_fingerprint(folder)}"
         fp32 = out / "model.onnx"
         path = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
-        self.backend = backend
         try:
             runtime = self.runtime()
         except ImportError as exc:
