@@ -55,7 +55,9 @@ class Settings:
                               "cosine 0.9999), torch (float32), torch-bf16 (linear layers in bf16: about 1.6x on "
                               "such a CPU), onnx (ONNX Runtime, float32) or onnx-int8 (int8 weights: faster, "
                               "vectors less exact).", default="auto")
-    reranker: str = _doc("Cross-encoder folder that reorders retrieved passages (empty: none).", default="")
+    reranker: str = _doc("Cross-encoder that re-reads the retrieved passages with the question and reorders them: a "
+                         "model store name (`crofter models pull cross-encoder/ms-marco-MiniLM-L6-v2`) or a folder "
+                         "(empty: none).", default="")
     rag_top_k: int = _doc("Passages retrieved per question over documents.", default=5)
     chroma_url: str = _doc("Chroma server (http://HOST:PORT) for document vectors; empty: embedded in the data dir.",
                            default="")

@@ -43,12 +43,28 @@ def ingestor(store, settings, collection: str, embedder_name: str | None = None,
     return Ingestor(store, lambda: embedder(name, settings.embed_backend), embedder_name=name, **kw)
 
 
+_RERANKERS: dict[Path, object] = {}
+
+
+def reranker(name: str):
+    """The cross-encoder `name` names (a model store name, e.g. one `crofter models pull` fetched,
+    or a folder), loaded once per process; None for "" or "none"."""
+    if name.strip().lower() in ("", "none"):
+        return None
+    from models.registry import Registry
+    from rag.rerank import Reranker
+
+    path = Registry().resolve_kind(name, "hf", "a reranker is a cross-encoder folder").resolve()
+    if path not in _RERANKERS:
+        _RERANKERS[path] = Reranker(path)
+    return _RERANKERS[path]
+
+
 def retriever(store, settings, collection: str):
-    from rag.embed import Reranker
     from rag.retrieve import Retriever
 
     info = store.require(collection)
-    rer = Reranker(settings.reranker) if settings.reranker else None
+    rer = reranker(settings.reranker)  # before the embedder loads, so a wrong name fails at once
     return Retriever(store, embedder(info.embedder, settings.embed_backend), reranker=rer)
 
 

@@ -49,7 +49,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rag.chunking import CONTEXTS, DEFAULT_CONTEXT, DEFAULT_SIZE, Chunk  # noqa: E402
-from rag.embed import Embedder, Reranker  # noqa: E402
+from rag.embed import Embedder  # noqa: E402
+from rag.rerank import Reranker  # noqa: E402
 from rag.ingest import Ingestor, walk  # noqa: E402
 from rag.loaders import extract  # noqa: E402
 from rag.retrieve import WINDOW, WINDOW_CHARS, Retriever  # noqa: E402

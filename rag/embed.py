@@ -68,7 +68,7 @@ def resolve_model(name: str | None) -> Path:
     return folder.resolve()
 
 
-def _quiet_offline() -> None:
+def quiet_offline() -> None:
     """Never touch the network, and keep library progress bars and warnings off the user's terminal
     (crofter draws its own progress; the tokenizer's "sequence longer than 256" warning is expected:
     chunking tokenizes whole sections before cutting them into windows)."""
@@ -147,7 +147,7 @@ class Embedder:
         # The exported backends run on the CPU (the export too), whatever else the machine has.
         self.device = "cpu" if self.backend in EXPORTED else device
         self.fallback = ""  # why auto runs torch where it would have run openvino ("" when it did not)
-        _quiet_offline()
+        quiet_offline()
         from sentence_transformers import SentenceTransformer
 
         try:
@@ -200,23 +200,3 @@ class Embedder:
         return self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
 
-
-class Reranker:
-    """An optional cross-encoder (a local sentence-transformers CrossEncoder folder)."""
-
-    def __init__(self, folder: str, device: str | None = None):
-        path = Path(folder).expanduser()
-        if not path.is_dir():
-            raise EmbedError(f"reranker {folder}: not a folder")
-        _quiet_offline()
-        from sentence_transformers import CrossEncoder
-
-        try:
-            self.model = CrossEncoder(str(path), device=device or pick_device(), local_files_only=True)
-        except Exception as exc:
-            raise EmbedError(f"cannot load reranker {path}: {exc}") from None
-
-    def scores(self, query: str, passages: list[str]) -> list[float]:
-        if not passages:
-            return []
-        return [float(s) for s in self.model.predict([(query, p) for p in passages], show_progress_bar=False)]

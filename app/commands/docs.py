@@ -13,7 +13,9 @@ def _settings(args):
 
     s = config.load()
     url = getattr(args, "chroma_url", None)
-    return s.replace(chroma_url=url) if url else s
+    s = s.replace(chroma_url=url) if url else s
+    rer = getattr(args, "reranker", None)
+    return s.replace(reranker=rer) if rer is not None else s
 
 
 def _console():

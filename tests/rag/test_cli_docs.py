@@ -115,3 +115,41 @@ def test_ingest_watch_picks_up_a_new_file(tmp_path, crofter_home):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_reranker_pulled_from_the_hub_reorders_search(tmp_path, crofter_home, cross_encoder):
+    """The path a user takes to a reranker: `models pull` a cross-encoder repo (the Hub on loopback),
+    then name it to `search --reranker` or in the `reranker` setting; `none` turns it off."""
+    import os
+
+    from tests.hub_server import FakeHub
+
+    from ..models.test_hub import pull
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("BSD", "MPL-2.0"):
+        shutil.copy(LICENSES / name, docs / name)
+    assert crofter("ingest", str(docs), "-c", "lic").returncode == 0
+    with FakeHub() as hub:
+        for f in cross_encoder.iterdir():
+            hub.add("someone/tiny-reranker", f.name, f.read_bytes())
+        r = pull(hub, "someone/tiny-reranker", "--json", home=crofter_home)
+    assert r.returncode == 0, r.stderr
+    name = json.loads(r.stdout)["name"]
+
+    def scores(*extra):
+        r = crofter("search", "Mozilla Public License", "-c", "lic", "-k", "5", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        return [h["score"] for h in json.loads(r.stdout)]
+
+    plain = scores()
+    ranked = scores("--reranker", name)
+    assert ranked == sorted(ranked, reverse=True) and ranked != plain
+    assert crofter("config", "set", "reranker", name).returncode == 0
+    assert scores() == ranked
+    from app import documents
+
+    assert documents.reranker("none") is None and documents.reranker("") is None
+    r = crofter("search", "x", "-c", "lic", "--reranker", os.fspath(docs))
+    assert r.returncode == 1 and "no config.json" in r.stderr and "Traceback" not in r.stderr

@@ -172,20 +172,48 @@ def test_citations_map_to_sources(indexed, store, embedder):
     assert cited_sources("No markers at all.", sources) == []
 
 
-def test_reranker_reorders_by_its_own_scores(indexed, store, embedder):
-    """A cross-encoder named by the user reorders the fused candidates (here: the bundled MiniLM
-    folder turned into a CrossEncoder, a real model with an untrained head; only the plumbing is
-    under test)."""
-    from rag.embed import EmbedError, Reranker, default_model_dir
+def test_reranker_reorders_by_its_own_scores(indexed, store, embedder, cross_encoder):
+    """A cross-encoder named by the user reorders the fused candidates by its own scores."""
+    from rag.rerank import Reranker
 
-    rer = Reranker(str(default_model_dir()), device="cpu")
-    hits = Retriever(store, embedder, reranker=rer, window=0).search("lic", "patent license grant", k=5)
+    rer = Reranker(cross_encoder, device="cpu")
+    r = Retriever(store, embedder, window=0)
+    plain = r.search("lic", "patent license grant", k=20)
+    r.reranker = rer
+    hits = r.search("lic", "patent license grant", k=5)
     assert len(hits) == 5
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
-    assert scores == pytest.approx(sorted(rer.scores("patent license grant", [h.text for h in hits]), reverse=True))
+    # The five are the pool's best by the cross-encoder, whatever their fused rank was.
+    pool = rer.scores("patent license grant", [h.text for h in plain])
+    assert scores == pytest.approx(sorted(pool, reverse=True)[:5], abs=1e-5)
+
+
+def test_reranker_refuses_what_is_not_a_cross_encoder(tmp_path, cross_encoder):
+    """Any BERT folder loads as a CrossEncoder with a new random head; crofter says what it is instead."""
+    import json
+
+    from rag.embed import EmbedError, default_model_dir
+    from rag.rerank import Reranker, check_folder
+
     with pytest.raises(EmbedError, match="not a folder"):
         Reranker("/nonexistent/reranker")
+    with pytest.raises(EmbedError, match=r"a BertModel model, not a cross-encoder"):
+        Reranker(default_model_dir())  # the embedder
+    three = tmp_path / "nli"
+    shutil.copytree(cross_encoder, three)
+    cfg = json.loads((three / "config.json").read_text())
+    cfg["id2label"] = {"0": "contradiction", "1": "entailment", "2": "neutral"}
+    (three / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EmbedError, match="3 outputs"):
+        check_folder(three)
+    (three / "config.json").write_text("{not json")
+    with pytest.raises(EmbedError, match=r"config.json: unreadable"):
+        check_folder(three)
+    (three / "config.json").unlink()
+    with pytest.raises(EmbedError, match="no config.json"):
+        check_folder(three)
+    assert check_folder(cross_encoder) == cross_encoder
 
 
 def test_watch_snapshot_notices_changes(tmp_path):
