@@ -49,7 +49,8 @@ _RERANKERS: dict[Path, object] = {}
 def reranker(name: str):
     """The cross-encoder `name` names (a model store name, e.g. one `crofter models pull` fetched,
     or a folder), loaded once per process; None for "" or "none"."""
-    if name.strip().lower() in ("", "none"):
+    name = name.strip()
+    if name.lower() in ("", "none"):
         return None
     from models.registry import Registry
     from rag.rerank import Reranker

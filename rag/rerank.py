@@ -4,7 +4,8 @@ The bundled MiniLM embeds a question and a passage apart, so it cannot tell whic
 passages answers a question worded unlike it (docs/benchmarks.md, the held-out set). A
 cross-encoder reads both together: a sentence-transformers ``CrossEncoder`` folder with one
 output, such as ``cross-encoder/ms-marco-MiniLM-L6-v2`` (``crofter models pull`` fetches one
-while online; nothing is downloaded here).
+while online; nothing is downloaded here). Scores are the model's raw logits, so strong matches
+stay apart instead of all rounding to a sigmoid's 1.0.
 
     >>> Reranker("~/models/ms-marco-MiniLM-L6-v2").scores("q", ["a", "b"])   # doctest: +SKIP
     [-3.1, 7.4]
@@ -12,15 +13,18 @@ while online; nothing is downloaded here).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from .embed import EmbedError, pick_device, quiet_offline
 
 
 def check_folder(folder: str | Path) -> Path:
-    """The folder, if its config describes a one-output sequence classifier; else EmbedError
-    naming what it is instead. Loading anything else as a CrossEncoder would succeed with a new,
-    random head and rank passages at random."""
+    """The folder, if it can hold a cross-encoder with one output; else EmbedError naming what it
+    is instead. A plain encoder (an embedder's BERT) would load as a CrossEncoder with a new,
+    random head and rank passages at random. A folder sentence-transformers saved as a CrossEncoder
+    (a trained scoring layer on an encoder, or a causal LM scored by its yes/no logits) is judged
+    by its outputs once loaded."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise EmbedError(f"reranker {folder}: not a folder")
@@ -33,32 +37,58 @@ def check_folder(folder: str | Path) -> Path:
         raise EmbedError(f"reranker {cfg_path}: unreadable ({exc})") from None
     if not isinstance(cfg, dict):
         raise EmbedError(f"reranker {cfg_path}: not a JSON object")
+    if not any(path.glob("*.safetensors")):
+        raise EmbedError(f"reranker {path}: no .safetensors weights (pickled weights are never loaded)")
+    if (path / "modules.json").is_file() and _saved_type(path) == "CrossEncoder":
+        return path
     archs = cfg.get("architectures") or []
     if not any(str(a).endswith("ForSequenceClassification") for a in archs):
         what = ", ".join(map(str, archs)) or "no architecture"
         raise EmbedError(f"reranker {path}: a {what} model, not a cross-encoder (a ...ForSequenceClassification "
                          "model with one output, e.g. cross-encoder/ms-marco-MiniLM-L6-v2)")
-    labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 1)
+    # transformers' own default: a config without id2label has two labels.
+    labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)
     if labels != 1:
         raise EmbedError(f"reranker {path}: a classifier with {labels} outputs; a reranker scores with one")
     return path
 
 
+def _saved_type(path: Path) -> str:
+    """The model type sentence-transformers saved with a modules.json folder ("SentenceTransformer"
+    for an embedder, which older folders do not write down)."""
+    try:
+        cfg = json.loads((path / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "SentenceTransformer"
+    return str(cfg.get("model_type", "SentenceTransformer")) if isinstance(cfg, dict) else "SentenceTransformer"
+
+
 class Reranker:
-    """A local cross-encoder; `scores(query, passages)` gives one relevance score a passage."""
+    """A local cross-encoder; `scores(query, passages)` gives one relevance score a passage.
+    Shared between serve's request threads, it predicts for one at a time: the fast tokenizer
+    sets its padding and truncation state on first use, and is not documented as thread-safe.
+    (Six threads' first calls on five fresh loads never failed without the lock; it is kept as a
+    precaution, and torch spreads one prediction over the cores already.)"""
 
     def __init__(self, folder: str | Path, device: str | None = None):
         path = check_folder(folder)
         quiet_offline()
+        import torch
         from sentence_transformers import CrossEncoder
 
         self.path = path
+        self._lock = threading.Lock()
         try:
-            self.model = CrossEncoder(str(path), device=device or pick_device(), local_files_only=True)
+            self.model = CrossEncoder(str(path), device=device or pick_device(), local_files_only=True,
+                                      activation_fn=torch.nn.Identity())
         except Exception as exc:
             raise EmbedError(f"cannot load reranker {path}: {exc}") from None
+        if self.model.num_labels != 1:
+            raise EmbedError(f"reranker {path}: scores with {self.model.num_labels} outputs; a reranker scores with one")
 
     def scores(self, query: str, passages: list[str]) -> list[float]:
         if not passages:
             return []
-        return [float(s) for s in self.model.predict([(query, p) for p in passages], show_progress_bar=False)]
+        with self._lock:
+            out = self.model.predict([(query, p) for p in passages], show_progress_bar=False)
+        return [float(s) for s in out]

@@ -148,6 +148,7 @@ def test_a_reranker_pulled_from_the_hub_reorders_search(tmp_path, crofter_home, 
     assert ranked == sorted(ranked, reverse=True) and ranked != plain
     assert crofter("config", "set", "reranker", name).returncode == 0
     assert scores() == ranked
+    assert scores("--reranker", "none") == plain  # off for one search, the setting kept
     from app import documents
 
     assert documents.reranker("none") is None and documents.reranker("") is None

@@ -184,9 +184,13 @@ def test_reranker_reorders_by_its_own_scores(indexed, store, embedder, cross_enc
     assert len(hits) == 5
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
-    # The five are the pool's best by the cross-encoder, whatever their fused rank was.
+    # The five are the pool's best by the cross-encoder, in its order, whatever their fused rank was.
     pool = rer.scores("patent license grant", [h.text for h in plain])
-    assert scores == pytest.approx(sorted(pool, reverse=True)[:5], abs=1e-5)
+    best = sorted(zip(pool, [h.text for h in plain]), key=lambda p: -p[0])[:5]
+    assert [h.text for h in hits] == [t for _, t in best]
+    assert scores == pytest.approx([s for s, _ in best], abs=1e-5)
+    assert [h.text for h in hits] != [h.text for h in plain[:5]], "this query's order should change"
+    assert any(s > 1.0 or s < 0.0 for s in pool), "raw logits, not a sigmoid's (0, 1)"
 
 
 def test_reranker_refuses_what_is_not_a_cross_encoder(tmp_path, cross_encoder):
@@ -214,6 +218,67 @@ def test_reranker_refuses_what_is_not_a_cross_encoder(tmp_path, cross_encoder):
     with pytest.raises(EmbedError, match="no config.json"):
         check_folder(three)
     assert check_folder(cross_encoder) == cross_encoder
+
+    # No id2label: transformers reads two labels, and so does the check.
+    two = tmp_path / "two"
+    shutil.copytree(cross_encoder, two)
+    cfg = json.loads((two / "config.json").read_text())
+    del cfg["id2label"], cfg["label2id"]
+    (two / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EmbedError, match="2 outputs"):
+        check_folder(two)
+    # Only pickled weights: never loaded.
+    for w in two.glob("*.safetensors"):
+        w.unlink()
+    (two / "pytorch_model.bin").write_bytes(b"\x80\x04 pickled")
+    with pytest.raises(EmbedError, match="no .safetensors"):
+        check_folder(two)
+
+
+def test_a_saved_cross_encoder_is_judged_by_its_outputs(tmp_path, cross_encoder):
+    """A folder sentence-transformers saved as a CrossEncoder passes on its modules.json and is then
+    held to one output once loaded; an embedder's modules.json does not make it a cross-encoder."""
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    from rag.embed import EmbedError, default_model_dir
+    from rag.rerank import Reranker, check_folder
+
+    saved = tmp_path / "saved"
+    CrossEncoder(str(cross_encoder), device="cpu", local_files_only=True).save_pretrained(str(saved))
+    assert (saved / "modules.json").is_file()
+    assert Reranker(saved, device="cpu").scores("q", ["a", "b"]) == pytest.approx(
+        Reranker(cross_encoder, device="cpu").scores("q", ["a", "b"]), abs=1e-5)
+    three = tmp_path / "three"
+    CrossEncoder(str(default_model_dir()), device="cpu", local_files_only=True, num_labels=3).save_pretrained(str(three))
+    check_folder(three)  # passes on the saved type ...
+    with pytest.raises(EmbedError, match="scores with 3 outputs"):
+        Reranker(three, device="cpu")  # ... and is refused by what it loads as
+    st = json.loads((saved / "config_sentence_transformers.json").read_text())
+    st["model_type"] = "SentenceTransformer"
+    (saved / "config_sentence_transformers.json").write_text(json.dumps(st))
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["architectures"] = ["BertModel"]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EmbedError, match="a BertModel model, not a cross-encoder"):
+        check_folder(saved)
+
+
+def test_one_reranker_serves_several_threads(cross_encoder):
+    """serve shares one loaded reranker between request threads: each gets the scores it would alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rag.rerank import Reranker
+
+    rer = Reranker(cross_encoder, device="cpu")
+    jobs = [(f"question {i}", [f"passage {i} {j} " * (1 + (i + j) % 7) for j in range(6)]) for i in range(12)]
+    alone = [rer.scores(q, ps) for q, ps in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda job: rer.scores(*job), jobs))
+    assert len(together) == len(alone)
+    for got, want in zip(together, alone):
+        assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_watch_snapshot_notices_changes(tmp_path):
