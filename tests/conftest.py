@@ -56,3 +56,21 @@ def hf_model(tmp_path_factory, bundled_path):
     from converter.hf import gguf_to_checkpoint
 
     return gguf_to_checkpoint(bundled_path, tmp_path_factory.mktemp("hf-smollm2"))
+
+
+@pytest.fixture(scope="session")
+def cross_encoder(tmp_path_factory):
+    """A real cross-encoder folder: the bundled MiniLM under a one-output classification head
+    (seeded, untrained; what tests check is the plumbing, not its judgement), saved as
+    safetensors the way a Hub cross-encoder repo holds it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rag.embed import default_model_dir
+
+    src = default_model_dir()
+    dst = tmp_path_factory.mktemp("cross-encoder")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(src, num_labels=1).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst

@@ -165,7 +165,11 @@ class Runner:
         from . import eval_turns
 
         s = self.settings.replace(chroma_url=self.args.chroma_url) if self.args.chroma_url else self.settings
+        if self.args.reranker is not None:
+            s = s.replace(reranker=self.args.reranker)
         label = f"collection:{self.args.collection}"
+        if s.reranker.strip().lower() not in ("", "none"):
+            label += f"+{Path(s.reranker.strip()).name}"
         with documents.open_store(s) as store:
             search = eval_turns.retrieval_search(store, s, self.args.collection)
             rows = run_retrieval(self.questions, search, k=self.args.k, name=Path(self.args.retrieval).stem,

@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     g.add_argument("-c", "--collection", metavar="NAME", help="the collection --retrieval searches")
     g.add_argument("-k", type=int, default=5, metavar="N", help="retrieval depth (default 5)")
     g.add_argument("--chroma-url", metavar="URL", help="Chroma server (http://HOST:PORT)")
+    g.add_argument("--reranker", metavar="NAME|DIR", help="cross-encoder that reorders the hits (a model store name or "
+                   "a folder; none: off; default: the `reranker` setting); results are stored as "
+                   "collection:NAME+RERANKER, so `eval compare` sets them beside the plain run")
     g = ev.add_argument_group("speed and size")
     g.add_argument("--speed", action="store_true", help="file size, peak memory, prompt and decode tokens/s (one child process per model)")
     g = ev.add_argument_group("output")

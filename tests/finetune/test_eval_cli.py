@@ -108,7 +108,7 @@ def test_a_prompt_suite_runs_through_the_chat_turn_with_a_grammar_judge(bundled_
     assert len(stored) == 2 and all(s["answer"] for s in stored)
 
 
-def test_a_retrieval_suite_over_a_real_collection(tmp_path, capsys):
+def test_a_retrieval_suite_over_a_real_collection(tmp_path, capsys, cross_encoder):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "bees.md").write_text("Honey bees make honey from the nectar of flowers and store it in wax combs.")
@@ -125,6 +125,14 @@ def test_a_retrieval_suite_over_a_real_collection(tmp_path, capsys):
     assert rows[("q/keyword", "recall@2")]["value"] == 1.0 and rows[("q/keyword", "mrr")]["value"] == 1.0
     assert {t for t, _ in rows} == {"q/dense", "q/keyword", "q/hybrid"}
     assert all(r["model"] == "collection:notes" for r in rows.values())
+    # A reranker's run is stored under a label of its own, beside the plain one.
+    assert main(["eval", "--retrieval", str(q), "-c", "notes", "-k", "2", "--json", "--reranker", str(cross_encoder)]) == 0
+    rows = _json(capsys)
+    assert {r["model"] for r in rows} == {f"collection:notes+{cross_encoder.name}"} and len(rows) == 6
+    assert main(["eval", "compare", "collection:notes", f"collection:notes+{cross_encoder.name}", "--json"]) == 0
+    table = _json(capsys)
+    assert len(table) == 6 and all(list(r["models"]) == ["collection:notes", f"collection:notes+{cross_encoder.name}"]
+                                   for r in table)
 
 
 @pytest.mark.parametrize("argv, message", [
