@@ -43,12 +43,14 @@ def ingestor(store, settings, collection: str, embedder_name: str | None = None,
     return Ingestor(store, lambda: embedder(name, settings.embed_backend), embedder_name=name, **kw)
 
 
-_RERANKERS: dict[Path, object] = {}
+_RERANKERS: dict[tuple[Path, str], object] = {}
 
 
-def reranker(name: str):
+def reranker(name: str, embed_backend: str = "auto"):
     """The cross-encoder `name` names (a model store name, e.g. one `crofter models pull` fetched,
-    or a folder), loaded once per process; None for "" or "none"."""
+    or a folder), loaded once per process; None for "" or "none". It is compiled by OpenVINO where
+    the embedder would be (`embed_backend` auto or openvino, on a CPU), its export kept beside the
+    embedder's under the data dir's cache/onnx; torch runs it otherwise."""
     name = name.strip()
     if name.lower() in ("", "none"):
         return None
@@ -56,16 +58,17 @@ def reranker(name: str):
     from rag.rerank import Reranker
 
     path = Registry().resolve_kind(name, "hf", "a reranker is a cross-encoder folder").resolve()
-    if path not in _RERANKERS:
-        _RERANKERS[path] = Reranker(path)
-    return _RERANKERS[path]
+    backend = "auto" if embed_backend in ("auto", "openvino") else "torch"
+    if (path, backend) not in _RERANKERS:
+        _RERANKERS[path, backend] = Reranker(path, backend=backend, cache=paths.data_dir() / "cache" / "onnx")
+    return _RERANKERS[path, backend]
 
 
 def retriever(store, settings, collection: str):
     from rag.retrieve import Retriever
 
     info = store.require(collection)
-    rer = reranker(settings.reranker)  # before the embedder loads, so a wrong name fails at once
+    rer = reranker(settings.reranker, settings.embed_backend)  # before the embedder: a wrong name fails at once
     return Retriever(store, embedder(info.embedder, settings.embed_backend), reranker=rer)
 
 

@@ -29,7 +29,7 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crofter" / "onnx"
 
 
-def _fingerprint(folder: Path) -> str:
+def fingerprint(folder: Path) -> str:
     h = hashlib.sha256(str(folder).encode())
     for f in sorted(folder.rglob("*")):
         if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".txt")):
@@ -64,7 +64,7 @@ class OnnxEncoder:
         self.max_tokens = int(st_model.max_seq_length or 256)
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                             if n in self.tokenizer.model_input_names]
-        out = (cache or default_cache()) / f"{folder.name}-{_fingerprint(folder)}"
+        out = (cache or default_cache()) / f"{folder.name}-{fingerprint(folder)}"
         fp32 = out / "model.onnx"
         path = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
         try:
@@ -135,11 +135,19 @@ class OnnxEncoder:
 
 
 def export(st_model, dst: Path, input_names: list[str]) -> None:
-    """The sentence-transformers model's transformer as a float32 ONNX file at `dst` (written
-    beside it, then renamed into place); inputs `input_names`, output the last hidden states."""
-    import torch
+    """The sentence-transformers model's transformer as a float32 ONNX file at `dst`; inputs
+    `input_names`, output the last hidden states."""
+    sample = st_model.tokenizer(["a short text", "a somewhat longer text to pad against"], padding=True,
+                                return_tensors="pt")
+    write_onnx(st_model[0].auto_model, lambda out: out.last_hidden_state, sample, dst, input_names,
+               ("hidden", {0: "batch", 1: "tokens"}))
 
-    hf = st_model[0].auto_model
+
+def write_onnx(hf, pick, sample, dst: Path, input_names: list[str], output: tuple[str, dict]) -> None:
+    """A transformers model `hf` as a float32 ONNX file at `dst` (written beside it, then renamed
+    into place), traced on the tokenizer's `sample`: inputs `input_names` with dynamic batch and
+    token axes, one output `pick(hf(...))` named and with the dynamic axes `output` gives."""
+    import torch
 
     class Body(torch.nn.Module):
         def __init__(self):
@@ -147,12 +155,11 @@ def export(st_model, dst: Path, input_names: list[str]) -> None:
             self.hf = hf
 
         def forward(self, *inputs):
-            return self.hf(**dict(zip(input_names, inputs))).last_hidden_state
+            return pick(self.hf(**dict(zip(input_names, inputs))))
 
     body = Body().eval()
-    sample = st_model.tokenizer(["a short text", "a somewhat longer text to pad against"], padding=True,
-                                return_tensors="pt")
-    axes = {n: {0: "batch", 1: "tokens"} for n in [*input_names, "hidden"]}
+    axes = {n: {0: "batch", 1: "tokens"} for n in input_names}
+    axes[output[0]] = output[1]
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".export-", suffix=".onnx")
     os.close(fd)
@@ -160,7 +167,7 @@ def export(st_model, dst: Path, input_names: list[str]) -> None:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(body, tuple(sample[n] for n in input_names), tmp, input_names=input_names,
-                              output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
+                              output_names=[output[0]], dynamic_axes=axes, opset_version=17, dynamo=False)
         os.replace(tmp, dst)
     finally:
         hf.eval()  # the exporter restores the wrapper's mode, which would put the model in training mode

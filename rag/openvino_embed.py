@@ -50,6 +50,16 @@ def precision() -> str:
     return "bf16" if native_bf16() else "f32"
 
 
+def compile_for_cpu(ov, onnx_file: Path):
+    """An ONNX file compiled for this CPU at `precision()`, keeping at most RUNTIME_CACHE shapes'
+    kernels. LATENCY: one stream using every core for each batch (two streams of one core each,
+    with batches in flight on both, gave no more chunks/s on 2 cores)."""
+    core = ov.Core()
+    return core.compile_model(core.read_model(str(onnx_file)), "CPU",
+                              {"INFERENCE_PRECISION_HINT": precision(), "PERFORMANCE_HINT": "LATENCY",
+                               "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE})
+
+
 class OpenVinoEncoder(OnnxEncoder):
     """`OnnxEncoder`'s tokenizing, batching and pooling, with OpenVINO running each batch."""
 
@@ -63,12 +73,7 @@ class OpenVinoEncoder(OnnxEncoder):
     def prepare(self, ov, st_model, fp32: Path, path: Path):
         if not fp32.is_file():
             export(st_model, fp32, self.input_names)
-        core = ov.Core()
-        # LATENCY: one stream using every core for each batch (two streams of one core each, with
-        # batches in flight on both, gave no more chunks/s on 2 cores).
-        compiled = core.compile_model(core.read_model(str(fp32)), "CPU",
-                                      {"INFERENCE_PRECISION_HINT": precision(), "PERFORMANCE_HINT": "LATENCY",
-                                       "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE})
+        compiled = compile_for_cpu(ov, fp32)
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # "bf16" or "f32"
         self._request = compiled.create_infer_request()
         return compiled

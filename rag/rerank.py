@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .embed import EmbedError, pick_device, quiet_offline
 
+RERANK_BACKENDS = ("auto", "torch", "openvino")
+
 
 def check_folder(folder: str | Path) -> Path:
     """The folder, if it can hold a cross-encoder with one output; else EmbedError naming what it
@@ -65,30 +67,60 @@ def _saved_type(path: Path) -> str:
 
 class Reranker:
     """A local cross-encoder; `scores(query, passages)` gives one relevance score a passage.
-    Shared between serve's request threads, it predicts for one at a time: the fast tokenizer
-    sets its padding and truncation state on first use, and is not documented as thread-safe.
-    (Six threads' first calls on five fresh loads never failed without the lock; it is kept as a
-    precaution, and torch spreads one prediction over the cores already.)"""
 
-    def __init__(self, folder: str | Path, device: str | None = None):
+    `backend`: torch (sentence-transformers itself, float32), openvino (rag/openvino_rerank.py:
+    exported once into `cache` and compiled for the CPU, bf16 where the CPU has it) or auto
+    (openvino on a CPU where it is installed and the folder is a plain classifier, else torch;
+    should OpenVINO fail, torch runs and `fallback` says why). `backend` then names what runs.
+
+    Shared between serve's request threads, it predicts for one at a time: the compiled model's
+    infer request is not thread-safe, and the fast tokenizer sets its padding and truncation
+    state on first use without being documented as thread-safe (with torch, six threads' first
+    calls on five fresh loads never failed without the lock; it is kept as a precaution there)."""
+
+    def __init__(self, folder: str | Path, device: str | None = None, backend: str = "torch",
+                 cache: Path | None = None):
+        if backend not in RERANK_BACKENDS:
+            raise EmbedError(f"reranker backend must be one of {', '.join(RERANK_BACKENDS)}, not {backend!r}")
         path = check_folder(folder)
         quiet_offline()
         import torch
         from sentence_transformers import CrossEncoder
 
         self.path = path
+        self.fallback = ""
         self._lock = threading.Lock()
+        device = "cpu" if backend == "openvino" else device or pick_device()
         try:
-            self.model = CrossEncoder(str(path), device=device or pick_device(), local_files_only=True,
+            self.model = CrossEncoder(str(path), device=device, local_files_only=True,
                                       activation_fn=torch.nn.Identity())
         except Exception as exc:
             raise EmbedError(f"cannot load reranker {path}: {exc}") from None
         if self.model.num_labels != 1:
             raise EmbedError(f"reranker {path}: scores with {self.model.num_labels} outputs; a reranker scores with one")
+        self._scorer = None
+        self.backend = "torch"
+        if backend == "torch" or (backend == "auto" and device != "cpu"):
+            return
+        from .openvino_rerank import OpenVinoScorer, compilable
+
+        try:
+            if not compilable(self.model):
+                raise EmbedError("only a plain ...ForSequenceClassification folder is compiled; this one has "
+                                 "sentence-transformers modules of its own")
+            self._scorer = OpenVinoScorer(self.model, path, cache)
+            self.backend = "openvino"
+        except Exception as exc:
+            reason = f"{exc.name or 'openvino'} is not installed" if isinstance(exc, ImportError) else str(exc)
+            if backend == "openvino":
+                raise EmbedError(f"reranker {path}: cannot run on openvino: {reason}") from None
+            self.fallback = f"openvino: {reason}"
 
     def scores(self, query: str, passages: list[str]) -> list[float]:
         if not passages:
             return []
         with self._lock:
+            if self._scorer is not None:
+                return self._scorer.scores(query, passages)
             out = self.model.predict([(query, p) for p in passages], show_progress_bar=False)
         return [float(s) for s in out]

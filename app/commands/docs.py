@@ -200,6 +200,8 @@ def run_search(args) -> int:
     with documents.open_store(settings) as store:
         retr = documents.retriever(store, settings, args.collection)
         hits = retr.search(args.collection, args.query, k=args.k, mode=args.mode)
+    if retr.reranker is not None and retr.reranker.fallback:
+        print(f"note: the reranker runs on torch ({retr.reranker.fallback})", file=sys.stderr)
     if args.json:
         print(json.dumps([h.as_dict() for h in hits], ensure_ascii=False))
         return 0
