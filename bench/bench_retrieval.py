@@ -216,6 +216,7 @@ def latency(emb, tmp: Path, n_chunks: int, n_queries: int) -> None:
                 raw.append(time.perf_counter() - t)
             if label:  # the reranker on each backend, in the same run
                 reranked[label] = p(ours, 50)
+                label = f"{rer.backend}{f' (asked for {label}; {rer.fallback})' if rer.fallback else ''}"
                 print(f"  hybrid search + reranker on {label}   p50 {p(ours, 50):.1f} ms  p95 {p(ours, 95):.1f} ms")
                 continue
             print(f"  hybrid search   p50 {p(ours, 50):.1f} ms  p95 {p(ours, 95):.1f} ms")
@@ -258,7 +259,9 @@ def main() -> None:
 
         rag.store.MIGRATIONS = [(n, sql.replace('tokenize="unicode61', 'tokenize="porter unicode61'))
                                 for n, sql in rag.store.MIGRATIONS]
-    backends = args.reranker_backends.split(",") if args.reranker and args.reranker_backends else []
+    if args.reranker_backends and not (args.reranker and args.skip_quality):
+        ap.error("--reranker-backends needs --reranker FOLDER and --skip-quality (it times the latency run only)")
+    backends = args.reranker_backends.split(",") if args.reranker_backends else []
     kw = {"backend": args.backend} if args.backend else {}
     emb = Embedder(device="cpu", **kw)
     out: dict = {}

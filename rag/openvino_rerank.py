@@ -16,8 +16,12 @@ from .openvino_embed import MAX_BATCH, compile_for_cpu, import_runtime
 
 
 def compilable(ce) -> bool:
-    """Is this CrossEncoder one transformer with its own classification head (what is exported)?"""
+    """Is this CrossEncoder one transformer with its own classification head (what is exported),
+    with no prompt that sentence-transformers would put before the text (the export reads the pair
+    as it is)?"""
     mods = list(ce)
+    if getattr(ce, "default_prompt_name", None) or any((getattr(ce, "prompts", None) or {}).values()):
+        return False
     return len(mods) == 1 and type(getattr(mods[0], "auto_model", None)).__name__.endswith("ForSequenceClassification")
 
 

@@ -98,7 +98,7 @@ class Reranker:
             raise EmbedError(f"cannot load reranker {path}: {exc}") from None
         if self.model.num_labels != 1:
             raise EmbedError(f"reranker {path}: scores with {self.model.num_labels} outputs; a reranker scores with one")
-        self._scorer = None
+        self.scorer = None  # the compiled model (rag/openvino_rerank.py) when openvino runs
         self.backend = "torch"
         if backend == "torch" or (backend == "auto" and device != "cpu"):
             return
@@ -107,8 +107,8 @@ class Reranker:
         try:
             if not compilable(self.model):
                 raise EmbedError("only a plain ...ForSequenceClassification folder is compiled; this one has "
-                                 "sentence-transformers modules of its own")
-            self._scorer = OpenVinoScorer(self.model, path, cache)
+                                 "sentence-transformers modules or prompts of its own")
+            self.scorer = OpenVinoScorer(self.model, path, cache)
             self.backend = "openvino"
         except Exception as exc:
             reason = f"{exc.name or 'openvino'} is not installed" if isinstance(exc, ImportError) else str(exc)
@@ -120,7 +120,11 @@ class Reranker:
         if not passages:
             return []
         with self._lock:
-            if self._scorer is not None:
-                return self._scorer.scores(query, passages)
+            if self.scorer is not None:
+                try:
+                    return self.scorer.scores(query, passages)
+                except Exception as exc:  # the compiled model failed where the torch one is still loaded
+                    self.scorer, self.backend = None, "torch"
+                    self.fallback = f"openvino failed while scoring: {exc}"
             out = self.model.predict([(query, p) for p in passages], show_progress_bar=False)
         return [float(s) for s in out]

@@ -168,8 +168,10 @@ class Runner:
         if self.args.reranker is not None:
             s = s.replace(reranker=self.args.reranker)
         label = f"collection:{self.args.collection}"
-        if s.reranker.strip().lower() not in ("", "none"):
-            label += f"+{Path(s.reranker.strip()).name}"
+        name = s.reranker.strip()
+        if name.lower() not in ("", "none"):  # a store name as it is, a folder by its whole path: never two alike
+            folder = Path(name).expanduser()
+            label += f"+{folder.resolve() if folder.exists() else name}"
         with documents.open_store(s) as store:
             search = eval_turns.retrieval_search(store, s, self.args.collection)
             rows = run_retrieval(self.questions, search, k=self.args.k, name=Path(self.args.retrieval).stem,

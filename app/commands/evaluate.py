@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
     g.add_argument("--chroma-url", metavar="URL", help="Chroma server (http://HOST:PORT)")
     g.add_argument("--reranker", metavar="NAME|DIR", help="cross-encoder that reorders the hits (a model store name or "
                    "a folder; none: off; default: the `reranker` setting); results are stored as "
-                   "collection:NAME+RERANKER, so `eval compare` sets them beside the plain run")
+                   "collection:NAME+RERANKER (a folder by its whole path), so `eval compare` sets them beside the "
+                   "plain run")
     g = ev.add_argument_group("speed and size")
     g.add_argument("--speed", action="store_true", help="file size, peak memory, prompt and decode tokens/s (one child process per model)")
     g = ev.add_argument_group("output")
@@ -111,6 +112,8 @@ def run(args) -> int:
         raise CLIError("nothing to evaluate: give --text, --tasks, --prompts, --retrieval or --speed")
     if not args.models and not args.retrieval:
         raise CLIError("name at least one MODEL")
+    if args.reranker is not None and not args.retrieval:
+        raise CLIError("--reranker goes with --retrieval (it reorders the retrieval suite's hits)")
     if args.retrieval and not args.collection:
         raise CLIError("--retrieval needs -c COLLECTION")
     if (args.tasks or args.include_path) and not args.tasks:

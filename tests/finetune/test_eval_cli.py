@@ -108,7 +108,7 @@ def test_a_prompt_suite_runs_through_the_chat_turn_with_a_grammar_judge(bundled_
     assert len(stored) == 2 and all(s["answer"] for s in stored)
 
 
-def test_a_retrieval_suite_over_a_real_collection(tmp_path, capsys, cross_encoder):
+def test_a_retrieval_suite_over_a_real_collection(tmp_path, capsys, cross_encoder, monkeypatch):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "bees.md").write_text("Honey bees make honey from the nectar of flowers and store it in wax combs.")
@@ -125,20 +125,27 @@ def test_a_retrieval_suite_over_a_real_collection(tmp_path, capsys, cross_encode
     assert rows[("q/keyword", "recall@2")]["value"] == 1.0 and rows[("q/keyword", "mrr")]["value"] == 1.0
     assert {t for t, _ in rows} == {"q/dense", "q/keyword", "q/hybrid"}
     assert all(r["model"] == "collection:notes" for r in rows.values())
-    # A reranker's run is stored under a label of its own, beside the plain one.
+    # A reranker's run reorders every search, and is stored under a label of its own, beside the plain one.
+    from app import documents
+
+    rer = documents.reranker(str(cross_encoder))  # one per process: the eval below gets this one
+    asked, score = [], rer.scores
+    monkeypatch.setattr(rer, "scores", lambda query, passages: asked.append(query) or score(query, passages))
     assert main(["eval", "--retrieval", str(q), "-c", "notes", "-k", "2", "--json", "--reranker", str(cross_encoder)]) == 0
+    assert len(asked) == 6  # two questions, three modes
     rows = _json(capsys)
-    assert {r["model"] for r in rows} == {f"collection:notes+{cross_encoder.name}"} and len(rows) == 6
-    assert main(["eval", "compare", "collection:notes", f"collection:notes+{cross_encoder.name}", "--json"]) == 0
+    label = f"collection:notes+{cross_encoder.resolve()}"
+    assert {r["model"] for r in rows} == {label} and len(rows) == 6
+    assert main(["eval", "compare", "collection:notes", label, "--json"]) == 0
     table = _json(capsys)
-    assert len(table) == 6 and all(list(r["models"]) == ["collection:notes", f"collection:notes+{cross_encoder.name}"]
-                                   for r in table)
+    assert len(table) == 6 and all(list(r["models"]) == ["collection:notes", label] for r in table)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "smollm2-135m"], "nothing to evaluate"),
     (["eval", "--text", "x.txt"], "name at least one MODEL"),
     (["eval", "--retrieval", "q.json"], "needs -c COLLECTION"),
+    (["eval", "smollm2-135m", "--speed", "--reranker", "x"], "--reranker goes with --retrieval"),
     (["eval", "no-such-model", "--speed"], "no-such-model"),
     (["eval", "compare"], "name the models to compare"),
     (["eval", "compare", "never-evaluated"], "never-evaluated"),

@@ -50,4 +50,3 @@ def consistent(store, collection: str) -> None:
     assert len(ids) == len(set(ids)), "duplicate chunks in the catalogue"
     assert len(vec) == len(set(vec)), "duplicate vectors"
     assert set(ids) == set(vec)
-

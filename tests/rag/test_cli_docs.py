@@ -140,12 +140,13 @@ def test_a_reranker_pulled_from_the_hub_reorders_search(tmp_path, crofter_home, 
 
     def scores(*extra):
         r = crofter("search", "Mozilla Public License", "-c", "lic", "-k", "5", "--json", *extra)
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0 and "note:" not in r.stderr, r.stderr  # no fallback to torch
         return [h["score"] for h in json.loads(r.stdout)]
 
     plain = scores()
     ranked = scores("--reranker", name)
     assert ranked == sorted(ranked, reverse=True) and ranked != plain
+    assert list((crofter_home / "cache" / "onnx").glob("*/reranker.onnx")), "compiled from the data dir's cache"
     assert crofter("config", "set", "reranker", name).returncode == 0
     assert scores() == ranked
     assert scores("--reranker", "none") == plain  # off for one search, the setting kept

@@ -116,8 +116,8 @@ def test_openvino_in_float32_scores_as_torch_does(cross_encoder, ov_cache, monke
 
     monkeypatch.setattr(rag.openvino_embed, "precision", lambda: "f32")
     ov = Reranker(cross_encoder, backend="openvino", cache=ov_cache)
-    assert ov.backend == "openvino" and ov._scorer.precision == "f32" and not ov.fallback
-    assert ov._scorer.path.is_file() and ov._scorer.path.parent.parent == ov_cache
+    assert ov.backend == "openvino" and ov.scorer.precision == "f32" and not ov.fallback
+    assert ov.scorer.path.is_file() and ov.scorer.path.parent.parent == ov_cache
     torch_ = Reranker(cross_encoder, backend="torch", device="cpu")
     want = torch_.scores(QUERY, PASSAGES)
     assert ov.scores(QUERY, PASSAGES) == pytest.approx(want, abs=1e-4)
@@ -146,9 +146,9 @@ def test_a_damaged_export_is_made_again(cross_encoder, tmp_path):
     from rag.rerank import Reranker
 
     first = Reranker(cross_encoder, backend="openvino", cache=tmp_path)
-    first._scorer.path.write_bytes(b"not onnx")
+    first.scorer.path.write_bytes(b"not onnx")
     again = Reranker(cross_encoder, backend="openvino", cache=tmp_path)
-    assert again.backend == "openvino" and again._scorer.path.stat().st_size > 1_000_000
+    assert again.backend == "openvino" and again.scorer.path.stat().st_size > 1_000_000
 
 
 def test_without_openvino_auto_runs_torch_and_says_why(cross_encoder, tmp_path, monkeypatch):
@@ -169,3 +169,19 @@ def test_without_openvino_auto_runs_torch_and_says_why(cross_encoder, tmp_path, 
     with pytest.raises(EmbedError, match="backend must be one of"):
         Reranker(cross_encoder, backend="onnx")
     assert not list(tmp_path.iterdir()), "nothing exported"
+
+
+def test_a_failure_while_scoring_falls_back_to_torch(cross_encoder, ov_cache, monkeypatch):
+    from rag.rerank import Reranker
+
+    rer = Reranker(cross_encoder, backend="auto", cache=ov_cache)
+    assert rer.backend == "openvino", rer.fallback
+
+    def broken(query, passages):
+        raise RuntimeError("Infer Request is busy")
+
+    monkeypatch.setattr(rer.scorer, "scores", broken)
+    want = Reranker(cross_encoder, backend="torch", device="cpu").scores(QUERY, PASSAGES)
+    assert rer.scores(QUERY, PASSAGES) == pytest.approx(want, abs=1e-5)
+    assert (rer.backend, rer.scorer) == ("torch", None)
+    assert rer.fallback == "openvino failed while scoring: Infer Request is busy"
