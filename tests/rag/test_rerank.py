@@ -130,8 +130,10 @@ def test_openvino_in_float32_scores_as_torch_does(cross_encoder, ov_cache, monke
         want, abs=1e-4)
 
 
-def test_openvino_at_the_cpus_own_precision_keeps_the_order(cross_encoder, ov_cache):
-    """bf16 where the CPU has it (float32 elsewhere): the scores move by little against their spread."""
+def test_openvino_at_the_cpus_own_precision_moves_the_scores_little(cross_encoder, ov_cache):
+    """bf16 where the CPU has it (float32 elsewhere): the scores move by little against their spread.
+    (Not the exact order: this untrained head's top two lie 2e-3 apart, close enough for another
+    CPU's bf16 kernels to swap them.)"""
     from rag.rerank import Reranker
 
     ov = Reranker(cross_encoder, backend="auto", cache=ov_cache)
@@ -139,7 +141,6 @@ def test_openvino_at_the_cpus_own_precision_keeps_the_order(cross_encoder, ov_ca
     want = np.array(Reranker(cross_encoder, backend="torch", device="cpu").scores(QUERY, PASSAGES))
     got = np.array(ov.scores(QUERY, PASSAGES))
     assert np.abs(got - want).max() < 0.1 * want.std()
-    assert np.argmax(got) == np.argmax(want)
 
 
 def test_a_damaged_export_is_made_again(cross_encoder, tmp_path):
