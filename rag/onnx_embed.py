@@ -72,17 +72,8 @@ class OnnxEncoder:
         except ImportError as exc:
             raise EmbedError(f"the {backend} backend needs {exc.name or 'its runtime'}, which is not installed "
                              f"(pip install {exc.name or backend})") from None
-        cached = fp32.is_file() or path.is_file()
         try:
-            try:
-                self.session = self.prepare(runtime, st_model, fp32, path)
-            except Exception:
-                if not cached:
-                    raise
-                # A cached file that will not load (truncated or damaged by hand) is made again, once.
-                for f in (fp32, path):
-                    f.unlink(missing_ok=True)
-                self.session = self.prepare(runtime, st_model, fp32, path)
+            self.session = made_again_once(lambda: self.prepare(runtime, st_model, fp32, path), fp32, path)
         except Exception as exc:
             raise EmbedError(f"cannot prepare the {backend} backend for {folder} in {out}: {exc}") from None
         self.path = path
@@ -112,13 +103,10 @@ class OnnxEncoder:
 
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        # Longest first, in batches of similar length: padding costs as much as text.
         lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
                                                        add_special_tokens=True)["input_ids"]]
-        order = np.argsort([-n for n in lengths], kind="stable")
         out: list = [None] * len(texts)
-        for i in range(0, len(texts), batch_size):
-            idx = order[i:i + batch_size]
+        for idx in by_length(lengths, batch_size):
             enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_tokens,
                                  return_tensors="np")
             hidden = self.run({n: enc[n].astype(np.int64) for n in self.input_names})
@@ -132,6 +120,31 @@ class OnnxEncoder:
             for j, v in zip(idx, vec):
                 out[j] = v
         return np.stack(out).astype(np.float32)
+
+
+def made_again_once(prepare, *files: Path):
+    """`prepare()`; should it fail where any of `files` was already cached, those files are taken
+    to be damaged (truncated, or overwritten by hand), deleted, and `prepare()` runs once more.
+    A failure with nothing cached is raised as it is: there is nothing to make again."""
+    cached = any(f.is_file() for f in files)
+    try:
+        return prepare()
+    except Exception:
+        if not cached:
+            raise
+        for f in files:
+            f.unlink(missing_ok=True)
+        return prepare()
+
+
+def by_length(lengths: list[int], size: int):
+    """Index batches of at most `size`, longest texts first, so each batch pads to texts of about
+    its own length (padding costs as much as text)."""
+    import numpy as np
+
+    order = np.argsort([-n for n in lengths], kind="stable")
+    for i in range(0, len(order), size):
+        yield order[i:i + size]
 
 
 def export(st_model, dst: Path, input_names: list[str]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .onnx_embed import default_cache, fingerprint, write_onnx
+from .onnx_embed import by_length, default_cache, fingerprint, made_again_once, write_onnx
 from .openvino_embed import MAX_BATCH, compile_for_cpu, import_runtime
 
 
@@ -38,14 +38,7 @@ class OpenVinoScorer:
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                             if n in self.tokenizer.model_input_names]
         fp32 = (cache or default_cache()) / f"{folder.name}-{fingerprint(folder)}" / "reranker.onnx"
-        cached = fp32.is_file()
-        try:
-            self._compile(ov, ce, fp32)
-        except Exception:
-            if not cached:
-                raise
-            fp32.unlink(missing_ok=True)  # a damaged cached export is made again, once
-            self._compile(ov, ce, fp32)
+        made_again_once(lambda: self._compile(ov, ce, fp32), fp32)
         self.path = fp32
 
     def _compile(self, ov, ce, fp32: Path) -> None:
@@ -59,13 +52,10 @@ class OpenVinoScorer:
     def scores(self, query: str, passages: list[str]) -> list[float]:
         import numpy as np
 
-        # Longest first, in batches of similar length: padding costs as much as text.
         lengths = [len(ids) for ids in self.tokenizer([query] * len(passages), passages, truncation=True,
                                                        max_length=self.max_length)["input_ids"]]
-        order = np.argsort([-n for n in lengths], kind="stable")
         out = [0.0] * len(passages)
-        for i in range(0, len(passages), MAX_BATCH):
-            idx = order[i:i + MAX_BATCH]
+        for idx in by_length(lengths, MAX_BATCH):
             enc = self.tokenizer([query] * len(idx), [passages[j] for j in idx], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="np")
             logits = self._request.infer({n: enc[n].astype(np.int64) for n in self.input_names})[0]
